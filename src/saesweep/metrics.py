@@ -1,0 +1,392 @@
+"""Metric definitions for evaluating TopK SAEs: pure functions, one formula each.
+
+Tensors go in; Python floats (or small tensors) come out. Large sums accumulate in
+float64. A ratio whose denominator is zero is returned as ``nan`` (a plain float, no
+warning or exception): callers can test it with ``math.isnan``.
+
+Notation: x (N, d) are the (normalised) inputs of the SAE, x̂ its reconstructions,
+x̄ the per-dimension mean of the evaluated x, z the latent codes. Top-k codes come
+as ``(indices (N, k) int64, values (N, k))`` as returned by ``TopKSAE.encode``; a dense
+code matrix (N, n) may be given instead as ``values`` with ``indices=None``.
+Cross-entropies and entropies are in nats.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch.nn import functional as F
+
+NAN = float("nan")
+DEAD_THRESHOLD = 1e-3
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    """numerator / denominator, or nan when the denominator is 0 (or not finite)."""
+    if denominator == 0 or not math.isfinite(denominator):
+        return NAN
+    return numerator / denominator
+
+
+# ----------------------------------------------------------------------------------
+# Reconstruction
+
+
+def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    """Fraction of variance unexplained on one batch:
+    FVU = Σ_i ‖x̂_i − x_i‖² / Σ_i ‖x_i − x̄‖², x̄ = per-dimension mean of this batch.
+
+    The variance is taken around the mean, not around zero. nan if all x are equal."""
+    x64, x_hat64 = x.double(), x_hat.double()
+    error = (x_hat64 - x64).pow(2).sum().item()
+    variance = (x64 - x64.mean(dim=0)).pow(2).sum().item()
+    return _ratio(error, variance)
+
+
+def cosine_similarity(x: torch.Tensor, x_hat: torch.Tensor, eps: float = 1e-8) -> float:
+    """Mean over tokens of cos(x_i, x̂_i) = x_i·x̂_i / max(‖x_i‖‖x̂_i‖, eps)."""
+    return (_cosine_sum(x, x_hat, eps) / x.shape[0]) if x.shape[0] else NAN
+
+
+def _cosine_sum(x: torch.Tensor, x_hat: torch.Tensor, eps: float = 1e-8) -> float:
+    x64, x_hat64 = x.double(), x_hat.double()
+    norms = (x64.norm(dim=1) * x_hat64.norm(dim=1)).clamp_min(eps)
+    return ((x64 * x_hat64).sum(dim=1) / norms).sum().item()
+
+
+def l0(values: torch.Tensor) -> float:
+    """L0 = mean over tokens of #{j : z_j > 0}; ``values`` is (N, k) top-k values or a
+    dense (N, n) code matrix (the count is the same). Equals k for TopK unless some of
+    the k largest pre-activations are ≤ 0."""
+    return (values > 0).sum().item() / values.shape[0] if values.shape[0] else NAN
+
+
+def fired_counts(
+    values: torch.Tensor,
+    indices: torch.Tensor | None = None,
+    n_latents: int | None = None,
+    threshold: float = DEAD_THRESHOLD,
+) -> torch.Tensor:
+    """c_j = #{tokens i : z_ij > threshold}, an int64 tensor of shape (n_latents,).
+
+    With ``indices`` (N, k), ``values`` (N, k) are the top-k values and ``n_latents``
+    is required; with ``indices=None``, ``values`` is the dense (N, n) code matrix."""
+    fired = values > threshold
+    if indices is None:
+        return fired.sum(dim=0, dtype=torch.int64)
+    if n_latents is None:
+        raise ValueError("n_latents is required with top-k indices")
+    return torch.bincount(indices[fired], minlength=n_latents)
+
+
+def dead_fraction(counts: torch.Tensor) -> float:
+    """Dead fraction = #{j : c_j = 0} / n, with c = ``fired_counts`` over all evaluated
+    tokens (a latent is dead if it never exceeds the threshold, 1e-3 by default)."""
+    return (counts == 0).double().mean().item() if counts.numel() else NAN
+
+
+class FiringHistogram(NamedTuple):
+    """Histogram of log10 firing frequencies of the live latents."""
+
+    edges: torch.Tensor  # (bins + 1,) float64, log10 frequency
+    counts: torch.Tensor  # (bins,) int64, live latents per bin
+    n_dead: int  # latents with c_j = 0, not in any bin
+
+
+def firing_histogram(
+    counts: torch.Tensor, n_tokens: int, bins: int = 40, log10_min: float | None = None
+) -> FiringHistogram:
+    """Histogram of log10 f_j over live latents, f_j = c_j / n_tokens ∈ (0, 1].
+
+    ``bins`` equal-width bins span [log10_min, 0]; log10_min defaults to
+    log10(1 / n_tokens), the lowest non-zero frequency (pass a fixed value to compare
+    runs). Frequencies below log10_min fall into the first bin. Dead latents (c_j = 0)
+    are counted in ``n_dead`` only."""
+    if n_tokens <= 0:
+        raise ValueError(f"n_tokens must be positive, got {n_tokens}")
+    lo = -math.log10(n_tokens) if log10_min is None else float(log10_min)
+    if lo >= 0:
+        lo = -1.0  # a single token: every live latent has frequency 1
+    live = counts[counts > 0].double()
+    log_freq = (live / n_tokens).log10().clamp(lo, 0.0)
+    edges = torch.linspace(lo, 0.0, bins + 1, dtype=torch.float64)
+    which = torch.bucketize(log_freq, edges[1:-1], right=True)
+    binned = torch.bincount(which, minlength=bins).to(torch.int64)
+    return FiringHistogram(edges, binned, int((counts == 0).sum().item()))
+
+
+class ReconstructionAccumulator:
+    """Streams reconstruction metrics over many batches.
+
+    Keeps, in float64: N (tokens), the per-dimension running mean and sum of squared
+    deviations of x (merged batch by batch with Chan's parallel formula, so that
+    Σ_i ‖x_i − x̄‖² needs no second pass), Σ‖x̂ − x‖², Σ cos(x, x̂); and, when codes are
+    given, Σ L0 and the per-latent ``fired_counts``. ``result()`` then gives
+
+        normalised_mse    = Σ‖x̂ − x‖² / Σ‖x − x̄‖²   (x̄ over all evaluated tokens)
+        mse               = Σ‖x̂ − x‖² / (N·d)
+        cosine_similarity = mean over tokens of cos(x, x̂)
+        l0                = mean over tokens of #{z_j > 0}
+        dead_fraction     = #{j : no token with z_j > dead_threshold} / n_latents
+
+    equal to the batch functions on the concatenation of all batches.
+    """
+
+    def __init__(self, n_latents: int | None = None, dead_threshold: float = DEAD_THRESHOLD) -> None:
+        self.n_latents = n_latents
+        self.dead_threshold = dead_threshold
+        self.n_tokens = 0
+        self.n_coded = 0  # tokens whose codes were given
+        self.mean: torch.Tensor | None = None
+        self.m2: torch.Tensor | None = None
+        self.sq_error = 0.0
+        self.cos_sum = 0.0
+        self.l0_sum = 0
+        self.counts: torch.Tensor | None = None if n_latents is None else torch.zeros(n_latents, dtype=torch.int64)
+
+    @torch.no_grad()
+    def update(
+        self,
+        x: torch.Tensor,
+        x_hat: torch.Tensor,
+        indices: torch.Tensor | None = None,
+        values: torch.Tensor | None = None,
+    ) -> None:
+        """Add a batch: x, x̂ of shape (B, d); optional codes (indices, values) as from
+        ``TopKSAE.encode`` (or ``values`` dense (B, n) with ``indices=None``)."""
+        if x.shape != x_hat.shape or x.dim() != 2:
+            raise ValueError(f"x and x_hat must both be (B, d), got {tuple(x.shape)}, {tuple(x_hat.shape)}")
+        b = x.shape[0]
+        if b == 0:
+            return
+        x64 = x.detach().double()
+        batch_mean = x64.mean(dim=0)
+        batch_m2 = (x64 - batch_mean).pow(2).sum(dim=0)
+        if self.mean is None:
+            self.mean, self.m2 = batch_mean, batch_m2
+        else:
+            total = self.n_tokens + b
+            delta = batch_mean - self.mean
+            self.m2 = self.m2 + batch_m2 + delta.pow(2) * (self.n_tokens * b / total)
+            self.mean = self.mean + delta * (b / total)
+        self.n_tokens += b
+        self.sq_error += (x_hat.detach().double() - x64).pow(2).sum().item()
+        self.cos_sum += _cosine_sum(x.detach(), x_hat.detach())
+        if values is not None:
+            values = values.detach()
+            self.n_coded += b
+            self.l0_sum += int((values > 0).sum().item())
+            if indices is None and self.n_latents is None:
+                self.n_latents = values.shape[1]
+            if self.n_latents is None:
+                raise ValueError("pass n_latents to the accumulator to count firing of top-k codes")
+            if self.counts is None:
+                self.counts = torch.zeros(self.n_latents, dtype=torch.int64)
+            self.counts += fired_counts(values, indices, self.n_latents, self.dead_threshold).cpu()
+
+    def result(self) -> dict[str, float]:
+        """The metrics over everything seen so far (l0, dead_fraction only if codes were given)."""
+        out: dict[str, float] = {"n_tokens": float(self.n_tokens)}
+        if self.n_tokens == 0 or self.m2 is None:
+            return out | {"normalised_mse": NAN, "mse": NAN, "cosine_similarity": NAN}
+        out["normalised_mse"] = _ratio(self.sq_error, self.m2.sum().item())
+        out["mse"] = self.sq_error / (self.n_tokens * self.m2.numel())
+        out["cosine_similarity"] = self.cos_sum / self.n_tokens
+        if self.n_coded:
+            out["l0"] = self.l0_sum / self.n_coded
+        if self.counts is not None and self.n_coded:
+            out["dead_fraction"] = dead_fraction(self.counts)
+        return out
+
+    def histogram(self, bins: int = 40, log10_min: float | None = None) -> FiringHistogram:
+        """``firing_histogram`` of the accumulated fired counts."""
+        if self.counts is None or self.n_coded == 0:
+            raise ValueError("no latent codes were given to update()")
+        return firing_histogram(self.counts, self.n_coded, bins, log10_min)
+
+
+# ----------------------------------------------------------------------------------
+# Downstream (language-model) metrics
+
+
+def ce_loss_recovered(ce_clean: float, ce_sae: float, ce_zero: float) -> float:
+    """CE loss recovered = (CE_zero − CE_sae) / (CE_zero − CE_clean): 1 when splicing in the
+    SAE costs nothing, 0 when it is as bad as zero-ablating the site. nan if CE_zero = CE_clean."""
+    return _ratio(ce_zero - ce_sae, ce_zero - ce_clean)
+
+
+def kl_score(kl_sae: float, kl_zero: float) -> float:
+    """KL score = (KL_zero − KL_sae) / KL_zero, KLs of next-token distributions vs the clean
+    model. nan if KL_zero = 0."""
+    return _ratio(kl_zero - kl_sae, kl_zero)
+
+
+def _positions(mask: torch.Tensor | None, shape: torch.Size) -> torch.Tensor:
+    if mask is None:
+        return torch.ones(shape, dtype=torch.bool)
+    if mask.shape != shape:
+        raise ValueError(f"mask must have shape {tuple(shape)}, got {tuple(mask.shape)}")
+    return mask.bool()
+
+
+def next_token_ce_sum(
+    logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None = None
+) -> tuple[float, int]:
+    """(Σ_t −log softmax(logits[t])[tokens[t+1]], count) over positions t < T−1 with mask[t].
+
+    logits (..., T, V), tokens (..., T), mask (..., T) bool over logit positions t (None =
+    all); the last position has no target and never counts. Sums over batches then
+    divide, to average over a stream."""
+    keep = _positions(mask, tokens.shape)[..., :-1].to(logits.device)
+    logp = F.log_softmax(logits[..., :-1, :][keep].float(), dim=-1)
+    targets = tokens[..., 1:][keep.to(tokens.device)].to(logp.device)
+    nll = -logp.gather(-1, targets[:, None]).squeeze(-1)
+    return nll.double().sum().item(), int(keep.sum().item())
+
+
+def next_token_ce(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+    """Mean CE (nats) of predicting tokens[t+1] from logits[t] over positions t where mask[t]
+    (see ``next_token_ce_sum``); nan if no position counts."""
+    total, count = next_token_ce_sum(logits, tokens, mask)
+    return _ratio(total, count)
+
+
+def next_token_kl_sum(
+    logits_ref: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor | None = None
+) -> tuple[float, int]:
+    """(Σ_t KL(p_ref,t ‖ p_t), count) over positions t with mask[t], where
+    KL(p_ref ‖ p) = Σ_v p_ref(v) (log p_ref(v) − log p(v)), p = softmax(logits[t]).
+
+    logits_ref, logits (..., T, V); mask (..., T) bool (None = all positions, the last
+    included: no target is needed)."""
+    if logits_ref.shape != logits.shape:
+        raise ValueError(f"logit shapes differ: {tuple(logits_ref.shape)} vs {tuple(logits.shape)}")
+    keep = _positions(mask, logits.shape[:-1]).to(logits.device)
+    logp_ref = F.log_softmax(logits_ref[keep].float(), dim=-1)
+    logp = F.log_softmax(logits[keep].float(), dim=-1)
+    kl = (logp_ref.exp() * (logp_ref - logp)).sum(dim=-1)
+    return kl.double().sum().item(), int(keep.sum().item())
+
+
+def next_token_kl(logits_ref: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+    """Mean over masked positions of KL(p_ref ‖ p) (see ``next_token_kl_sum``); nan if none."""
+    total, count = next_token_kl_sum(logits_ref, logits, mask)
+    return _ratio(total, count)
+
+
+def ablation_sparsity(delta_logits: torch.Tensor) -> float:
+    """Downstream sparsity of ablating one latent, for Δlogits of shape (T, V):
+    (‖Δ‖₁ / ‖Δ‖₂)² / (V·T), norms over all T·V entries. In [1/(V·T), 1]: 1/(V·T) when one
+    logit moves, 1 when all move equally; lower = sparser. nan if Δ = 0."""
+    d = delta_logits.double()
+    l1, l2sq = d.abs().sum().item(), d.pow(2).sum().item()
+    return _ratio(l1 * l1, l2sq) / d.numel() if d.numel() else NAN
+
+
+# ----------------------------------------------------------------------------------
+# 1-D logistic probes
+
+
+def label_entropy(labels: torch.Tensor) -> float:
+    """H(p) = −p ln p − (1 − p) ln(1 − p), p = mean(labels): the held-out loss of the best
+    constant predictor; 0 for a single class, nan for no labels."""
+    if labels.numel() == 0:
+        return NAN
+    p = labels.double().mean().item()
+    return -sum(q * math.log(q) for q in (p, 1.0 - p) if q > 0)
+
+
+def _probe_objective(a: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean BCE of σ(w a + b) per column: mean_t softplus(z) − y z, z = w a + b."""
+    z = a * w + b
+    return (F.softplus(z) - y[:, None] * z).mean(dim=0)
+
+
+def probe_losses(
+    latent_values: torch.Tensor,
+    labels: torch.Tensor,
+    train_fraction: float = 0.5,
+    iterations: int = 15,
+    l2: float = 1e-4,
+    chunk_elements: int = 1 << 24,
+) -> torch.Tensor:
+    """Held-out loss of a 1-D logistic probe on each latent: a tensor (m,) float64.
+
+    Split (deterministic): the first ⌊train_fraction·T⌋ tokens train, the rest are held
+    out (flatten windows in a fixed order; shuffle beforehand if the order is biased).
+    Per latent j, with a = latent_values[:, j] standardised by its training mean and std
+    (a constant column becomes 0), fit p = σ(w a + b) by minimising
+        mean_train BCE(p, y) + (l2 / 2) w²
+    with ``iterations`` Newton steps from w = 0, b = logit(mean y_train), vectorised over
+    latents (each step backtracks to the best of step sizes 1, 1/2, 1/4, 1/8 so the
+    objective never rises; the small l2 keeps w finite on separable data). The loss is
+    mean_test BCE = mean_t −[y ln p + (1 − y) ln(1 − p)], in nats.
+    Columns are processed in chunks of ``chunk_elements`` // T_train; runs on the device of
+    ``latent_values``, returns on the CPU."""
+    if latent_values.dim() != 2 or labels.shape != latent_values.shape[:1]:
+        raise ValueError("latent_values must be (T, m) and labels (T,)")
+    n_train = int(math.floor(train_fraction * labels.shape[0]))
+    if not 0 < n_train < labels.shape[0]:
+        raise ValueError(f"train_fraction={train_fraction} leaves an empty train or test split")
+    device = latent_values.device
+    y = labels.to(device).double()
+    y_train, y_test = y[:n_train], y[n_train:]
+    base = y_train.mean().clamp(1e-6, 1 - 1e-6)
+    b0 = torch.log(base / (1 - base))
+    steps = (1.0, 0.5, 0.25, 0.125)
+    m = latent_values.shape[1]
+    width = max(1, chunk_elements // max(n_train, 1))
+    out = torch.empty(m, dtype=torch.float64)
+    for start in range(0, m, width):
+        cols = latent_values[:, start : start + width].double()
+        mu = cols[:n_train].mean(dim=0)
+        sd = cols[:n_train].std(dim=0, correction=0)
+        scale = torch.where(sd > 1e-12, 1.0 / sd.clamp_min(1e-12), torch.zeros_like(sd))
+        a = (cols - mu) * scale
+        a_train, a_test = a[:n_train], a[n_train:]
+        c = a.shape[1]
+        w = torch.zeros(c, dtype=torch.float64, device=device)
+        b = b0.expand(c).clone()
+        objective = _probe_objective(a_train, y_train, w, b) + 0.5 * l2 * w * w
+        for _ in range(iterations):
+            p = torch.sigmoid(a_train * w + b)
+            r = p - y_train[:, None]
+            s = p * (1 - p)
+            g_w = (r * a_train).mean(dim=0) + l2 * w
+            g_b = r.mean(dim=0)
+            h_ww = (s * a_train * a_train).mean(dim=0) + l2
+            h_wb = (s * a_train).mean(dim=0)
+            h_bb = s.mean(dim=0) + 1e-12
+            det = (h_ww * h_bb - h_wb * h_wb).clamp_min(1e-18)
+            d_w = (h_bb * g_w - h_wb * g_b) / det
+            d_b = (h_ww * g_b - h_wb * g_w) / det
+            best_w, best_b, best_obj = w, b, objective
+            for step in steps:
+                cand_w, cand_b = w - step * d_w, b - step * d_b
+                cand = _probe_objective(a_train, y_train, cand_w, cand_b) + 0.5 * l2 * cand_w * cand_w
+                better = cand < best_obj
+                best_w = torch.where(better, cand_w, best_w)
+                best_b = torch.where(better, cand_b, best_b)
+                best_obj = torch.where(better, cand, best_obj)
+            w, b, objective = best_w, best_b, best_obj
+        out[start : start + c] = _probe_objective(a_test, y_test, w, b).cpu()
+    return out
+
+
+def best_latent_probe_loss(
+    latent_values: torch.Tensor,
+    labels: torch.Tensor,
+    train_fraction: float = 0.5,
+    iterations: int = 15,
+    l2: float = 1e-4,
+) -> tuple[float, int]:
+    """(min_j held-out probe loss of latent j, argmin j) for a dense (T, m) matrix of latent
+    values (all latents, or a chosen subset: j indexes its columns) and boolean labels (T,).
+
+    Probe and split as in ``probe_losses``. A latent that encodes the task gives a loss near
+    0; when no latent helps the loss is near ``label_entropy`` of the labels."""
+    losses = probe_losses(latent_values, labels, train_fraction, iterations, l2)
+    j = int(torch.argmin(losses).item())
+    return losses[j].item(), j

@@ -1,0 +1,171 @@
+import math
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from saesweep import metrics as M
+from saesweep.sae import TopKSAE
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_fvu_is_around_the_mean_not_zero():
+    g = _gen()
+    x = torch.randn(256, 8, generator=g) + 10.0  # large offset: variance ≪ E‖x‖²
+    x_hat = x.mean(dim=0).expand_as(x)
+    assert M.fvu(x, x_hat) == pytest.approx(1.0)
+    assert M.fvu(x, x) == 0.0
+    noisy = x + 0.1 * torch.randn(x.shape, generator=g)
+    expected = ((noisy - x) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    assert M.fvu(x, noisy) == pytest.approx(expected.item(), rel=1e-5)
+    assert math.isnan(M.fvu(torch.ones(4, 3), torch.zeros(4, 3)))
+
+
+def test_accumulator_matches_batch_functions_on_concatenation():
+    g = _gen(1)
+    sae = TopKSAE(d=16, n=64, k=4)
+    sae.initialise(torch.randn(128, 16, generator=g), g)
+    xs = [torch.randn(b, 16, generator=g) * 3 + 5 for b in (7, 50, 1, 33)]
+    acc = M.ReconstructionAccumulator(n_latents=64)
+    all_x, all_hat, all_idx, all_val = [], [], [], []
+    with torch.no_grad():
+        for x in xs:
+            idx, val = sae.encode(x)
+            x_hat = sae.decode(idx, val)
+            acc.update(x, x_hat, idx, val)
+            all_x.append(x), all_hat.append(x_hat), all_idx.append(idx), all_val.append(val)
+    x, x_hat = torch.cat(all_x), torch.cat(all_hat)
+    idx, val = torch.cat(all_idx), torch.cat(all_val)
+    res = acc.result()
+    assert res["n_tokens"] == x.shape[0]
+    assert res["normalised_mse"] == pytest.approx(M.fvu(x, x_hat), rel=1e-9)
+    assert res["mse"] == pytest.approx(F.mse_loss(x_hat, x).item(), rel=1e-5)
+    assert res["cosine_similarity"] == pytest.approx(M.cosine_similarity(x, x_hat), rel=1e-9)
+    assert res["l0"] == pytest.approx(M.l0(val))
+    counts = M.fired_counts(val, idx, 64)
+    assert torch.equal(acc.counts, counts)
+    assert res["dead_fraction"] == pytest.approx(M.dead_fraction(counts))
+    hist = acc.histogram(bins=10)
+    assert int(hist.counts.sum()) + hist.n_dead == 64
+
+
+def test_l0_dead_and_fired_counts_dense_and_sparse_agree():
+    dense = torch.tensor([[0.0, 2.0, 0.0, 5e-4], [1.0, 0.0, 0.0, 0.0], [0.5, 0.0, 0.0, 0.0]])
+    idx = torch.tensor([[1, 3], [0, 2], [0, 1]])
+    val = torch.tensor([[2.0, 5e-4], [1.0, 0.0], [0.5, 0.0]])
+    assert M.l0(dense) == pytest.approx(4 / 3) == M.l0(val)
+    assert M.fired_counts(dense).tolist() == [2, 1, 0, 0]  # 5e-4 ≤ threshold 1e-3
+    assert torch.equal(M.fired_counts(val, idx, 4), M.fired_counts(dense))
+    assert M.dead_fraction(M.fired_counts(dense)) == 0.5
+    acc = M.ReconstructionAccumulator()
+    acc.update(torch.randn(3, 2), torch.randn(3, 2), values=dense)
+    assert acc.result()["dead_fraction"] == 0.5
+
+
+def test_firing_histogram_bins_live_latents():
+    counts = torch.tensor([0, 1, 10, 100, 1000, 0])
+    hist = M.firing_histogram(counts, n_tokens=1000, bins=3)  # edges −3, −2, −1, 0
+    assert hist.edges.tolist() == pytest.approx([-3, -2, -1, 0])
+    assert hist.counts.tolist() == [1, 1, 2]
+    assert hist.n_dead == 2
+
+
+def test_cosine_similarity():
+    x = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    assert M.cosine_similarity(x, torch.tensor([[2.0, 0.0], [1.0, 0.0]])) == pytest.approx(0.5)
+
+
+def test_downstream_scores_and_degenerate_denominators():
+    assert M.ce_loss_recovered(3.0, 3.0, 7.0) == 1.0
+    assert M.ce_loss_recovered(3.0, 7.0, 7.0) == 0.0
+    assert M.ce_loss_recovered(3.0, 4.0, 7.0) == pytest.approx(0.75)
+    assert math.isnan(M.ce_loss_recovered(3.0, 3.5, 3.0))
+    assert M.kl_score(0.5, 2.0) == pytest.approx(0.75)
+    assert math.isnan(M.kl_score(0.5, 0.0))
+
+
+def test_next_token_ce_and_kl():
+    g = _gen(2)
+    logits = torch.randn(2, 5, 11, generator=g)
+    tokens = torch.randint(0, 11, (2, 5), generator=g)
+    ref = F.cross_entropy(logits[:, :-1].reshape(-1, 11), tokens[:, 1:].reshape(-1))
+    assert M.next_token_ce(logits, tokens) == pytest.approx(ref.item(), rel=1e-5)
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    mask[0, 1] = True
+    mask[1, 4] = True  # the last position has no target and does not count
+    one = F.cross_entropy(logits[0, 1:2], tokens[0, 2:3])
+    assert M.next_token_ce(logits, tokens, mask) == pytest.approx(one.item(), rel=1e-5)
+    assert M.next_token_ce_sum(logits, tokens, mask)[1] == 1
+    assert math.isnan(M.next_token_ce(logits, tokens, torch.zeros(2, 5, dtype=torch.bool)))
+
+    other = torch.randn(2, 5, 11, generator=g)
+    kl = F.kl_div(F.log_softmax(other, -1), F.log_softmax(logits, -1), log_target=True, reduction="none").sum(-1)
+    assert M.next_token_kl(logits, other) == pytest.approx(kl.mean().item(), rel=1e-5)
+    assert M.next_token_kl(logits, other, mask) == pytest.approx(kl[mask].mean().item(), rel=1e-5)
+    assert M.next_token_kl(logits, logits) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_ablation_sparsity_range():
+    T, V = 4, 10
+    one = torch.zeros(T, V)
+    one[2, 3] = -5.0
+    assert M.ablation_sparsity(one) == pytest.approx(1 / (T * V))
+    assert M.ablation_sparsity(torch.full((T, V), 0.3)) == pytest.approx(1.0)
+    dense = torch.randn(T, V, generator=_gen(3))
+    assert 1 / (T * V) < M.ablation_sparsity(dense) < 1.0
+    assert math.isnan(M.ablation_sparsity(torch.zeros(T, V)))
+
+
+def test_label_entropy():
+    assert M.label_entropy(torch.tensor([True, False])) == pytest.approx(math.log(2))
+    assert M.label_entropy(torch.tensor([True, True])) == 0.0
+    p = 0.25
+    h = -(p * math.log(p) + (1 - p) * math.log(1 - p))
+    assert M.label_entropy(torch.tensor([True, False, False, False])) == pytest.approx(h)
+
+
+def _latents(T, m, seed):
+    g = _gen(seed)
+    values = torch.rand(T, m, generator=g) * (torch.rand(T, m, generator=g) < 0.2)
+    return values, g
+
+
+def test_probe_finds_the_latent_that_encodes_the_task():
+    values, g = _latents(1000, 150, 4)
+    labels = torch.rand(1000, generator=g) < 0.3
+    values[:, 123] = labels.float() * (1.0 + torch.rand(1000, generator=g))  # fires iff label
+    loss, j = M.best_latent_probe_loss(values, labels)
+    assert j == 123
+    assert loss < 0.02
+    # inverted encoding (latent off on positives) is found as well
+    values[:, 123] = (~labels).float() * 2.0
+    loss, j = M.best_latent_probe_loss(values, labels)
+    assert j == 123 and loss < 0.02
+
+
+def test_probe_on_random_labels_is_near_label_entropy():
+    values, g = _latents(3000, 60, 5)
+    labels = torch.rand(3000, generator=g) < 0.3
+    loss, _ = M.best_latent_probe_loss(values, labels)
+    h = M.label_entropy(labels[1500:])
+    assert h - 0.02 < loss < h + 0.01
+    losses = M.probe_losses(values, labels)
+    assert losses.shape == (60,) and bool((losses > h - 0.02).all())
+
+
+def test_probe_constant_latents_and_chunking():
+    values, g = _latents(600, 40, 6)
+    values[:, :5] = 0.0  # dead latents: the probe is the training base rate
+    labels = torch.rand(600, generator=g) < 0.5
+    full = M.probe_losses(values, labels)
+    chunked = M.probe_losses(values, labels, chunk_elements=300 * 7)  # 7 columns per chunk
+    assert torch.allclose(full, chunked)
+    p = labels[:300].double().mean()
+    y = labels[300:].double()
+    base_loss = -(y * p.log() + (1 - y) * (1 - p).log()).mean()
+    assert full[:5] == pytest.approx([base_loss.item()] * 5, rel=1e-6)
+    with pytest.raises(ValueError):
+        M.probe_losses(values, labels, train_fraction=0.0)
