@@ -1,0 +1,365 @@
+"""Figures of a sweep: metrics against n and k with their fitted laws, the joint law, dead latents,
+the ΔLM-loss / NMSE frontier and training curves.
+
+Every function draws one panel per (site, arch) group, titles the figure with ``title``,
+writes ``<stem>.png`` and ``<stem>.svg`` (SVG text kept as text) and returns both paths.
+Figures are built on ``matplotlib.figure.Figure`` (Agg canvas), never through pyplot, so no
+global backend state is touched.  Log axes cannot show non-positive values: such points are
+left out and counted in a note on the panel; a skipped fit is shown as "fit skipped: reason".
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from pathlib import Path
+
+import matplotlib as mpl
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.colors import LogNorm
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from saesweep.scaling import find_group, predict
+
+LABELS = {
+    "nmse": "normalised MSE",
+    "delta_lm_loss": "ΔLM loss (nats/token)",
+    "dead_fraction": "dead latents (fraction of n)",
+    "ce_loss_recovered": "CE loss recovered (fraction)",
+    "loss": "training loss",
+    "n_latents": "number of latents n",
+    "k": "active latents per token k",
+    "tokens": "training tokens",
+}
+MARKERS = "osD^v<>Pp*hX"
+MARGIN = 1.25
+LINESTYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3)))
+
+
+def _label(name: str, log: bool = False) -> str:
+    return LABELS.get(name, name) + (" (log scale)" if log else "")
+
+
+def _figure(groups: list[tuple[str, str]], title: str) -> tuple[Figure, list[Axes]]:
+    """A figure with one panel per group (at least one), titled ``title``."""
+    count = max(len(groups), 1)
+    cols = min(count, 2)
+    rows = math.ceil(count / cols)
+    fig = Figure(figsize=(6.8 * cols, 5.0 * rows), layout="constrained")
+    axes = list(np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel())
+    for ax in axes[count:]:
+        ax.set_visible(False)
+    for ax, (site, arch) in zip(axes, groups):
+        ax.set_title(f"{site} · {arch}", fontsize=10)
+    if not groups:
+        _note(axes[0], "no data")
+    fig.suptitle(title)
+    return fig, axes[:count]
+
+
+def _groups(df: pd.DataFrame) -> list[tuple[str, str]]:
+    return [
+        (str(s), str(a)) for s, a in df[["site", "arch"]].drop_duplicates().sort_values(["site", "arch"]).to_numpy()
+    ]
+
+
+def _rows(df: pd.DataFrame, site: str, arch: str) -> pd.DataFrame:
+    return df[(df["site"].astype(str) == site) & (df["arch"].astype(str) == arch)]
+
+
+def _note(ax: Axes, lines: list[str] | str) -> None:
+    """Notes (skipped fits, hidden points) in a box under the panel's x-axis label."""
+    parts = "\n".join([lines] if isinstance(lines, str) else lines).splitlines()
+    text = "\n".join(textwrap.fill(part, 100, subsequent_indent="    ", drop_whitespace=False) for part in parts)
+    if text:
+        ax.annotate(
+            text,
+            xy=(0.5, 0.0),
+            xycoords=ax.xaxis.label,
+            xytext=(0, -6),
+            textcoords="offset points",
+            fontsize=7.5,
+            va="top",
+            ha="center",
+            bbox={"boxstyle": "round", "facecolor": "lightyellow", "alpha": 0.85},
+        )
+
+
+def _integer_ticks(ax: Axes, values: list, axis: str = "x") -> None:
+    """Label a log axis at the sweep's own values (e.g. k = 8, 16, 32) rather than at powers of ten."""
+    if 1 < len(values) <= 10:
+        target = ax.xaxis if axis == "x" else ax.yaxis
+        target.set_ticks(values, [str(int(v)) for v in values])
+        target.set_ticks([], minor=True)
+
+
+def _save(fig: Figure, stem: str | Path) -> list[Path]:
+    paths = [Path(f"{stem}.png"), Path(f"{stem}.svg")]
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
+    with mpl.rc_context({"svg.fonttype": "none", "svg.hashsalt": "saesweep"}):
+        fig.savefig(paths[0], dpi=150)
+        fig.savefig(paths[1], metadata={"Date": None})
+    return paths
+
+
+def _seed_stats(df: pd.DataFrame, by: list[str], metric: str) -> pd.DataFrame:
+    """Mean, standard deviation and count of ``metric`` over seeds, per ``by``."""
+    return df.groupby(by)[metric].agg(["mean", "std", "count"]).reset_index()
+
+
+def _colours(values: list, cmap: str = "viridis") -> dict:
+    colormap = mpl.colormaps[cmap]
+    return {v: colormap(i / max(len(values) - 1, 1) * 0.9) for i, v in enumerate(values)}
+
+
+def _plot_1d(cells: pd.DataFrame, fits: dict, metric: str, stem: str | Path, title: str, x: str) -> list[Path]:
+    """Metric against x ∈ {"n", "k"}, one colour per value of the other variable, with the fitted law."""
+    xcol, other, section = ("n_latents", "k", "vs_n") if x == "n" else ("k", "n_latents", "vs_k")
+    groups = _groups(cells)
+    fig, axes = _figure(groups, title)
+    for ax, (site, arch) in zip(axes, groups):
+        rows = _rows(cells, site, arch)
+        group_fits = find_group(fits, site, arch) or {}
+        mfit = group_fits.get(metric, {"status": "skipped", "reason": f"no fit for {metric}"})
+        notes = [] if mfit["status"] == "ok" else [f"fit skipped: {mfit['reason']}"]
+        positive = rows[rows[metric] > 0]
+        if len(positive) < len(rows):
+            notes.append(f"{len(rows) - len(positive)} non-positive/missing value(s) not shown")
+        values = sorted(rows[other].unique())
+        colours = _colours(values)
+        for value in values:
+            stats = _seed_stats(positive[positive[other] == value], [xcol], metric)
+            colour = colours[value]
+            name = f"{'k' if other == 'k' else 'n'}={value}"
+            ax.errorbar(
+                stats[xcol],
+                stats["mean"],
+                yerr=stats["std"].where(stats["count"] > 1),
+                fmt="o",
+                ms=4,
+                color=colour,
+                capsize=2,
+            )
+            laws = mfit.get(section, {}).get(str(value), {}) if mfit["status"] == "ok" else {}
+            fitted = [laws[form] for form in ("floor", "power") if form in laws and laws[form]["status"] == "ok"]
+            if "floor" in laws and laws["floor"]["status"] != "ok":
+                notes.append(f"{name}: fit skipped (law with floor): {laws['floor']['reason']}")
+            if not fitted:
+                ax.plot([], [], "o", color=colour, label=f"{name} (no fit)")
+                continue
+            entry = fitted[0]
+            p = entry["params"]
+            grid = np.asarray(entry["band"]["x"])
+            floor = f" + {p['c']:.2g}" if "c" in p else " (no floor)"
+            ax.plot(
+                grid,
+                predict(entry, **{x: grid}),
+                "-",
+                color=colour,
+                label=f"{name}: {p['a']:.3g}·{x}^−{p['b']:.3g}{floor}",
+            )
+            if entry["band"]["lo"] is not None:
+                ax.fill_between(grid, entry["band"]["lo"], entry["band"]["hi"], color=colour, alpha=0.2, lw=0)
+            validation = entry.get("validation", {})
+            if validation.get("flagged"):
+                notes.append(
+                    f"{name}: held-out n={validation['holdout_n']} outside prediction interval "
+                    f"(error {validation['max_abs_rel_error']:.1%})"
+                )
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        _integer_ticks(ax, sorted(rows[xcol].unique()))
+        ax.set_xlabel(_label(xcol, log=True))
+        ax.set_ylabel(_label(metric, log=True))
+        ax.grid(True, which="both", alpha=0.25)
+        ax.legend(
+            fontsize=7,
+            title="fitted law (band: 95% bootstrap)",
+            title_fontsize=7,
+            loc="upper left",
+            bbox_to_anchor=(1.01, 1.0),
+        )
+        _note(ax, notes)
+    return _save(fig, stem)
+
+
+def plot_metric_vs_n(cells: pd.DataFrame, fits: dict, metric: str, stem: str | Path, title: str) -> list[Path]:
+    """Log-log metric against n, one colour per k: seed means (± std), law a·n^−b + c and its band.
+
+    Where the law with floor was skipped the pure power law a·n^−b is drawn instead (and noted).
+    """
+    return _plot_1d(cells, fits, metric, stem, title, "n")
+
+
+def plot_metric_vs_k(cells: pd.DataFrame, fits: dict, metric: str, stem: str | Path, title: str) -> list[Path]:
+    """Log-log metric against k, one colour per n: seed means (± std), law a·k^−b + c (else a·k^−b), its band."""
+    return _plot_1d(cells, fits, metric, stem, title, "k")
+
+
+def plot_joint_contours(cells: pd.DataFrame, fits: dict, metric: str, stem: str | Path, title: str) -> list[Path]:
+    """Filled contours of the joint law L(n, k), observed cells on top in the same colours.
+
+    The contours span the observed n and k ranges widened by a factor MARGIN each side.
+    """
+    groups = _groups(cells)
+    fig, axes = _figure(groups, title)
+    for ax, (site, arch) in zip(axes, groups):
+        rows = _rows(cells, site, arch)
+        stats = _seed_stats(rows[rows[metric] > 0], ["n_latents", "k"], metric)
+        entry = ((find_group(fits, site, arch) or {}).get(metric) or {}).get("joint")
+        notes = (
+            []
+            if len(stats) == rows[["n_latents", "k"]].drop_duplicates().shape[0]
+            else ["cells with only non-positive/missing values not shown"]
+        )
+        observed = stats["mean"].to_numpy()
+        lo, hi = (observed.min(), observed.max()) if len(observed) else (1e-3, 1.0)
+        n_grid = np.geomspace(rows["n_latents"].min() / MARGIN, rows["n_latents"].max() * MARGIN, 80)
+        k_grid = np.geomspace(rows["k"].min() / MARGIN, rows["k"].max() * MARGIN, 80)
+        label = _label(metric, log=True) + "\nfill: joint fit, circles: observed (seed mean)"
+        if entry is not None and entry["status"] == "ok":
+            nn, kk = np.meshgrid(n_grid, k_grid)
+            z = predict(entry, nn, kk)
+            lo, hi = min(lo, z.min()), max(hi, z.max())
+            levels = np.geomspace(lo, hi * 1.0001, 13)
+            filled = ax.contourf(nn, kk, z, levels=levels, norm=LogNorm(lo, hi), cmap="viridis")
+            lines = ax.contour(nn, kk, z, levels=levels[1:-1:2], colors="white", linewidths=0.6)
+            ax.clabel(lines, fmt="%.3g", fontsize=7)
+            fig.colorbar(filled, ax=ax, label=label, ticks=levels[::2], format="%.3g")
+            p = entry["params"]
+            notes.append(
+                f"fit: exp({p['alpha']:.3g} {p['beta_k']:+.3g}·ln k {p['beta_n']:+.3g}·ln n "
+                f"{p['gamma']:+.3g}·ln k·ln n)\n       + exp({p['zeta']:.3g} {p['eta']:+.3g}·ln k)"
+            )
+            validation = entry.get("validation", {})
+            if validation.get("flagged"):
+                notes.append(
+                    f"held-out n={validation['holdout_n']} outside prediction interval "
+                    f"(max error {validation['max_abs_rel_error']:.1%})"
+                )
+        else:
+            reason = entry["reason"] if entry is not None else f"no fit for {metric}"
+            notes.append(f"fit skipped: {reason}")
+        points = ax.scatter(
+            stats["n_latents"],
+            stats["k"],
+            c=observed,
+            norm=LogNorm(lo, max(hi, lo * 1.001)),
+            cmap="viridis",
+            edgecolors="black",
+            s=40,
+            zorder=3,
+        )
+        if entry is None or entry["status"] != "ok":
+            fig.colorbar(points, ax=ax, label=label.replace("fill: joint fit, ", ""), format="%.3g")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlim(n_grid[0], n_grid[-1])
+        ax.set_ylim(k_grid[0], k_grid[-1])
+        _integer_ticks(ax, sorted(rows["n_latents"].unique()))
+        _integer_ticks(ax, sorted(rows["k"].unique()), axis="y")
+        ax.set_xlabel(_label("n_latents", log=True))
+        ax.set_ylabel(_label("k", log=True))
+        _note(ax, notes)
+    return _save(fig, stem)
+
+
+def plot_dead_fraction(cells: pd.DataFrame, stem: str | Path, title: str) -> list[Path]:
+    """Dead-latent fraction against n (log scale), one line per k, seed means ± std."""
+    groups = _groups(cells)
+    fig, axes = _figure(groups, title)
+    for ax, (site, arch) in zip(axes, groups):
+        stats = _seed_stats(_rows(cells, site, arch), ["k", "n_latents"], "dead_fraction")
+        colours = _colours(sorted(stats["k"].unique()))
+        for k, s in stats.groupby("k"):
+            ax.errorbar(
+                s["n_latents"],
+                s["mean"],
+                yerr=s["std"].where(s["count"] > 1),
+                fmt="o-",
+                ms=4,
+                capsize=2,
+                color=colours[k],
+                label=f"k={k}",
+            )
+        ax.set_xscale("log")
+        _integer_ticks(ax, sorted(stats["n_latents"].unique()))
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel(_label("n_latents", log=True))
+        ax.set_ylabel(_label("dead_fraction"))
+        ax.grid(True, alpha=0.25)
+        ax.legend(fontsize=8)
+    return _save(fig, stem)
+
+
+def plot_frontier(cells: pd.DataFrame, stem: str | Path, title: str) -> list[Path]:
+    """ΔLM loss against normalised MSE, one marker per cell (colour: n, marker: k)."""
+    groups = _groups(cells)
+    fig, axes = _figure(groups, title)
+    for ax, (site, arch) in zip(axes, groups):
+        rows = _rows(cells, site, arch)
+        shown = rows[rows["nmse"] > 0]
+        norm = LogNorm(cells["n_latents"].min(), max(cells["n_latents"].max(), cells["n_latents"].min() + 1))
+        ks = sorted(rows["k"].unique())
+        for i, k in enumerate(ks):
+            s = shown[shown["k"] == k]
+            points = ax.scatter(
+                s["nmse"],
+                s["delta_lm_loss"],
+                c=s["n_latents"],
+                norm=norm,
+                cmap="viridis",
+                marker=MARKERS[i % len(MARKERS)],
+                edgecolors="black",
+                linewidths=0.4,
+                s=36,
+            )
+        if ks:
+            fig.colorbar(points, ax=ax, label=_label("n_latents", log=True))
+        ax.legend(
+            handles=[
+                Line2D([], [], ls="", marker=MARKERS[i % len(MARKERS)], color="grey", label=f"k={k}")
+                for i, k in enumerate(ks)
+            ],
+            fontsize=8,
+        )
+        ax.axhline(0.0, color="grey", lw=0.6)
+        ax.set_xscale("log")
+        ax.set_xlabel(_label("nmse", log=True))
+        ax.set_ylabel(_label("delta_lm_loss"))
+        ax.grid(True, which="both", alpha=0.25)
+        if len(shown) < len(rows):
+            _note(ax, f"{len(rows) - len(shown)} cell(s) with non-positive or missing NMSE not shown")
+    return _save(fig, stem)
+
+
+def plot_training_curves(train_logs: pd.DataFrame, stem: str | Path, title: str) -> list[Path]:
+    """Normalised MSE against training tokens for every cell (colour: n, line style: k)."""
+    groups = _groups(train_logs)
+    fig, axes = _figure(groups, title)
+    for ax, (site, arch) in zip(axes, groups):
+        rows = _rows(train_logs, site, arch)
+        rows = rows[rows["nmse"] > 0]
+        norm = LogNorm(
+            train_logs["n_latents"].min(), max(train_logs["n_latents"].max(), train_logs["n_latents"].min() + 1)
+        )
+        cmap = mpl.colormaps["viridis"]
+        ks = sorted(rows["k"].unique())
+        for (n, k, _seed), s in rows.sort_values("tokens").groupby(["n_latents", "k", "seed"]):
+            ax.plot(s["tokens"], s["nmse"], color=cmap(norm(n)), ls=LINESTYLES[ks.index(k) % len(LINESTYLES)], lw=1)
+        fig.colorbar(mpl.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=_label("n_latents", log=True))
+        ax.legend(
+            handles=[
+                Line2D([], [], color="grey", ls=LINESTYLES[i % len(LINESTYLES)], label=f"k={k}")
+                for i, k in enumerate(ks)
+            ],
+            fontsize=8,
+        )
+        ax.set_yscale("log")
+        ax.set_xlabel(_label("tokens"))
+        ax.set_ylabel(_label("nmse", log=True))
+        ax.grid(True, which="both", alpha=0.25)
+    return _save(fig, stem)

@@ -1,0 +1,397 @@
+"""Scaling-law fits over a sweep's cells table (one row per site, arch, n_latents, k, seed).
+
+Laws, with n = number of latents and k = active latents per token:
+
+    power_n   L(n)    = a·n^(−b)                         (at fixed k)
+    floor_n   L(n)    = a·n^(−b) + c,   c ≥ 0            (at fixed k; c is the irreducible term)
+    power_k   L(k)    = a·k^(−b)                         (at fixed n)
+    floor_k   L(k)    = a·k^(−b) + c,   c ≥ 0            (at fixed n)
+    joint     L(n, k) = exp(α + β_k ln k + β_n ln n + γ ln k ln n) + exp(ζ + η ln k)
+                                                         (Gao et al. 2024, eq. for GPT-4)
+
+Fitting (Hoffmann et al. 2022, approach 3): every law is written as
+log L = logaddexp(X_u·θ_u, X_v·θ_v) (the floor term X_v·θ_v is absent for pure power
+laws; a and c enter as log a and log c, so c ≥ 0 by construction).  We minimise
+Σ_i Huber_δ(log L(x_i) − log y_i), δ = 1e-3, with L-BFGS from a small grid of initial
+points (floor at 1 %, 50 % and 90 % of the smallest observation, the power term from a
+log-linear least-squares fit of the rest) and keep the best.
+
+Observations: the seeds of a cell are averaged (arithmetic mean) into one observation per
+cell.  Log fits need positive values: non-positive or missing observations (e.g. a noisy
+``delta_lm_loss``) are dropped before averaging and counted in ``n_dropped_nonpositive``
+and ``n_dropped_missing``; this biases such a metric upwards near zero.
+
+Uncertainty: ``bootstrap`` replicates resample the law's cells with replacement and, within
+each drawn cell, its seeds with replacement; each replicate is refitted from the full-data
+optimum.  A replicate fails when it has too few distinct x values or its fit is not finite.
+
+Validation (laws over n only): refit on all cells but those at the largest n, predict
+that n, and compare with the observation.  The prediction interval is the central 95 %
+percentile range of the refit's bootstrap predictions, each perturbed by a log residual
+of the refit (inflated by √(m / (m − p)) for m cells and p parameters) so that it covers
+observation noise as well as parameter uncertainty; with h held-out cells (the joint law
+holds out one per k) each interval is widened to 1 − 0.05/h (Bonferroni).  The fit is
+flagged when any held-out observation lies outside its interval.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy.optimize import minimize
+
+HUBER_DELTA = 1e-3
+FLOOR_FRACTIONS = (0.01, 0.5, 0.9)
+BAND_POINTS = 32
+
+
+@dataclass(frozen=True)
+class Law:
+    """One functional form: public parameter names, which of them are fitted as logs, its variable."""
+
+    name: str
+    formula: str
+    param_names: tuple[str, ...]
+    log_params: tuple[str, ...]
+    x: str  # "n", "k" or "n,k"
+    floor: bool
+
+
+LAWS: dict[str, Law] = {
+    law.name: law
+    for law in (
+        Law("power_n", "L(n) = a * n^(-b)", ("a", "b"), ("a",), "n", False),
+        Law("floor_n", "L(n) = a * n^(-b) + c", ("a", "b", "c"), ("a", "c"), "n", True),
+        Law("power_k", "L(k) = a * k^(-b)", ("a", "b"), ("a",), "k", False),
+        Law("floor_k", "L(k) = a * k^(-b) + c", ("a", "b", "c"), ("a", "c"), "k", True),
+        Law(
+            "joint",
+            "L(n, k) = exp(alpha + beta_k*ln(k) + beta_n*ln(n) + gamma*ln(k)*ln(n)) + exp(zeta + eta*ln(k))",
+            ("alpha", "beta_k", "beta_n", "gamma", "zeta", "eta"),
+            (),
+            "n,k",
+            True,
+        ),
+    )
+}
+
+
+def _design(law: Law, n: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Feature matrices of the power term (X_u) and the floor term (X_v, None without floor)."""
+    ln, lk = np.log(n.astype(float)), np.log(k.astype(float))
+    one = np.ones_like(ln)
+    if law.x == "n,k":
+        return np.column_stack([one, lk, ln, lk * ln]), np.column_stack([one, lk])
+    lx = ln if law.x == "n" else lk
+    return np.column_stack([one, -lx]), (one[:, None] if law.floor else None)
+
+
+def _log_predict(theta: np.ndarray, xu: np.ndarray, xv: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """log L and its Jacobian with respect to the internal parameters θ = (θ_u, θ_v)."""
+    pu = xu.shape[1]
+    u = xu @ theta[:pu]
+    if xv is None:
+        return u, xu
+    f = np.logaddexp(u, xv @ theta[pu:])
+    w = np.exp(u - f)[:, None]
+    return f, np.hstack([w * xu, (1.0 - w) * xv])
+
+
+def _objective(theta: np.ndarray, xu: np.ndarray, xv: np.ndarray | None, logy: np.ndarray) -> tuple[float, np.ndarray]:
+    """Σ Huber_δ(r) / δ over log residuals r, and its gradient (dividing by δ only rescales)."""
+    f, jac = _log_predict(theta, xu, xv)
+    r = f - logy
+    small = np.abs(r) <= HUBER_DELTA
+    loss = np.where(small, 0.5 * r**2 / HUBER_DELTA, np.abs(r) - 0.5 * HUBER_DELTA).sum()
+    return float(loss), jac.T @ np.clip(r / HUBER_DELTA, -1.0, 1.0)
+
+
+def _initial_points(xu: np.ndarray, xv: np.ndarray | None, y: np.ndarray) -> list[np.ndarray]:
+    """Log-linear least squares for a pure power law; with a floor, one start per FLOOR_FRACTIONS."""
+    if xv is None:
+        return [np.linalg.lstsq(xu, np.log(y), rcond=None)[0]]
+    _, group = np.unique(xv, axis=0, return_inverse=True)
+    group_min = pd.Series(y).groupby(group.ravel()).transform("min").to_numpy()
+    starts = []
+    for frac in FLOOR_FRACTIONS:
+        theta_v = np.linalg.lstsq(xv, np.log(frac * group_min), rcond=None)[0]
+        theta_u = np.linalg.lstsq(xu, np.log(y - frac * group_min), rcond=None)[0]
+        starts.append(np.concatenate([theta_u, theta_v]))
+    return starts
+
+
+def _minimise(
+    xu: np.ndarray, xv: np.ndarray | None, y: np.ndarray, starts: list[np.ndarray]
+) -> tuple[np.ndarray, float, bool]:
+    """Best L-BFGS optimum over the starting points: (θ, loss, converged)."""
+    best: tuple[np.ndarray, float, bool] = (np.full_like(starts[0], np.nan), np.inf, False)
+    for start in starts:
+        res = minimize(
+            _objective,
+            start,
+            args=(xu, xv, np.log(y)),
+            jac=True,
+            method="L-BFGS-B",
+            options={"maxiter": 2000, "ftol": 1e-13, "gtol": 1e-9},
+        )
+        if np.all(np.isfinite(res.x)) and np.isfinite(res.fun) and res.fun < best[1]:
+            best = (res.x, float(res.fun), bool(res.success))
+    return best
+
+
+def _to_public(law: Law, theta: np.ndarray) -> np.ndarray:
+    """Internal θ (log a, b, log c / α…η) → public parameters in ``law.param_names`` order."""
+    out = theta.astype(float).copy()
+    for i, name in enumerate(law.param_names):
+        if name in law.log_params:
+            out[..., i] = np.exp(theta[..., i])
+    return out
+
+
+def _too_few(law: Law, nk: np.ndarray) -> str | None:
+    """Why ``nk`` (distinct cells, columns n and k) cannot determine the law, or None."""
+    p = len(law.param_names)
+    if law.x == "n,k" and (len(np.unique(nk[:, 0])) < 2 or len(np.unique(nk[:, 1])) < 2):
+        return "needs at least 2 distinct n and 2 distinct k"
+    if len(np.unique(nk, axis=0)) < p + 1:
+        return f"{len(np.unique(nk, axis=0))} distinct {law.x} value(s), need at least {p + 1} for {p} parameters"
+    return None
+
+
+@dataclass
+class _Fit:
+    theta: np.ndarray
+    loss: float
+    converged: bool
+    samples: np.ndarray  # successful bootstrap θ, shape (S, p)
+    residuals: np.ndarray  # log(prediction) − log(observation) per cell
+
+
+def _fit(law: Law, nk: np.ndarray, vals: list[np.ndarray], rng: np.random.Generator, bootstrap: int) -> _Fit | str:
+    """Fit ``law`` to cells ``nk`` (m × 2) with seed values ``vals``; a reason string if impossible."""
+    reason = _too_few(law, nk)
+    if reason:
+        return reason
+    y = np.array([v.mean() for v in vals])
+    xu, xv = _design(law, nk[:, 0], nk[:, 1])
+    theta, loss, converged = _minimise(xu, xv, y, _initial_points(xu, xv, y))
+    if not np.isfinite(loss):
+        return "optimiser found no finite optimum"
+    samples = []
+    m = len(vals)
+    for _ in range(bootstrap):
+        idx = rng.integers(m, size=m)
+        yb = np.array([rng.choice(vals[i], size=len(vals[i])).mean() for i in idx])
+        if _too_few(law, nk[idx]):
+            continue
+        xub, xvb = _design(law, nk[idx, 0], nk[idx, 1])
+        tb, lb, _ = _minimise(xub, xvb, yb, [theta])
+        if np.isfinite(lb) and np.all(np.isfinite(_to_public(law, tb))):
+            samples.append(tb)
+    residuals = _log_predict(theta, xu, xv)[0] - np.log(y)
+    return _Fit(theta, loss, converged, np.array(samples).reshape(-1, len(theta)), residuals)
+
+
+def _num(x: float) -> float | None:
+    """A JSON-safe float (None for NaN or infinity)."""
+    return float(x) if np.isfinite(x) else None
+
+
+def _skipped(law: Law, reason: str) -> dict:
+    return {
+        "status": "skipped",
+        "law": law.name,
+        "formula": law.formula,
+        "param_names": list(law.param_names),
+        "x": law.x,
+        "reason": reason,
+    }
+
+
+def _validate(law: Law, nk: np.ndarray, vals: list[np.ndarray], rng: np.random.Generator, bootstrap: int) -> dict:
+    """Refit without the largest n and predict it (see the module docstring)."""
+    held = nk[:, 0] == nk[:, 0].max()
+    train = _fit(law, nk[~held], [v for v, h in zip(vals, held) if not h], rng, bootstrap)
+    if isinstance(train, str):
+        return {"status": "skipped", "reason": f"without the largest n: {train}"}
+    m, p = len(train.residuals), len(law.param_names)
+    resid = train.residuals * np.sqrt(m / (m - p))
+    xu, xv = _design(law, nk[held, 0], nk[held, 1])
+    predicted = np.exp(_log_predict(train.theta, xu, xv)[0])
+    rows = []
+    for j, (n, k) in enumerate(nk[held]):
+        observed = float(vals[np.flatnonzero(held)[j]].mean())
+        row = {
+            "n": int(n),
+            "k": int(k),
+            "observed": observed,
+            "predicted": _num(predicted[j]),
+            "rel_error": _num(predicted[j] / observed - 1.0),
+            "interval": None,
+            "within_interval": None,
+        }
+        if len(train.samples):
+            xvj = None if xv is None else xv[j : j + 1]
+            logp = np.array([_log_predict(t, xu[j : j + 1], xvj)[0][0] for t in train.samples])
+            tail = 2.5 / held.sum()
+            lo, hi = np.exp(np.percentile(logp + rng.choice(resid, size=len(logp)), [tail, 100 - tail]))
+            row.update(interval=[_num(lo), _num(hi)], within_interval=bool(lo <= observed <= hi))
+        rows.append(row)
+    checked = [r["within_interval"] for r in rows if r["within_interval"] is not None]
+    return {
+        "status": "ok",
+        "holdout_n": int(nk[:, 0].max()),
+        "n_train_cells": m,
+        "cells": rows,
+        "max_abs_rel_error": max(abs(r["rel_error"]) for r in rows if r["rel_error"] is not None),
+        "within_interval": all(checked) if checked else None,
+        "flagged": (not all(checked)) if checked else None,
+    }
+
+
+def _fit_entry(
+    law: Law, subset: pd.DataFrame, metric: str, fixed: dict[str, int], rng: np.random.Generator, bootstrap: int
+) -> dict:
+    """One law on the rows ``subset`` (with an ``_ok`` column marking usable values) → its fits.json entry."""
+    dropped_nonpos = int((subset[metric] <= 0).sum())
+    dropped_missing = int(subset[metric].isna().sum())
+    usable = subset[subset["_ok"]].sort_values(["n_latents", "k", "seed"])
+    cells = [(key, g.to_numpy(float)) for key, g in usable.groupby(["n_latents", "k"])[metric]]
+    nk = np.array([key for key, _ in cells], dtype=np.int64).reshape(-1, 2)
+    vals = [v for _, v in cells]
+    fit = _fit(law, nk, vals, rng, bootstrap)
+    if isinstance(fit, str):
+        if dropped_nonpos:
+            fit += f" ({dropped_nonpos} non-positive observation(s) dropped)"
+        return _skipped(law, fit)
+    public = _to_public(law, fit.theta)
+    boot = _to_public(law, fit.samples)
+    entry = {
+        "status": "ok",
+        "law": law.name,
+        "formula": law.formula,
+        "param_names": list(law.param_names),
+        "x": law.x,
+        "fixed": fixed,
+        "params": {p: _num(v) for p, v in zip(law.param_names, public)},
+        "ci95": {p: None for p in law.param_names},
+        "std": {p: None for p in law.param_names},
+        "bootstrap": {"requested": bootstrap, "succeeded": len(boot)},
+        "n_cells": len(vals),
+        "n_obs": int(sum(len(v) for v in vals)),
+        "n_dropped_nonpositive": dropped_nonpos,
+        "n_dropped_missing": dropped_missing,
+        "huber_loss": fit.loss,
+        "converged": fit.converged,
+        "max_abs_log_residual": float(np.abs(fit.residuals).max()),
+    }
+    if len(boot) >= 2:
+        lo, hi = np.percentile(boot, [2.5, 97.5], axis=0)
+        entry["ci95"] = {p: [_num(a), _num(b)] for p, a, b in zip(law.param_names, lo, hi)}
+        entry["std"] = {p: _num(s) for p, s in zip(law.param_names, boot.std(axis=0, ddof=1))}
+    if law.x != "n,k":
+        col = 0 if law.x == "n" else 1
+        grid = np.geomspace(nk[:, col].min(), nk[:, col].max(), BAND_POINTS)
+        entry["band"] = {"x": grid.tolist(), "lo": None, "hi": None}
+        if len(boot) >= 2:
+            xu, xv = _design(law, grid, grid)
+            preds = np.exp([_log_predict(t, xu, xv)[0] for t in fit.samples])
+            entry["band"].update(zip(("lo", "hi"), np.percentile(preds, [2.5, 97.5], axis=0).tolist()))
+    if "n" in law.x:
+        entry["validation"] = _validate(law, nk, vals, rng, bootstrap)
+    return entry
+
+
+def _rng(seed: int, *key: object) -> np.random.Generator:
+    """A generator that depends only on ``seed`` and the fit's identity, not on fitting order."""
+    return np.random.default_rng([seed, zlib.crc32("|".join(map(str, key)).encode())])
+
+
+def _fit_metric(group: pd.DataFrame, metric: str, bootstrap: int, seed: int, site: str, arch: str) -> dict:
+    if metric not in group.columns:
+        return {"status": "skipped", "reason": f"column {metric!r} not in the cells table"}
+    g = group.assign(_ok=group[metric].gt(0) & group[metric].notna())
+
+    def fit(name: str, subset: pd.DataFrame, fixed: dict[str, int]) -> dict:
+        return _fit_entry(LAWS[name], subset, metric, fixed, _rng(seed, site, arch, metric, name, fixed), bootstrap)
+
+    return {
+        "status": "ok",
+        "n_dropped_nonpositive": int((g[metric] <= 0).sum()),
+        "n_dropped_missing": int(g[metric].isna().sum()),
+        "vs_n": {
+            str(k): {"power": fit("power_n", s, {"k": int(k)}), "floor": fit("floor_n", s, {"k": int(k)})}
+            for k, s in g.groupby("k")
+        },
+        "vs_k": {
+            str(n): {"power": fit("power_k", s, {"n": int(n)}), "floor": fit("floor_k", s, {"n": int(n)})}
+            for n, s in g.groupby("n_latents")
+        },
+        "joint": fit("joint", g, {}),
+    }
+
+
+def fit_scaling_laws(cells: pd.DataFrame, metrics: Sequence[str], bootstrap: int = 200, seed: int = 0) -> dict:
+    """Fit every law of the module docstring per (site, arch) group and metric.
+
+    Returns a JSON-serialisable dict (non-finite numbers become None)::
+
+        {"huber_delta": 1e-3, "bootstrap": B, "seed": s, "metrics": [...],
+         "groups": [{"site": str, "arch": str, "metrics": {metric: M}}]}
+
+    M is {"status": "skipped", "reason": str} (metric column absent) or::
+
+        {"status": "ok", "n_dropped_nonpositive": int, "n_dropped_missing": int,
+         "vs_n":  {str(k): {"power": E, "floor": E}},   # laws L(n) at each k
+         "vs_k":  {str(n): {"power": E, "floor": E}},   # laws L(k) at each n
+         "joint": E}                                     # L(n, k)
+
+    A law entry E always has "status", "law" (a key of LAWS), "formula", "param_names",
+    "x" ("n", "k" or "n,k").  Skipped entries add "reason"; fitted ones ("status": "ok") add
+    "fixed" ({"k": 32} / {"n": 4096} / {}), "params" {name: value}, "ci95" {name: [lo, hi]}
+    and "std" {name: s} (None without ≥ 2 successful replicates), "bootstrap"
+    {"requested", "succeeded"}, "n_cells", "n_obs", "n_dropped_nonpositive",
+    "n_dropped_missing", "huber_loss" (Σ Huber_δ(r)/δ at the optimum), "converged" (L-BFGS's own
+    success flag; it often stops on a line-search warning at a good optimum), "max_abs_log_residual";
+    1-D laws add "band" {"x": grid over the observed range, "lo", "hi"}: the 95 % bootstrap
+    band of L; laws over n add "validation": {"status": "skipped", "reason"} or
+    {"status": "ok", "holdout_n", "n_train_cells", "cells": [{"n", "k", "observed",
+    "predicted", "rel_error", "interval": [lo, hi] | None, "within_interval"}],
+    "max_abs_rel_error", "within_interval", "flagged"}.
+    """
+    out: dict = {
+        "huber_delta": HUBER_DELTA,
+        "bootstrap": bootstrap,
+        "seed": seed,
+        "metrics": list(metrics),
+        "groups": [],
+    }
+    for (site, arch), group in cells.groupby(["site", "arch"], sort=True):
+        fits = {m: _fit_metric(group, m, bootstrap, seed, str(site), str(arch)) for m in metrics}
+        out["groups"].append({"site": str(site), "arch": str(arch), "metrics": fits})
+    return out
+
+
+def find_group(fits: dict, site: str, arch: str) -> dict | None:
+    """The ``metrics`` dict of one (site, arch) group of a fit_scaling_laws result, or None."""
+    return next((g["metrics"] for g in fits["groups"] if g["site"] == site and g["arch"] == arch), None)
+
+
+def predict(law_entry: dict, n: np.ndarray | float | None = None, k: np.ndarray | float | None = None) -> np.ndarray:
+    """Evaluate a fitted law entry at n and/or k (broadcast); the other variable may be omitted."""
+    if law_entry.get("status") != "ok":
+        raise ValueError(f"law {law_entry.get('law')} was not fitted: {law_entry.get('reason')}")
+    law = LAWS[law_entry["law"]]
+    n_arr, k_arr = np.broadcast_arrays(
+        np.atleast_1d(np.asarray(1.0 if n is None else n, float)),
+        np.atleast_1d(np.asarray(1.0 if k is None else k, float)),
+    )
+    public = np.array([law_entry["params"][p] for p in law.param_names], float)
+    with np.errstate(divide="ignore"):
+        theta = np.array([np.log(v) if p in law.log_params else v for p, v in zip(law.param_names, public)])
+    xu, xv = _design(law, n_arr.ravel(), k_arr.ravel())
+    return np.exp(_log_predict(theta, xu, xv)[0]).reshape(n_arr.shape)

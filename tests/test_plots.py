@@ -1,0 +1,115 @@
+"""Figures are written as PNG and SVG, readable (log axes, labels, titles) and survive skipped fits."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from saesweep import plots
+from saesweep.scaling import fit_scaling_laws
+
+TITLE = "gpt2-small · run test"
+
+
+@pytest.fixture(scope="module")
+def cells() -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    grid = pd.MultiIndex.from_product(
+        [[512, 1024, 2048, 4096, 8192], [8, 16, 32], range(2), ["resid.6", "resid.9"]],
+        names=["n_latents", "k", "seed", "site"],
+    ).to_frame(index=False)
+    n, k = grid["n_latents"].to_numpy(float), grid["k"].to_numpy(float)
+    nmse = (2.0 * n**-0.3 + 0.05) * k**-0.1 * np.exp(rng.normal(0, 0.01, len(grid)))
+    return grid.assign(
+        arch="topk",
+        tokens=10**7,
+        nmse=nmse,
+        delta_lm_loss=0.2 * nmse - 0.04,
+        dead_fraction=np.clip(n / 16384 * rng.uniform(0.5, 1.0, len(grid)), 0, 1),
+        ce_loss_recovered=1 - nmse,
+    )
+
+
+@pytest.fixture(scope="module")
+def fits(cells: pd.DataFrame) -> dict:
+    return fit_scaling_laws(cells, ["nmse", "delta_lm_loss"], bootstrap=8, seed=0)
+
+
+def svg_text(path: Path) -> str:
+    """The text drawn in an SVG written with svg.fonttype = none."""
+    return " ".join(re.findall(r"<text[^>]*>([^<]*)</text>", path.read_text()))
+
+
+def check_written(paths: list[Path], *labels: str) -> str:
+    png, svg = paths
+    assert png.suffix == ".png" and svg.suffix == ".svg"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+    text = svg_text(svg)
+    for label in (TITLE, *labels):
+        assert label in text, label
+    return text
+
+
+def test_metric_vs_n(cells: pd.DataFrame, fits: dict, tmp_path: Path) -> None:
+    paths = plots.plot_metric_vs_n(cells, fits, "nmse", tmp_path / "figs" / "nmse_vs_n", TITLE)
+    text = check_written(
+        paths,
+        "number of latents n (log scale)",
+        "normalised MSE (log scale)",
+        "resid.6 · topk",
+        "resid.9 · topk",
+        "k=8",
+        "fitted law (band: 95% bootstrap)",
+    )
+    assert "4096" in text  # log axis labelled at the sweep's own n
+
+
+def test_metric_vs_k(cells: pd.DataFrame, fits: dict, tmp_path: Path) -> None:
+    paths = plots.plot_metric_vs_k(cells, fits, "nmse", tmp_path / "nmse_vs_k", TITLE)
+    check_written(paths, "active latents per token k (log scale)", "n=512")
+
+
+def test_joint_contours(cells: pd.DataFrame, fits: dict, tmp_path: Path) -> None:
+    paths = plots.plot_joint_contours(cells, fits, "nmse", tmp_path / "joint", TITLE)
+    check_written(paths, "number of latents n (log scale)", "active latents per token k (log scale)", "fill: joint fit")
+
+
+def test_skipped_fits_are_noted(cells: pd.DataFrame, tmp_path: Path) -> None:
+    few = cells[cells["n_latents"] <= 1024]
+    few_fits = fit_scaling_laws(few, ["nmse"], bootstrap=0)
+    text = check_written(plots.plot_metric_vs_n(few, few_fits, "nmse", tmp_path / "few_n", TITLE), "fit skipped")
+    assert "need at least" in text
+    check_written(plots.plot_joint_contours(few, few_fits, "nmse", tmp_path / "few_joint", TITLE), "fit skipped")
+    no_fits = plots.plot_metric_vs_n(few, {"groups": []}, "nmse", tmp_path / "none", TITLE)
+    check_written(no_fits, "fit skipped: no fit for nmse")
+
+
+def test_non_positive_values_are_noted(cells: pd.DataFrame, fits: dict, tmp_path: Path) -> None:
+    paths = plots.plot_metric_vs_n(cells, fits, "delta_lm_loss", tmp_path / "dlm", TITLE)
+    check_written(paths, "ΔLM loss (nats/token) (log scale)", "non-positive")
+
+
+def test_dead_fraction_and_frontier(cells: pd.DataFrame, tmp_path: Path) -> None:
+    check_written(plots.plot_dead_fraction(cells, tmp_path / "dead", TITLE), "dead latents (fraction of n)", "k=32")
+    check_written(
+        plots.plot_frontier(cells, tmp_path / "frontier", TITLE),
+        "normalised MSE (log scale)",
+        "ΔLM loss (nats/token)",
+        "k=16",
+    )
+
+
+def test_training_curves(cells: pd.DataFrame, tmp_path: Path) -> None:
+    steps = pd.DataFrame({"tokens": np.linspace(1e5, 1e7, 10).astype(int)})
+    logs = cells[["site", "arch", "n_latents", "k", "seed", "nmse"]].merge(steps, how="cross")
+    logs = logs.assign(nmse=logs["nmse"] * (1 + 1e6 / logs["tokens"]), loss=1.0, dead_fraction=0.0, lr=1e-4)
+    check_written(
+        plots.plot_training_curves(logs, tmp_path / "train", TITLE),
+        "training tokens",
+        "normalised MSE (log scale)",
+        "k=8",
+    )

@@ -1,0 +1,173 @@
+"""Scaling-law fits recover known laws from synthetic cells, flag broken trends and skip what they cannot fit."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from saesweep.scaling import fit_scaling_laws, predict
+
+NS = [2**e for e in range(9, 17)]
+KS = [8, 16, 32, 64]
+GPT4 = {"alpha": -0.50, "beta_k": 0.26, "beta_n": -0.017, "gamma": -0.042, "zeta": -1.32, "eta": -0.085}
+
+
+def floor_law(n: np.ndarray, k: np.ndarray) -> np.ndarray:
+    return 2.0 * n**-0.3 + 0.05
+
+
+def joint_law(n: np.ndarray, k: np.ndarray) -> np.ndarray:
+    lk, ln = np.log(k), np.log(n)
+    p = GPT4
+    return np.exp(p["alpha"] + p["beta_k"] * lk + p["beta_n"] * ln + p["gamma"] * lk * ln) + np.exp(
+        p["zeta"] + p["eta"] * lk
+    )
+
+
+def make_cells(
+    law: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    ns: list[int] = NS,
+    ks: list[int] = KS,
+    seeds: int = 2,
+    noise: float = 0.01,
+    rng_seed: int = 1,
+) -> pd.DataFrame:
+    """One row per (n, k, seed) with value law(n, k)·exp(N(0, noise²)) in every metric column."""
+    rng = np.random.default_rng(rng_seed)
+    grid = pd.MultiIndex.from_product([ns, ks, range(seeds)], names=["n_latents", "k", "seed"]).to_frame(index=False)
+    truth = law(grid["n_latents"].to_numpy(float), grid["k"].to_numpy(float))
+    value = truth * np.exp(rng.normal(0.0, noise, len(grid)))
+    return grid.assign(
+        site="blocks.6.hook_resid_post",
+        arch="topk",
+        tokens=10**8,
+        nmse=value,
+        delta_lm_loss=value,
+        dead_fraction=0.0,
+        ce_loss_recovered=1.0 - value,
+    )
+
+
+@pytest.fixture(scope="module")
+def floor_fits() -> dict:
+    return fit_scaling_laws(make_cells(floor_law), ["nmse"], bootstrap=40, seed=0)
+
+
+def metric_fits(fits: dict, metric: str = "nmse") -> dict:
+    assert len(fits["groups"]) == 1
+    return fits["groups"][0]["metrics"][metric]
+
+
+def test_floor_law_recovered_within_bootstrap_interval(floor_fits: dict) -> None:
+    for k in KS:
+        entry = metric_fits(floor_fits)["vs_n"][str(k)]["floor"]
+        assert entry["status"] == "ok" and entry["formula"] == "L(n) = a * n^(-b) + c"
+        assert entry["param_names"] == ["a", "b", "c"]
+        lo, hi = entry["ci95"]["b"]
+        assert lo <= 0.3 <= hi, (k, entry["ci95"]["b"])
+        assert abs(entry["params"]["b"] - 0.3) < 0.05
+        assert abs(entry["params"]["c"] - 0.05) < 0.02
+        assert entry["bootstrap"]["succeeded"] >= 0.9 * entry["bootstrap"]["requested"]
+        assert entry["validation"]["status"] == "ok" and not entry["validation"]["flagged"]
+        assert abs(entry["validation"]["max_abs_rel_error"]) < 0.03
+        # the pure power law cannot bend towards the floor: it fits worse
+        assert metric_fits(floor_fits)["vs_n"][str(k)]["power"]["huber_loss"] > entry["huber_loss"]
+
+
+def test_law_over_k_finds_no_k_dependence(floor_fits: dict) -> None:
+    entry = metric_fits(floor_fits)["vs_k"][str(NS[0])]["power"]
+    assert entry["formula"] == "L(k) = a * k^(-b)"
+    assert abs(entry["params"]["b"]) < 0.02
+    assert entry["ci95"]["b"][0] <= 0.0 <= entry["ci95"]["b"][1]
+    assert "validation" not in entry
+
+
+def test_joint_law_recovers_gpt4_parameters() -> None:
+    ns, ks = [2**e for e in range(9, 21)], [8, 16, 32, 64, 128]
+    cells = make_cells(joint_law, ns=ns, ks=ks, seeds=1, noise=0.005, rng_seed=0)
+    entry = metric_fits(fit_scaling_laws(cells, ["nmse"], bootstrap=40, seed=0))["joint"]
+    assert entry["status"] == "ok" and entry["param_names"] == list(GPT4)
+    for name, true in GPT4.items():
+        lo, hi = entry["ci95"][name]
+        assert lo <= true <= hi, (name, entry["ci95"][name])
+        assert abs(entry["params"][name] - true) < (0.15 if name in ("alpha", "zeta") else 0.05), name
+    nn, kk = np.meshgrid(ns, ks)
+    np.testing.assert_allclose(predict(entry, nn, kk), joint_law(nn, kk), rtol=0.01)
+    assert not entry["validation"]["flagged"]
+
+
+def test_held_out_check_flags_a_broken_trend() -> None:
+    cells = make_cells(floor_law, noise=0.005)
+    cells.loc[cells["n_latents"] == NS[-1], "nmse"] *= 1.5
+    fits = metric_fits(fit_scaling_laws(cells, ["nmse"], bootstrap=30, seed=0))
+    for k in KS:
+        validation = fits["vs_n"][str(k)]["floor"]["validation"]
+        assert validation["holdout_n"] == NS[-1] and validation["n_train_cells"] == len(NS) - 1
+        (cell,) = validation["cells"]
+        assert cell["rel_error"] == pytest.approx(1 / 1.5 - 1, abs=0.05)
+        assert not cell["within_interval"] and validation["flagged"]
+    assert fits["joint"]["validation"]["flagged"]
+    assert len(fits["joint"]["validation"]["cells"]) == len(KS)
+
+
+def test_too_few_points_are_skipped_with_a_reason() -> None:
+    fits = metric_fits(fit_scaling_laws(make_cells(floor_law, ns=[512, 1024, 2048], ks=[32]), ["nmse"], bootstrap=5))
+    by_n = fits["vs_n"]["32"]
+    assert by_n["power"]["status"] == "ok"
+    assert by_n["floor"]["status"] == "skipped" and "need at least 4" in by_n["floor"]["reason"]
+    assert "params" not in by_n["floor"]
+    assert by_n["floor"]["formula"] == "L(n) = a * n^(-b) + c"
+    assert by_n["power"]["validation"]["status"] == "skipped"  # 2 n left after holding one out
+    assert fits["vs_k"]["512"]["power"]["status"] == "skipped"  # a single k
+    assert fits["joint"]["status"] == "skipped" and "2 distinct" in fits["joint"]["reason"]
+    with pytest.raises(ValueError, match="not fitted"):
+        predict(by_n["floor"], n=4096)
+
+
+def test_non_positive_values_are_dropped_and_counted() -> None:
+    cells = make_cells(floor_law, noise=0.005)
+    cells.loc[(cells["k"] == 8) & (cells["seed"] == 0) & (cells["n_latents"] <= 2048), "delta_lm_loss"] = -0.01
+    cells.loc[cells["k"] == 64, "delta_lm_loss"] = np.where(
+        cells.loc[cells["k"] == 64, "n_latents"] > 1024, -0.001, 0.5
+    )
+    fits = metric_fits(fit_scaling_laws(cells, ["delta_lm_loss", "absent"], bootstrap=10), "delta_lm_loss")
+    assert fits["n_dropped_nonpositive"] == 3 + 2 * (len(NS) - 2)
+    entry = fits["vs_n"]["8"]["floor"]
+    assert entry["status"] == "ok" and entry["n_dropped_nonpositive"] == 3
+    assert entry["n_cells"] == len(NS) and entry["n_obs"] == 2 * len(NS) - 3
+    assert all(np.isfinite(v) for v in entry["params"].values())
+    skipped = fits["vs_n"]["64"]["power"]
+    assert skipped["status"] == "skipped" and "non-positive" in skipped["reason"]
+
+
+def test_missing_metric_column_is_skipped() -> None:
+    fits = fit_scaling_laws(make_cells(floor_law), ["absent"], bootstrap=0)
+    assert fits["groups"][0]["metrics"]["absent"]["status"] == "skipped"
+
+
+def test_output_is_json_and_deterministic() -> None:
+    cells = make_cells(floor_law, ns=NS[:5], ks=[8, 16], seeds=3)
+    one, two = (
+        json.dumps(fit_scaling_laws(cells, ["nmse", "delta_lm_loss"], bootstrap=10, seed=3), allow_nan=False)
+        for _ in range(2)
+    )
+    assert one == two
+    other = json.dumps(fit_scaling_laws(cells, ["nmse", "delta_lm_loss"], bootstrap=10, seed=4), allow_nan=False)
+    assert other != one
+    # fitting order does not change a group's numbers
+    reordered = fit_scaling_laws(
+        cells.sample(frac=1.0, random_state=0), ["delta_lm_loss", "nmse"], bootstrap=10, seed=3
+    )
+    assert reordered["groups"][0]["metrics"]["nmse"] == json.loads(one)["groups"][0]["metrics"]["nmse"]
+
+
+def test_predict_broadcasts(floor_fits: dict) -> None:
+    entry = metric_fits(floor_fits)["vs_n"]["32"]["floor"]
+    p = entry["params"]
+    n = np.array([[512.0], [4096.0]])
+    np.testing.assert_allclose(predict(entry, n=n), p["a"] * n ** -p["b"] + p["c"])
+    assert predict(entry, n=n, k=np.array([8, 16, 32])).shape == (2, 3)
