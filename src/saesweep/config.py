@@ -1,0 +1,191 @@
+"""A run's configuration: schema validation, defaults, cross-key checks, and the cells.
+
+The config is a plain dict (as Snakemake holds it). ``validate_config`` checks it against
+the JSON schema in ``workflow/schemas/config.schema.yaml``, fills the schema's defaults,
+and checks what a schema cannot express; every failure is a ``UserError`` that names the
+key. The rule functions (token budget, learning rate, dead window) live here too, so the
+workflow and the command line resolve a cell's settings the same way.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from saesweep.errors import UserError
+
+SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
+CELL_PATTERN = re.compile(r"^(?P<arch>[a-z0-9]+)-n(?P<n>[0-9]+)-k(?P<k>[0-9]+)-s(?P<seed>[0-9]+)$")
+SITE_PATTERN = re.compile(r"^(?P<kind>resid|mlp|attn)(?P<layer>[0-9]+)$")
+
+
+@cache
+def load_schema() -> dict[str, Any]:
+    """The config's JSON schema (draft 2020-12)."""
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file and return it validated, with defaults filled."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as error:
+        raise UserError(f"config file {path} is not valid YAML: {error}") from None
+    return validate_config(raw)
+
+
+def validate_config(raw: Any) -> dict[str, Any]:
+    """Schema check, defaults, then the cross-key checks; returns a new dict."""
+    if not isinstance(raw, dict):
+        raise UserError("config must be a mapping of keys (run, model, corpus, ...)")
+    config = copy.deepcopy(raw)
+    error = jsonschema.exceptions.best_match(
+        jsonschema.Draft202012Validator(load_schema()).iter_errors(config)
+    )
+    if error is not None:
+        raise UserError(f"config key {key_name(error.absolute_path)}: {error.message}")
+    fill_defaults(config, load_schema())
+    check_cross_keys(config)
+    return config
+
+
+def key_name(path: Any) -> str:
+    """A config key path such as ``sweep.k[2]``; the top level is called ``(top level)``."""
+    name = ""
+    for part in path:
+        name += f"[{part}]" if isinstance(part, int) else (f".{part}" if name else part)
+    return name or "(top level)"
+
+
+def fill_defaults(node: Any, schema: dict[str, Any]) -> None:
+    """Insert the schema's ``default`` values for absent object keys, recursively."""
+    if not isinstance(node, dict):
+        return
+    for key, child_schema in schema.get("properties", {}).items():
+        if key not in node and "default" in child_schema:
+            node[key] = copy.deepcopy(child_schema["default"])
+        if key in node:
+            fill_defaults(node[key], child_schema)
+
+
+def check_cross_keys(config: dict[str, Any]) -> None:
+    """Checks spanning several keys, each failing with the key it concerns."""
+    corpus = config["corpus"]
+    needed = {"npm": ["package", "include"], "pypi": ["package", "include"], "files": ["include"], "hf": ["dataset"]}
+    for key in needed[corpus["source"]]:
+        if key not in corpus:
+            raise UserError(f"config key corpus.{key}: required when corpus.source is {corpus['source']}")
+    activations = config["activations"]
+    if activations["skip_positions"] >= activations["context"]:
+        raise UserError(
+            f"config key activations.skip_positions: {activations['skip_positions']} leaves no "
+            f"position of a {activations['context']}-token window"
+        )
+    sweep = config["sweep"]
+    for n in sweep["n_latents"]:
+        for k in sweep["k"]:
+            if k >= n:
+                raise UserError(f"config key sweep.k: k={k} must be smaller than every n_latents (got n_latents={n})")
+    budget = config["train"]["tokens"]
+    if budget["max"] is not None and budget["max"] < budget["min"]:
+        raise UserError("config key train.tokens.max: smaller than train.tokens.min")
+
+
+def check_sites_against_model(config: dict[str, Any], n_layers: int) -> None:
+    """Every site's layer must exist in a model of ``n_layers`` blocks (0 … n_layers−1)."""
+    for index, site in enumerate(config["activations"]["sites"]):
+        layer = parse_site(site).layer
+        if layer >= n_layers:
+            raise UserError(
+                f"config key activations.sites[{index}]: {site} asks for block {layer}, "
+                f"but the model has blocks 0..{n_layers - 1}"
+            )
+
+
+@dataclass(frozen=True)
+class Site:
+    """A hook site: ``resid``/``mlp``/``attn`` output of block ``layer`` (from 0)."""
+
+    kind: str
+    layer: int
+
+
+def parse_site(name: str) -> Site:
+    """``resid8`` → Site("resid", 8); an unknown name lists the valid forms."""
+    match = SITE_PATTERN.match(name)
+    if match is None:
+        raise UserError(
+            f"site {name!r} is not a valid site name; use resid{{L}} (residual stream after "
+            "block L), mlp{L} (MLP output of block L) or attn{L} (attention output of block L)"
+        )
+    return Site(match["kind"], int(match["layer"]))
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One SAE of the sweep."""
+
+    arch: str
+    n_latents: int
+    k: int
+    seed: int
+
+    @property
+    def name(self) -> str:
+        """``{arch}-n{n_latents}-k{k}-s{seed}``, the cell's folder name."""
+        return f"{self.arch}-n{self.n_latents}-k{self.k}-s{self.seed}"
+
+
+def parse_cell(name: str) -> Cell:
+    """The inverse of ``Cell.name``."""
+    match = CELL_PATTERN.match(name)
+    if match is None:
+        raise UserError(f"cell {name!r} is not of the form {{arch}}-n{{n_latents}}-k{{k}}-s{{seed}}")
+    return Cell(match["arch"], int(match["n"]), int(match["k"]), int(match["seed"]))
+
+
+def sweep_cells(config: dict[str, Any]) -> list[Cell]:
+    """Every cell of the sweep: arch × n_latents × k × seeds."""
+    sweep = config["sweep"]
+    return [
+        Cell(arch, n, k, seed)
+        for arch in sweep["arch"]
+        for n in sweep["n_latents"]
+        for k in sweep["k"]
+        for seed in sweep["seeds"]
+    ]
+
+
+def token_budget(train: dict[str, Any], n_latents: int, k: int) -> int:
+    """Training tokens of a cell:
+    base · (n / n_ref)^n_exponent · (k_ref / k)^k_exponent, clipped to [min, max]."""
+    rule = train["tokens"]
+    tokens = rule["base"] * (n_latents / rule["n_ref"]) ** rule["n_exponent"] * (rule["k_ref"] / k) ** rule["k_exponent"]
+    tokens = max(rule["min"], tokens)
+    if rule["max"] is not None:
+        tokens = min(rule["max"], tokens)
+    return int(round(tokens))
+
+
+def learning_rate(train: dict[str, Any], n_latents: int) -> float:
+    """Peak learning rate lr = base / sqrt(n / n_ref) (Gao et al.: 2e-4 / sqrt(n / 2^14))."""
+    return train["lr"]["base"] / math.sqrt(n_latents / train["lr"]["n_ref"])
+
+
+def dead_window(train: dict[str, Any], n_latents: int, k: int) -> int:
+    """Tokens without a firing after which a latent counts as dead:
+    max(min_tokens, factor · n / k), n / k being the mean gap between firings of a
+    latent if all latents fired equally often."""
+    dead = train["dead"]
+    return int(max(dead["min_tokens"], dead["factor"] * n_latents / k))

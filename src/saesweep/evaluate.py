@@ -1,0 +1,268 @@
+"""Evaluating one trained cell on held-out tokens only; the definitions live in ``metrics``.
+
+- reconstruction (normalised MSE, cosine, L0, dead fraction, firing histogram) on the
+  first ``tokens`` held-out activations, and Multi-TopK: the same SAE at k' = f·k;
+- downstream, on ``downstream_windows`` held-out windows: the site's output a at every
+  kept position (from ``skip_positions`` on) replaced by the SAE reconstruction â
+  (ΔLM loss, CE recovered against zero ablation, KL score), and by â + (a − â) as a
+  built-in check that must give ΔLM ≈ 0;
+- probe loss of the best single latent on automatically labelled token tasks;
+- N2G-style explainability and ablation sparsity on seeded samples of live latents.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from saesweep.activations import ActivationStore, resolve_device
+from saesweep.explain import explainability
+from saesweep.export import load_sae
+from saesweep.files import write_json
+from saesweep.lm import load_lm, spliced
+from saesweep.metrics import (
+    ReconstructionAccumulator,
+    ablation_sparsity,
+    best_latent_probe_loss,
+    ce_loss_recovered,
+    kl_score,
+    label_entropy,
+    next_token_ce_sum,
+    next_token_kl_sum,
+)
+from saesweep.provenance import provenance
+from saesweep.sae import TopKSAE
+from saesweep.token_tasks import label_tokens
+
+
+def multi_k_values(k: int, n: int, factors: list[float]) -> list[int]:
+    """Distinct k' = round(f·k), clipped to 1 … n − 1, in increasing order."""
+    return sorted({min(n - 1, max(1, round(f * k))) for f in factors})
+
+
+@torch.no_grad()
+def reconstruction_metrics(sae: TopKSAE, activations: torch.Tensor, batch_size: int, ks: list[int]) -> dict[str, Any]:
+    """Reconstruction metrics at the SAE's own k, and normalised MSE at every k' in ``ks``."""
+    own = ReconstructionAccumulator(n_latents=sae.n)
+    others = {k: ReconstructionAccumulator() for k in ks}
+    for start in range(0, len(activations), batch_size):
+        x = sae.normalise(activations[start : start + batch_size])
+        indices, values = sae.encode(x)
+        own.update(x, sae.decode(indices, values), indices, values)
+        for k, accumulator in others.items():
+            accumulator.update(x, sae(x, k))
+    result = own.result()
+    histogram = own.histogram()
+    return {
+        "nmse": result["normalised_mse"],
+        "mse": result["mse"],
+        "cosine_similarity": result["cosine_similarity"],
+        "l0": result["l0"],
+        "dead_fraction": result["dead_fraction"],
+        "firing_histogram": {
+            "log10_frequency_edges": histogram.edges.tolist(),
+            "counts": histogram.counts.tolist(),
+            "dead": int(histogram.n_dead),
+        },
+        "multi_k_nmse": {str(k): accumulator.result()["normalised_mse"] for k, accumulator in others.items()},
+    }
+
+
+class Downstream:
+    """Next-token losses of the LM on held-out windows with a site's output replaced."""
+
+    def __init__(self, lm: torch.nn.Module, site: str, windows: torch.Tensor, skip: int, batch: int) -> None:
+        self.lm, self.site, self.windows, self.skip, self.batch = lm, site, windows, skip, batch
+        self.mask = torch.zeros(windows.shape, dtype=torch.bool)
+        self.mask[:, skip:] = True
+        self.clean_logits = [self.logits(start, None) for start in range(0, len(windows), batch)]
+
+    def logits(self, start: int, replace: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+        """Logits of windows[start : start + batch], float32 on the CPU."""
+        ids = self.windows[start : start + self.batch].to(next(self.lm.parameters()).device)
+        if replace is None:
+            return self.lm(input_ids=ids, use_cache=False).logits.float().cpu()
+
+        def replace_kept(output: torch.Tensor) -> torch.Tensor:
+            output = output.clone()
+            output[:, self.skip :] = replace(output[:, self.skip :].float()).to(output.dtype)
+            return output
+
+        with spliced(self.lm, self.site, replace_kept):
+            return self.lm(input_ids=ids, use_cache=False).logits.float().cpu()
+
+    @torch.no_grad()
+    def losses(self, replace: Callable[[torch.Tensor], torch.Tensor] | None) -> tuple[float, float]:
+        """(mean next-token CE, mean KL(clean ‖ replaced)) over kept positions."""
+        ce = kl = 0.0
+        count = kl_count = 0
+        for index, start in enumerate(range(0, len(self.windows), self.batch)):
+            logits = self.clean_logits[index] if replace is None else self.logits(start, replace)
+            ids, mask = self.windows[start : start + self.batch], self.mask[start : start + self.batch]
+            total, n = next_token_ce_sum(logits, ids, mask)
+            kl_total, kl_n = next_token_kl_sum(self.clean_logits[index], logits, mask)
+            ce, count, kl, kl_count = ce + total, count + n, kl + kl_total, kl_count + kl_n
+        return ce / count, kl / kl_count
+
+
+def reconstructor(sae: TopKSAE, k: int | None = None, add_error: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+    """a ↦ â (the SAE's reconstruction in raw units), or a ↦ â + (a − â) with ``add_error``."""
+
+    def replace(a: torch.Tensor) -> torch.Tensor:
+        shape = a.shape
+        flat = a.reshape(-1, shape[-1])
+        recon = sae.denormalise(sae(sae.normalise(flat), k))
+        if add_error:
+            recon = recon + (flat - recon)
+        return recon.reshape(shape)
+
+    return replace
+
+
+def downstream_metrics(sae: TopKSAE, downstream: Downstream, ks: list[int]) -> dict[str, Any]:
+    """ΔLM loss, CE recovered, KL score, the error-added check, and ΔLM at every k'."""
+    ce_clean, _ = downstream.losses(None)
+    ce_sae, kl_sae = downstream.losses(reconstructor(sae))
+    ce_zero, kl_zero = downstream.losses(torch.zeros_like)
+    ce_error_added, _ = downstream.losses(reconstructor(sae, add_error=True))
+    return {
+        "ce_clean": ce_clean,
+        "ce_sae": ce_sae,
+        "ce_zero_ablation": ce_zero,
+        "delta_lm_loss": ce_sae - ce_clean,
+        "delta_lm_loss_error_added": ce_error_added - ce_clean,
+        "ce_loss_recovered": ce_loss_recovered(ce_clean, ce_sae, ce_zero),
+        "kl_sae": kl_sae,
+        "kl_zero_ablation": kl_zero,
+        "kl_score": kl_score(kl_sae, kl_zero),
+        "multi_k_delta_lm_loss": {
+            str(k): (ce_sae if k == sae.k else downstream.losses(reconstructor(sae, k))[0]) - ce_clean for k in ks
+        },
+    }
+
+
+@torch.no_grad()
+def dense_codes(sae: TopKSAE, activations: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    """Values of the chosen ``latents`` (m,) for every row of ``activations``: (T, m)."""
+    indices, values = sae.encode(sae.normalise(activations))
+    codes = torch.zeros(len(activations), sae.n).scatter_(1, indices, values)
+    return codes[:, latents]
+
+
+def probe_candidates(codes: torch.Tensor, labels: torch.Tensor, count: int) -> torch.Tensor:
+    """The ``count`` latents whose values correlate most with the labels, |corr(z_j, y)|,
+    on the probes' training half only (a linear screen before the logistic fits)."""
+    half = len(labels) // 2
+    values, target = codes[:half].double(), labels[:half].double()
+    centred, target = values - values.mean(dim=0), target - target.mean()
+    correlation = (centred.T @ target).abs() / (centred.norm(dim=0) * target.norm()).clamp_min(1e-12)
+    return correlation.topk(min(count, codes.shape[1])).indices
+
+
+def probe_metrics(sae: TopKSAE, activations: torch.Tensor, token_strings: list[list[str]], candidates: int) -> dict[str, Any]:
+    """Best single-latent probe loss per task on the held-out half of the tokens, among the
+    ``candidates`` latents best correlated with the task; its label entropy for reference;
+    and the mean over the tasks whose labels have both classes."""
+    labels = label_tokens(token_strings)
+    codes = dense_codes(sae, activations, torch.arange(sae.n))
+    per_task: dict[str, dict[str, float]] = {}
+    for task, label in labels.items():
+        target = torch.from_numpy(label.reshape(-1))
+        if target.all() or not target.any():
+            continue
+        chosen = codes[:, probe_candidates(codes, target, candidates)]
+        loss, _ = best_latent_probe_loss(chosen, target)
+        per_task[task] = {"loss": loss, "label_entropy": label_entropy(target[len(target) // 2 :])}
+    losses = [entry["loss"] for entry in per_task.values()]
+    return {"probe_loss": float(np.mean(losses)) if losses else math.nan, "probe_tasks": per_task}
+
+
+def sample_live_latents(sae: TopKSAE, activations: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """A seeded sample of up to ``count`` latents that fire on ``activations``."""
+    indices, values = sae.encode(sae.normalise(activations))
+    live = torch.unique(indices[values > 0])
+    generator = torch.Generator().manual_seed(seed)
+    return live[torch.randperm(len(live), generator=generator)[:count]].sort().values
+
+
+def explain_metrics(
+    sae: TopKSAE, activations: torch.Tensor, windows: torch.Tensor, latents: torch.Tensor
+) -> dict[str, Any]:
+    """N2G-style precision/recall of sampled latents: explained on the first half of the
+    windows, scored on the second."""
+    if len(latents) == 0 or len(windows) < 2:
+        return {"explain_precision": math.nan, "explain_recall": math.nan, "explain_latents": 0}
+    codes = dense_codes(sae, activations, latents).reshape(len(windows), windows.shape[1], len(latents))
+    half = len(windows) // 2
+    result = explainability(windows[:half], codes[:half], windows[half:], codes[half:])
+    return {
+        "explain_precision": result["mean_precision"],
+        "explain_recall": result["mean_recall"],
+        "explain_latents": result["n_scored"],
+    }
+
+
+def ablation_metrics(sae: TopKSAE, downstream: Downstream, latents: torch.Tensor, windows: int) -> dict[str, Any]:
+    """Mean over sampled latents of the ablation sparsity of the logit change when latent
+    i is removed from the spliced reconstruction, on the first ``windows`` windows."""
+    if len(latents) == 0:
+        return {"ablation_sparsity": math.nan}
+    first = Downstream(downstream.lm, downstream.site, downstream.windows[:windows], downstream.skip, windows)
+    base = first.logits(0, reconstructor(sae))
+    scores = []
+    for latent in latents.tolist():
+
+        def without_latent(a: torch.Tensor, latent: int = latent) -> torch.Tensor:
+            flat = a.reshape(-1, a.shape[-1])
+            indices, values = sae.encode(sae.normalise(flat))
+            values = values.masked_fill(indices == latent, 0.0)
+            return sae.denormalise(sae.decode(indices, values)).reshape(a.shape)
+
+        delta = first.logits(0, without_latent) - base
+        kept = delta[:, downstream.skip :].reshape(-1, delta.shape[-1])
+        score = ablation_sparsity(kept)
+        if not math.isnan(score):
+            scores.append(score)
+    return {"ablation_sparsity": float(np.mean(scores)) if scores else math.nan}
+
+
+def evaluate_cell(settings: dict[str, Any], cell_folder: Path, output: Path) -> dict[str, Any]:
+    """Compute every metric of a trained cell and write ``metrics.json``."""
+    started = time.perf_counter()
+    device = resolve_device(settings["device"])
+    torch.manual_seed(settings["seed"])
+    sae, cfg = load_sae(cell_folder)
+    store = ActivationStore(settings["eval_activations"])
+    activations = store.head(settings["tokens"])
+    ks = multi_k_values(sae.k, sae.n, settings["multi_k_factors"])
+    metrics: dict[str, Any] = reconstruction_metrics(sae, activations, settings["batch_size"], ks)
+
+    skip = store.manifest["skip_positions"]
+    all_windows = torch.from_numpy(np.concatenate([store.read_windows(i) for i in range(len(store.shards))])).long()
+    lm, tokenizer = load_lm(settings["model"], device)
+    downstream = Downstream(lm, cfg["site"], all_windows[: settings["downstream_windows"]], skip, settings["lm_batch_size"])
+    metrics.update(downstream_metrics(sae, downstream, ks))
+
+    windows = all_windows[: settings["analysis_windows"], skip:]
+    kept = store.head(windows.numel())
+    windows = windows[: len(kept) // windows.shape[1]]
+    kept = kept[: windows.numel()]
+    strings = [tokenizer.convert_ids_to_tokens(row.tolist()) for row in windows]
+    metrics.update(probe_metrics(sae, kept, strings, settings["probe_candidates"]))
+    latents = sample_live_latents(sae, kept, settings["explain_latents"], settings["seed"])
+    metrics.update(explain_metrics(sae, kept, windows, latents))
+    metrics.update(ablation_metrics(sae, downstream, latents[: settings["ablation_latents"]], settings["ablation_windows"]))
+
+    metrics.update({
+        "site": cfg["site"], "arch": cfg["arch"], "n_latents": sae.n, "k": sae.k, "seed": cfg["seed"],
+        "multi_k": ks, "eval_tokens": len(activations), "downstream_tokens": int(downstream.mask.sum()),
+        "eval_wall_time_s": time.perf_counter() - started, "provenance": provenance(settings),
+    })
+    write_json(output, metrics)
+    return metrics

@@ -1,0 +1,28 @@
+"""Every figure of a sweep, drawn from the cells table, training logs and fits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from saesweep import plots
+
+
+def draw_all(cells_path: Path, logs_path: Path, fits_path: Path, folder: Path, title: str, metrics: list[str]) -> list[Path]:
+    """Write ``{metric}_vs_n``, ``{metric}_vs_k``, ``{metric}_joint`` for each fitted
+    metric, and ``dead_fraction``, ``frontier``, ``training_curves`` (PNG and SVG)."""
+    cells = pd.read_parquet(cells_path)
+    logs = pd.read_parquet(logs_path)
+    fits = json.loads(Path(fits_path).read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for metric in metrics:
+        written += plots.plot_metric_vs_n(cells, fits, metric, folder / f"{metric}_vs_n", title)
+        written += plots.plot_metric_vs_k(cells, fits, metric, folder / f"{metric}_vs_k", title)
+        written += plots.plot_joint_contours(cells, fits, metric, folder / f"{metric}_joint", title)
+    written += plots.plot_dead_fraction(cells, folder / "dead_fraction", title)
+    written += plots.plot_frontier(cells, folder / "frontier", title)
+    written += plots.plot_training_curves(logs, folder / "training_curves", title)
+    return written

@@ -1,0 +1,95 @@
+"""The resolved settings of each job, built from a validated config, and the output paths.
+
+Each job's settings are written to a small JSON file beside its outputs and are the
+single source of truth for that job: ``saesweep <stage> --settings FILE`` repeats it by
+hand. They hold only what the job uses, so editing another part of the config (adding
+a cell, say) does not touch them and does not rerun the job.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from saesweep.config import dead_window, learning_rate, parse_cell, token_budget
+
+
+def run_dir(config: dict[str, Any]) -> str:
+    """``results/{run}``."""
+    return f"results/{config['run']}"
+
+
+def activation_dir(config: dict[str, Any], site: str, split: str) -> str:
+    """A site's shard folder: ``{site}`` for training tokens, ``{site}-eval`` for held-out ones."""
+    return f"{run_dir(config)}/activations/{site}{'' if split == 'train' else '-eval'}"
+
+
+def cell_dir(config: dict[str, Any], site: str, cell: str) -> str:
+    """``results/{run}/cells/{site}/{cell}``."""
+    return f"{run_dir(config)}/cells/{site}/{cell}"
+
+
+def corpus_dir(config: dict[str, Any]) -> str:
+    """``resources/corpus/{name}``: the corpus split into train.jsonl and eval.jsonl."""
+    return f"resources/corpus/{config['corpus']['name']}"
+
+
+def extraction_settings(config: dict[str, Any], split: str, device: str = "auto") -> dict[str, Any]:
+    """What ``saesweep extract`` needs for one split (train or eval)."""
+    activations = config["activations"]
+    return {
+        "split": split,
+        "model": config["model"],
+        "sites": activations["sites"],
+        "output_dirs": {site: activation_dir(config, site, split) for site in activations["sites"]},
+        "corpus_file": f"{corpus_dir(config)}/{split}.jsonl",
+        "corpus_summary": f"{corpus_dir(config)}/corpus.json",
+        "context": activations["context"],
+        "skip_positions": activations["skip_positions"],
+        "batch_size": activations["batch_size"],
+        "tokens": activations["train_tokens" if split == "train" else "eval_tokens"],
+        "shard_tokens": activations["shard_tokens"],
+        "storage_dtype": activations["storage_dtype"],
+        "device": device,
+    }
+
+
+def train_settings(config: dict[str, Any], site: str, cell_name: str) -> dict[str, Any]:
+    """What ``saesweep train`` needs for one cell: the recipe resolved for its n and k."""
+    cell = parse_cell(cell_name)
+    train = config["train"]
+    return {
+        "site": site,
+        "arch": cell.arch,
+        "n_latents": cell.n_latents,
+        "k": cell.k,
+        "seed": cell.seed,
+        "activations": activation_dir(config, site, "train"),
+        "on_exhausted": config["activations"]["on_exhausted"],
+        "tokens": token_budget(train, cell.n_latents, cell.k),
+        "batch_size": train["batch_size"],
+        "lr": learning_rate(train, cell.n_latents),
+        "warmup_tokens": train["lr"]["warmup_tokens"],
+        "decay": train["lr"]["decay"],
+        "decay_fraction": train["lr"]["decay_fraction"],
+        "adam_eps": train["adam_eps"],
+        "auxk": train["auxk"],
+        "dead": {"threshold": train["dead"]["threshold"], "window_tokens": dead_window(train, cell.n_latents, cell.k)},
+        "geometric_median_sample": train["geometric_median_sample"],
+        "checkpoint_every_tokens": train["checkpoint_every_tokens"],
+        "log_every_tokens": train["log_every_tokens"],
+        "device": train["device"],
+        "autocast_bf16": train["autocast_bf16"],
+    }
+
+
+def eval_settings(config: dict[str, Any], site: str, cell_name: str) -> dict[str, Any]:
+    """What ``saesweep evaluate`` needs for one cell."""
+    return {
+        **config["evaluate"],
+        "site": site,
+        "cell": cell_name,
+        "seed": parse_cell(cell_name).seed,
+        "model": config["model"],
+        "eval_activations": activation_dir(config, site, "eval"),
+        "device": config["train"]["device"],
+    }

@@ -1,0 +1,237 @@
+"""Training one cell: the recipe of Gao et al. (2024) with checkpoints and resume.
+
+Per step: loss and gradients (``kernels``), decoder-gradient projection, Adam, decoder
+renormalisation, dead-latent counters. Learning rate at token t with peak lr, warm-up
+W and decay over the last fraction f of a budget T:
+    lr(t) = lr · min(1, t / W) · decay(t),   decay(t) = 1 before (1 − f)·T, then falls
+    linearly (or as a half cosine) to 0 at T.
+A latent is dead when it has not fired (value > threshold) in the last ``window`` tokens.
+
+Checkpoints (weights, Adam state, counters, tokens seen, log, RNG state) are written
+atomically every ``checkpoint_every_tokens`` and on SIGTERM; a rerun resumes from the
+last one and, on CPU, ends with the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from saesweep.activations import ActivationStore, resolve_device
+from saesweep.errors import Interrupted, UserError
+from saesweep.export import save_sae
+from saesweep.files import atomic_path
+from saesweep.kernels import sparse_step
+from saesweep.loader import BatchStream
+from saesweep.progress import Progress
+from saesweep.provenance import provenance
+from saesweep.sae import TopKSAE
+
+CHECKPOINT = "checkpoint.pt"
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite."""
+
+
+def lr_at(settings: dict[str, Any], tokens: int) -> float:
+    """The learning rate after ``tokens`` training tokens (see the module docstring)."""
+    peak, budget = settings["lr"], settings["tokens"]
+    warmup = settings["warmup_tokens"]
+    factor = min(1.0, tokens / warmup) if warmup > 0 else 1.0
+    decay_start = (1 - settings["decay_fraction"]) * budget
+    if settings["decay"] != "none" and tokens > decay_start and budget > decay_start:
+        progress = (tokens - decay_start) / (budget - decay_start)
+        factor *= 1 - progress if settings["decay"] == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+    return peak * factor
+
+
+class Trainer:
+    """The state of one cell's training, from scratch or from its checkpoint."""
+
+    def __init__(self, settings: dict[str, Any], folder: Path) -> None:
+        self.settings, self.folder = settings, Path(folder)
+        self.device = resolve_device(settings["device"])
+        self.store = ActivationStore(settings["activations"])
+        n, k = settings["n_latents"], settings["k"]
+        self.sae = TopKSAE(self.store.d, n, k).to(self.device)
+        self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=settings["lr"], eps=settings["adam_eps"])
+        self.tokens_since_fired = torch.zeros(n, dtype=torch.long, device=self.device)
+        self.tokens_seen = 0
+        self.steps = 0
+        self.log_rows: list[dict[str, float]] = []
+        self.elapsed = 0.0
+        self.hash = provenance(settings)["settings_hash"]
+        if not self.resume():
+            self.initialise()
+
+    def initialise(self) -> None:
+        """Seeded init: decoder, encoder = decoder, b_pre = geometric median of a sample."""
+        torch.manual_seed(self.settings["seed"])
+        sample_size = min(self.settings["geometric_median_sample"], self.store.tokens)
+        sample = next(iter(BatchStream(self.store, sample_size, self.settings["seed"] + 1, sample_size)))
+        generator = torch.Generator().manual_seed(self.settings["seed"])
+        with torch.no_grad():
+            self.sae.set_normalisation(self.store.mean.to(self.device), self.store.scale)
+            cpu = TopKSAE(self.store.d, self.sae.n, self.sae.k)
+            cpu.initialise(sample, generator)
+            for name in ("W_enc", "b_enc", "W_dec", "b_pre"):
+                getattr(self.sae, name).copy_(getattr(cpu, name))
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {
+            "settings_hash": self.hash,
+            "sae": self.sae.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "tokens_since_fired": self.tokens_since_fired,
+            "tokens_seen": self.tokens_seen,
+            "steps": self.steps,
+            "log_rows": self.log_rows,
+            "elapsed": self.elapsed,
+            "rng": torch.get_rng_state(),
+        }
+
+    def save_checkpoint(self) -> None:
+        with atomic_path(self.folder / CHECKPOINT) as temporary:
+            torch.save(self.checkpoint_state(), temporary)
+
+    def resume(self) -> bool:
+        """Load the checkpoint if it exists and was made from the same settings."""
+        path = self.folder / CHECKPOINT
+        if not path.exists():
+            return False
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=False)
+        except Exception as error:  # a damaged checkpoint is reported and ignored
+            print(f"ignoring unreadable checkpoint {path}: {error}", file=sys.stderr)
+            return False
+        if state["settings_hash"] != self.hash:
+            print(f"ignoring checkpoint {path}: made from other settings", file=sys.stderr)
+            return False
+        self.sae.load_state_dict(state["sae"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.tokens_since_fired = state["tokens_since_fired"].to(self.device)
+        self.tokens_seen, self.steps = state["tokens_seen"], state["steps"]
+        self.log_rows, self.elapsed = state["log_rows"], state["elapsed"]
+        torch.set_rng_state(state["rng"])
+        print(f"resuming from {path} at {self.tokens_seen} tokens", file=sys.stderr)
+        return True
+
+    def dead_mask(self) -> torch.Tensor:
+        """Latents that have not fired within the dead window."""
+        return self.tokens_since_fired >= self.settings["dead"]["window_tokens"]
+
+    def step(self, x: torch.Tensor) -> dict[str, float]:
+        """One optimisation step on batch x; returns the step's loss parts."""
+        settings = self.settings
+        lr = lr_at(settings, self.tokens_seen)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        auxk = settings["auxk"]
+        dead = self.dead_mask() if auxk["enabled"] else None
+        with torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16, enabled=settings["autocast_bf16"]):
+            out = sparse_step(self.sae, x, dead, auxk["k_aux"], auxk["coef"])
+        if not torch.isfinite(out.loss):
+            raise TrainingDiverged(
+                f"cell {self.folder}: the loss became {out.loss.item()} at {self.tokens_seen} tokens; "
+                "lower train.lr.base or check the activations"
+            )
+        self.sae.project_decoder_grad()
+        self.optimizer.step()
+        self.sae.normalise_decoder()
+        fired = out.indices[out.values > settings["dead"]["threshold"]]
+        self.tokens_since_fired += len(x)
+        self.tokens_since_fired[fired] = 0
+        self.tokens_seen += len(x)
+        self.steps += 1
+        return {"loss": out.loss.item(), "nmse": out.mse_loss.item(), "aux_loss": out.aux_loss.item(), "lr": lr}
+
+    def run(self) -> None:
+        """Train to the budget, logging and checkpointing; then write the outputs."""
+        settings = self.settings
+        stream = BatchStream(
+            self.store, settings["batch_size"], settings["seed"], settings["tokens"],
+            start=self.tokens_seen, device=self.device, on_exhausted=settings["on_exhausted"],
+        )
+        progress = Progress(f"train {self.folder.name}", settings["tokens"], done=self.tokens_seen)
+        next_log = (self.tokens_seen // settings["log_every_tokens"] + 1) * settings["log_every_tokens"]
+        next_checkpoint = self.tokens_seen + settings["checkpoint_every_tokens"]
+        terminated: list[int] = []
+        previous = signal.signal(signal.SIGTERM, lambda signum, _frame: terminated.append(signum))
+        started = time.perf_counter() - self.elapsed
+        window_tokens, window_start = 0, time.perf_counter()
+        try:
+            for x in stream:
+                parts = self.step(x)
+                window_tokens += len(x)
+                self.elapsed = time.perf_counter() - started
+                if self.tokens_seen >= next_log or self.tokens_seen >= settings["tokens"]:
+                    now = time.perf_counter()
+                    self.log_rows.append({
+                        "tokens": self.tokens_seen, "step": self.steps, **parts,
+                        "dead_fraction": self.dead_mask().float().mean().item(),
+                        "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
+                    })
+                    window_tokens, window_start = 0, now
+                    next_log += settings["log_every_tokens"]
+                progress.update(self.tokens_seen)
+                if self.tokens_seen >= next_checkpoint:
+                    self.save_checkpoint()
+                    next_checkpoint += settings["checkpoint_every_tokens"]
+                if terminated:
+                    self.save_checkpoint()
+                    raise Interrupted(f"SIGTERM at {self.tokens_seen} tokens; checkpoint written")
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        progress.finish()
+        self.write_outputs()
+
+    def write_outputs(self) -> None:
+        """``train_log.parquet``, then ``sae.safetensors`` and ``cfg.json``; the checkpoint goes."""
+        settings = self.settings
+        log = pd.DataFrame(self.log_rows)
+        with atomic_path(self.folder / "train_log.parquet") as temporary:
+            log.to_parquet(temporary, index=False)
+        cfg = {
+            "arch": settings["arch"],
+            "d": self.store.d,
+            "n_latents": settings["n_latents"],
+            "k": settings["k"],
+            "seed": settings["seed"],
+            "site": settings["site"],
+            "model": self.store.manifest["model"],
+            "revision": self.store.manifest["revision"],
+            "corpus_fingerprint": self.store.manifest["corpus_fingerprint"],
+            "normalisation": {
+                "formula": "x = (a - act_mean) / act_scale",
+                "mean_squared_norm": self.store.manifest["mean_squared_norm"],
+                "scale": self.store.scale,
+            },
+            "training": {
+                "tokens": self.tokens_seen,
+                "steps": self.steps,
+                "wall_time_s": self.elapsed,
+                "tokens_per_s": self.tokens_seen / max(self.elapsed, 1e-9),
+                "final_dead_fraction": self.dead_mask().float().mean().item(),
+                "final_nmse": log["nmse"].iloc[-1] if len(log) else float("nan"),
+                "epochs": self.tokens_seen / self.store.tokens,
+            },
+            "settings": settings,
+            "provenance": provenance(settings),
+        }
+        save_sae(self.sae, self.folder, cfg)
+        (self.folder / CHECKPOINT).unlink(missing_ok=True)
+
+
+def train_cell(settings: dict[str, Any], folder: Path) -> None:
+    """Train (or resume) the cell described by ``settings`` into ``folder``."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(settings.get("threads") or torch.get_num_threads())
+    Trainer(settings, folder).run()

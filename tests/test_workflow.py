@@ -1,0 +1,96 @@
+"""The whole DAG on the tiny model, through Snakemake, checking properties of its outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from safetensors.torch import load_file
+
+from conftest import REPO, tiny_config, write_config
+
+pytestmark = pytest.mark.workflow
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the repository's workflow in ``workdir`` with the config written there."""
+    command = [*SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+               "--configfile", str(workdir / "config.yaml"), "--cores", "2", *args]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, tiny_corpus: Path) -> Path:
+    """The tiny sweep, run once for all tests of this module."""
+    workdir = tmp_path_factory.mktemp("sweep")
+    write_config(workdir / "config.yaml", tiny_config(tiny_model, tiny_corpus))
+    snakemake(workdir)
+    return workdir
+
+
+def test_cells_table_has_every_cell_with_valid_metrics(sweep: Path) -> None:
+    cells = pd.read_parquet(sweep / "results/tiny/scaling/cells.parquet")
+    assert sorted(zip(cells.n_latents, cells.k)) == [(64, 4), (64, 16), (256, 4), (256, 16)]
+    assert cells.nmse.between(0, 1).all(), cells.nmse
+    assert (cells.l0 <= cells.k + 1e-9).all()
+    assert cells.dead_fraction.between(0, 1).all()
+    assert cells.ce_clean.gt(0).all() and cells.kl_sae.ge(0).all()
+    assert cells.delta_lm_loss_error_added.abs().max() < 1e-3
+    assert (cells.tokens == 12000).all()
+    assert cells.git_commit.str.len().gt(0).all() and cells.train_settings_hash.str.len().eq(16).all()
+    # more latents or more active latents reconstruct better at equal data
+    by = cells.set_index(["n_latents", "k"]).nmse
+    assert by[(64, 16)] < by[(64, 4)] and by[(256, 16)] < by[(256, 4)]
+    assert (sweep / "results/tiny/scaling/cells.csv").exists()
+
+
+def test_training_loss_falls_and_weights_have_the_cell_shapes(sweep: Path) -> None:
+    cell = sweep / "results/tiny/cells/resid2/topk-n256-k16-s0"
+    log = pd.read_parquet(cell / "train_log.parquet")
+    assert log.tokens.is_monotonic_increasing and log.tokens.iloc[-1] == 12000
+    assert log.nmse.iloc[-1] < 0.7 * log.nmse.iloc[0]
+    weights = load_file(str(cell / "sae.safetensors"))
+    assert weights["W_enc"].shape == (256, 32) and weights["W_dec"].shape == (256, 32)
+    assert weights["W_dec"].norm(dim=1).sub(1).abs().max() < 1e-5
+    cfg = json.loads((cell / "cfg.json").read_text())
+    assert cfg["provenance"]["settings_hash"] and cfg["k"] == 16
+    assert not (cell / "checkpoint.pt").exists()
+
+
+def test_fits_and_figures_exist_with_content(sweep: Path) -> None:
+    fits = json.loads((sweep / "results/tiny/scaling/fits.json").read_text())
+    assert fits["metrics"] == ["nmse", "delta_lm_loss"]
+    nmse = fits["groups"][0]["metrics"]["nmse"]
+    assert set(nmse["vs_n"]) == {"4", "16"}
+    power = nmse["vs_n"]["16"]["power"]
+    assert power["status"] == "fitted" and power["params"]["b"] > 0  # nmse falls with n
+    for name in ("nmse_vs_n", "delta_lm_loss_vs_n", "training_curves", "frontier"):
+        assert (sweep / f"results/tiny/scaling/figures/{name}.png").stat().st_size > 10_000
+        assert (sweep / f"results/tiny/scaling/figures/{name}.svg").exists()
+
+
+def test_nothing_left_to_do_then_one_cell_reruns_alone(sweep: Path) -> None:
+    assert "Nothing to be done" in snakemake(sweep, "-n").stdout
+    target = "results/tiny/cells/resid2/topk-n64-k4-s0/metrics.json"
+    result = snakemake(sweep, "--forcerun", "train_cell", "-n", target)
+    jobs = {line.split()[0]: int(line.split()[1]) for line in result.stdout.splitlines()
+            if len(line.split()) == 2 and line.split()[1].isdigit()}
+    assert jobs.get("train_cell") == 1 and jobs.get("evaluate_cell") == 1 and "extract_train_activations" not in jobs
+
+
+def test_bad_config_names_the_key(sweep: Path, tmp_path: Path, tiny_model: Path, tiny_corpus: Path) -> None:
+    write_config(tmp_path / "config.yaml", tiny_config(tiny_model, tiny_corpus, **{"sweep.k": [4, 300]}))
+    result = snakemake(tmp_path, "-n", check=False)
+    assert result.returncode != 0
+    assert "sweep.k" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,96 @@
+# Config validation, the sweep's cells, paths and input functions shared by every rule.
+import json
+import sys
+from pathlib import Path
+
+from saesweep.config import check_sites_against_model, sweep_cells, validate_config
+from saesweep.errors import UserError
+from saesweep import settings as job
+
+try:
+    validated = validate_config(config)
+    model_config = Path(validated["model"]["id"], "config.json")
+    if model_config.exists():
+        from transformers import AutoConfig
+
+        check_sites_against_model(
+            validated, AutoConfig.from_pretrained(model_config.parent).num_hidden_layers
+        )
+except UserError as error:
+    sys.exit(f"saesweep: invalid config: {error}")
+config.clear()
+config.update(validated)
+
+RUN = job.run_dir(config)
+SITES = config["activations"]["sites"]
+CELLS = [cell.name for cell in sweep_cells(config)]
+FIT_METRICS = config["scaling"]["metrics"]
+# Figure name → the caption file (workflow/report/{view}.rst) that describes it.
+FIGURES = {
+    f"{metric}_{view}": view
+    for metric in FIT_METRICS
+    for view in ("vs_n", "vs_k", "joint")
+} | {view: view for view in ("dead_fraction", "frontier", "training_curves")}
+
+
+wildcard_constraints:
+    site=r"(resid|mlp|attn)[0-9]+",
+    cell=r"[a-z0-9]+-n[0-9]+-k[0-9]+-s[0-9]+",
+    stage=r"train|eval",
+
+
+def final_targets():
+    """The sweep's table, fits and figures."""
+    return [
+        f"{RUN}/scaling/cells.parquet",
+        f"{RUN}/scaling/fits.json",
+        *[
+            f"{RUN}/scaling/figures/{name}.{ext}"
+            for name in FIGURES
+            for ext in ("png", "svg")
+        ],
+    ]
+
+
+def model_input(wildcards):
+    """The local model folder when a rule of this workflow makes it, else nothing."""
+    return [config["model"]["id"]] if config["model"]["pypi_gguf"] else []
+
+
+def all_manifests(split):
+    """Manifest of every site's training (``train``) or held-out (``eval``) shards."""
+    return [
+        f"{job.activation_dir(config, site, split)}/manifest.json" for site in SITES
+    ]
+
+
+def settings_json(wildcards):
+    """The resolved settings of one cell's train or eval job, as JSON."""
+    build = job.train_settings if wildcards.stage == "train" else job.eval_settings
+    return json.dumps(build(config, wildcards.site, wildcards.cell), sort_keys=True)
+
+
+def model_width():
+    """Hidden size of the model when its config is on disk (for memory estimates), else 4096."""
+    path = Path(config["model"]["id"], "config.json")
+    return (
+        json.loads(path.read_text()).get("hidden_size", 4096) if path.exists() else 4096
+    )
+
+
+def train_mem_mb(wildcards):
+    """Memory of a training job: parameters, gradients and Adam moments (4 · 2nd floats),
+    the batch's pre-activations and selections (3 · B · n floats), shards read ahead, and
+    a fixed 1.5 GB for the interpreter and torch."""
+    settings = job.train_settings(config, wildcards.site, wildcards.cell)
+    n, batch = settings["n_latents"], settings["batch_size"]
+    floats = 4 * 2 * n * model_width() + 3 * batch * n
+    shard_bytes = 8 * config["activations"]["shard_tokens"] * model_width() * 2
+    return int(1500 + (4 * floats + shard_bytes) / 1e6)
+
+
+def train_runtime(wildcards):
+    """Minutes for a training job: a generous bound from tokens · n · d at 1 GFLOP/s·6."""
+    settings = job.train_settings(config, wildcards.site, wildcards.cell)
+    flops = 6 * settings["tokens"] * settings["n_latents"] * model_width()
+    return int(10 + flops / 1e9 / 60)
