@@ -1,0 +1,72 @@
+"""Evaluation on the tiny LM: SAEs whose reconstruction is known pin the downstream metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from saesweep.evaluate import Downstream, downstream_metrics, multi_k_values, reconstruction_metrics
+from saesweep.lm import load_lm
+from saesweep.sae import TopKSAE
+
+
+def exact_sae(d: int) -> TopKSAE:
+    """n = 2d latents ±e_i with k = d: for every x exactly one of x_i, −x_i is positive,
+    so the top d pre-activations are the positive parts and x̂ = x exactly."""
+    sae = TopKSAE(d, 2 * d, d)
+    with torch.no_grad():
+        directions = torch.cat([torch.eye(d), -torch.eye(d)])
+        sae.W_enc.copy_(directions)
+        sae.W_dec.copy_(directions)
+        sae.b_enc.zero_()
+        sae.b_pre.zero_()
+    return sae
+
+
+def zero_sae(d: int) -> TopKSAE:
+    """x̂ = 0 in raw units: zero decoder, zero b_pre, zero mean, unit scale."""
+    sae = exact_sae(d)
+    with torch.no_grad():
+        sae.W_dec.zero_()
+    return sae
+
+
+@pytest.fixture(scope="module")
+def downstream(tiny_model: Path) -> Downstream:
+    lm, _ = load_lm({"id": str(tiny_model), "dtype": "float32"})
+    windows = torch.randint(0, lm.config.vocab_size, (6, 24), generator=torch.Generator().manual_seed(0))
+    return Downstream(lm, "resid1", windows, skip=1, batch=4)
+
+
+def test_perfect_reconstruction_gives_zero_delta_and_full_recovery(downstream: Downstream) -> None:
+    metrics = downstream_metrics(exact_sae(32), downstream, [32])
+    assert metrics["delta_lm_loss"] == pytest.approx(0, abs=1e-5)
+    assert metrics["kl_sae"] == pytest.approx(0, abs=1e-6)
+    assert metrics["ce_loss_recovered"] == pytest.approx(1, abs=1e-4)
+    assert metrics["kl_score"] == pytest.approx(1, abs=1e-4)
+    assert metrics["ce_zero_ablation"] > metrics["ce_clean"]
+
+
+def test_zero_reconstruction_recovers_nothing(downstream: Downstream) -> None:
+    metrics = downstream_metrics(zero_sae(32), downstream, [32])
+    assert metrics["ce_sae"] == pytest.approx(metrics["ce_zero_ablation"], abs=1e-6)
+    assert metrics["ce_loss_recovered"] == pytest.approx(0, abs=1e-6)
+    assert metrics["kl_score"] == pytest.approx(0, abs=1e-6)
+    assert metrics["delta_lm_loss_error_added"] == pytest.approx(0, abs=1e-5)
+
+
+def test_reconstruction_metrics_of_an_exact_sae() -> None:
+    activations = torch.randn(500, 32, generator=torch.Generator().manual_seed(1)) * 3 + 1
+    metrics = reconstruction_metrics(exact_sae(32), activations, batch_size=128, ks=[16, 32])
+    assert metrics["nmse"] == pytest.approx(0, abs=1e-10)
+    assert metrics["cosine_similarity"] == pytest.approx(1, abs=1e-6)
+    assert metrics["multi_k_nmse"]["32"] == pytest.approx(0, abs=1e-10)
+    assert 0 < metrics["multi_k_nmse"]["16"] < 1  # half the coordinates dropped
+    assert metrics["l0"] <= 32
+
+
+def test_multi_k_values_are_distinct_and_within_bounds() -> None:
+    assert multi_k_values(32, 100, [0.5, 1, 2, 4]) == [16, 32, 64, 99]
+    assert multi_k_values(1, 8, [0.5, 1]) == [1]
