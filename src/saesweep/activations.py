@@ -44,14 +44,14 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}.h5"
 
 
-def extract(settings: dict[str, Any]) -> None:
+def extract(settings: dict[str, Any], loaded: tuple[torch.nn.Module, Any] | None = None) -> None:
     """Run the LM over the split's token windows and write every site's shards and manifest.
 
     ``settings`` keys: model, sites, output_dirs (site → folder), corpus_file,
     corpus_summary, context, skip_positions, batch_size, tokens, shard_tokens,
-    storage_dtype, device."""
+    storage_dtype, device. ``loaded``: the (model, tokenizer) when already in memory."""
     device = resolve_device(settings["device"])
-    lm, tokenizer = load_lm(settings["model"], device)
+    lm, tokenizer = loaded or load_lm(settings["model"], device)
     kept = settings["context"] - settings["skip_positions"]
     documents = read_split(Path(settings["corpus_file"]))
     windows = token_windows(

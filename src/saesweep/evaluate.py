@@ -53,10 +53,11 @@ def reconstruction_metrics(sae: TopKSAE, activations: torch.Tensor, batch_size: 
     others = {k: ReconstructionAccumulator() for k in ks}
     for start in range(0, len(activations), batch_size):
         x = sae.normalise(activations[start : start + batch_size])
-        indices, values = sae.encode(x)
+        pre = sae.pre_activations(x)
+        indices, values = sae.select(pre)
         own.update(x, sae.decode(indices, values), indices, values)
         for k, accumulator in others.items():
-            accumulator.update(x, sae(x, k))
+            accumulator.update(x, sae.decode(*sae.select(pre, k)))
     result = own.result()
     histogram = own.histogram()
     return {

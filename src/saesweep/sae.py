@@ -64,7 +64,11 @@ class TopKSAE(nn.Module):
         """Top-k latents of each row: (indices (B, k) int64, values (B, k) ≥ 0).
 
         ``k`` defaults to the SAE's own k; another value evaluates it as Multi-TopK does."""
-        values, indices = self.pre_activations(x).topk(k or self.k, dim=1, sorted=False)
+        return self.select(self.pre_activations(x), k)
+
+    def select(self, pre: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(indices, ReLU(values)) of the k largest pre-activations of each row."""
+        values, indices = pre.topk(k or self.k, dim=1, sorted=False)
         return indices, values.relu()
 
     def decode(self, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,194 @@
+"""Config validation: shipped configs pass, defaults are filled, every mistake names its key;
+the rule functions (token budget, learning rate, dead window) and cell names."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, tiny_config
+from saesweep.config import (
+    Cell,
+    check_sites_against_model,
+    dead_window,
+    learning_rate,
+    load_config,
+    parse_cell,
+    parse_site,
+    sweep_cells,
+    token_budget,
+    validate_config,
+)
+from saesweep.errors import UserError
+
+SHIPPED = sorted((REPO / "config").glob("*.yaml"))
+
+
+def base_config(**overrides):
+    """A valid config that needs no model or corpus on disk."""
+    return tiny_config(Path("/nonexistent/model"), Path("/nonexistent/corpus"), **overrides)
+
+
+def error_of(config) -> str:
+    with pytest.raises(UserError) as caught:
+        validate_config(config)
+    return str(caught.value)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_shipped_configs_validate(path: Path) -> None:
+    config = load_config(path)
+    assert config["activations"]["skip_positions"] < config["activations"]["context"]
+    assert sweep_cells(config), "a shipped config must have at least one cell"
+    for site in config["activations"]["sites"]:
+        parse_site(site)
+
+
+def test_defaults_are_filled_without_touching_given_values() -> None:
+    raw = base_config()
+    del raw["activations"]["storage_dtype"]
+    del raw["train"]
+    raw_copy = copy.deepcopy(raw)
+    config = validate_config(raw)
+    assert raw == raw_copy, "validate_config must not modify its argument"
+    assert config["activations"]["storage_dtype"] == "float16"
+    assert config["activations"]["on_exhausted"] == "cycle"
+    assert config["activations"]["skip_positions"] == 1
+    assert config["activations"]["context"] == 32  # given, kept
+    assert config["model"]["prepend_bos"] is False and config["model"]["revision"] is None
+    assert config["sweep"]["arch"] == ["topk"] and config["sweep"]["seeds"] == [0]
+    # a whole absent section gets its nested defaults
+    train = config["train"]
+    assert train["batch_size"] == 1024
+    assert train["tokens"]["base"] == 300000 and train["tokens"]["max"] is None
+    assert train["lr"]["base"] == pytest.approx(2e-4) and train["lr"]["n_ref"] == 16384
+    assert train["auxk"] == {"enabled": True, "k_aux": 512, "coef": 0.03125}
+    assert train["adam_eps"] == pytest.approx(6.25e-10)
+    assert config["evaluate"]["multi_k_factors"] == [0.5, 1, 2, 4]  # section given, missing keys filled
+    assert config["scaling"]["bootstrap"] == 20
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        ({"sweep.k": [4, 64]}, "sweep.k"),  # k = n
+        ({"sweep.k": [4, 300]}, "sweep.k"),  # k > every n
+        ({"activations.sites": ["foo3"]}, "activations.sites[0]"),
+        ({"activations.sites": ["resid1", "resid"]}, "activations.sites[1]"),
+        ({"activations.skip_positions": 32}, "activations.skip_positions"),
+        ({"activations.skip_positions": 40}, "activations.skip_positions"),
+        ({"activations.context": "32"}, "activations.context"),
+        ({"activations.storage_dtype": "int8"}, "activations.storage_dtype"),
+        ({"sweep.n_latents": 64}, "sweep.n_latents"),
+        ({"sweep.k": [0]}, "sweep.k[0]"),
+        ({"train.lr.base": -1.0}, "train.lr.base"),
+        ({"train.batch_size": 1.5}, "train.batch_size"),
+        ({"train.auxk.enabled": "yes"}, "train.auxk.enabled"),
+        ({"corpus.eval_fraction": 1.0}, "corpus.eval_fraction"),
+        ({"corpus.source": "ftp"}, "corpus.source"),
+        ({"model.dtype": "float64"}, "model.dtype"),
+        ({"run": "bad name/with slash"}, "run"),
+        ({"train.tokens.min": 5000, "train.tokens.max": 100}, "train.tokens.max"),
+    ],
+)
+def test_bad_values_name_their_key(overrides, key) -> None:
+    message = error_of(base_config(**overrides))
+    assert f"config key {key}:" in message, message
+
+
+def test_unknown_keys_are_named() -> None:
+    message = error_of(base_config(**{"train.lr.bogus": 1}))
+    assert "train.lr" in message and "bogus" in message, message
+    message = error_of(base_config(typo_section={"a": 1}))
+    assert "typo_section" in message, message
+
+
+def test_missing_required_keys_are_named() -> None:
+    config = base_config()
+    del config["corpus"]["include"]
+    message = error_of(config)
+    assert "config key corpus.include:" in message and "files" in message, message
+    config = base_config(**{"corpus.source": "npm"})
+    message = error_of(config)
+    assert "config key corpus.package:" in message, message
+    config = base_config(**{"corpus.source": "hf"})
+    assert "config key corpus.dataset:" in error_of(config)
+    config = base_config()
+    del config["sweep"]
+    assert "sweep" in error_of(config)
+    assert "mapping" in error_of(["not", "a", "mapping"])
+
+
+def test_load_config_errors_name_the_file(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="does not exist"):
+        load_config(tmp_path / "absent.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("run: [unclosed\n")
+    with pytest.raises(UserError, match="broken.yaml"):
+        load_config(broken)
+
+
+def test_sites_checked_against_the_model() -> None:
+    config = validate_config(base_config(**{"activations.sites": ["resid0", "mlp3", "attn4"]}))
+    check_sites_against_model(config, 5)  # blocks 0..4: fine
+    with pytest.raises(UserError) as caught:
+        check_sites_against_model(config, 4)
+    assert "config key activations.sites[2]:" in str(caught.value)
+    assert "0..3" in str(caught.value)
+
+
+def test_token_budget_by_hand() -> None:
+    train = validate_config(base_config())["train"]
+    train["tokens"] = {"base": 1000, "n_ref": 64, "n_exponent": 0.5, "k_ref": 8, "k_exponent": 1.0,
+                       "min": 1, "max": None}
+    # 1000 · (256/64)^0.5 · (8/4)^1 = 1000 · 2 · 2
+    assert token_budget(train, 256, 4) == 4000
+    # 1000 · (16/64)^0.5 · (8/32)^1 = 1000 · 0.5 · 0.25
+    assert token_budget(train, 16, 32) == 125
+    train["tokens"]["min"] = 200
+    assert token_budget(train, 16, 32) == 200
+    train["tokens"]["max"] = 3000
+    assert token_budget(train, 256, 4) == 3000
+    assert isinstance(token_budget(train, 64, 8), int) and token_budget(train, 64, 8) == 1000
+
+
+def test_learning_rate_by_hand() -> None:
+    train = validate_config(base_config())["train"]
+    train["lr"].update(base=2e-4, n_ref=16384)
+    assert learning_rate(train, 16384) == pytest.approx(2e-4)
+    assert learning_rate(train, 65536) == pytest.approx(1e-4)  # 2e-4 / sqrt(4)
+    assert learning_rate(train, 4096) == pytest.approx(4e-4)  # 2e-4 / sqrt(1/4)
+    assert learning_rate(train, 2048) == pytest.approx(2e-4 * math.sqrt(8))
+
+
+def test_dead_window_by_hand() -> None:
+    train = validate_config(base_config())["train"]
+    train["dead"].update(min_tokens=2000, factor=10)
+    assert dead_window(train, 256, 4) == 2000  # 10 · 64 = 640 < 2000
+    assert dead_window(train, 4096, 4) == 10240  # 10 · 1024
+    assert dead_window(train, 1000, 3) == 3333  # 10 · 333.3, floored
+    assert isinstance(dead_window(train, 1000, 3), int)
+
+
+def test_cell_names_round_trip() -> None:
+    config = validate_config(base_config(**{"sweep.seeds": [0, 7]}))
+    cells = sweep_cells(config)
+    assert len(cells) == 2 * 2 * 2
+    assert len({cell.name for cell in cells}) == len(cells)
+    for cell in cells:
+        assert parse_cell(cell.name) == cell
+    assert Cell("topk", 16384, 32, 3).name == "topk-n16384-k32-s3"
+    assert parse_cell("topk-n16384-k32-s3") == Cell("topk", 16384, 32, 3)
+    for bad in ["topk-n16384-k32", "topk-n-k32-s0", "TopK-n16-k2-s0", "topk-n16-k2-s0/extra"]:
+        with pytest.raises(UserError):
+            parse_cell(bad)
+
+
+def test_site_names() -> None:
+    site = parse_site("mlp3")
+    assert (site.kind, site.layer) == ("mlp", 3)
+    with pytest.raises(UserError, match="resid"):
+        parse_site("foo3")

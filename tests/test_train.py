@@ -1,0 +1,233 @@
+"""Training one cell: the loss falls, divergence is an error without outputs, a killed or
+terminated run resumes to the same weights and log, AuxK only acts once latents die."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_config
+from saesweep.activations import ActivationStore, extract
+from saesweep.cli import main as cli_main
+from saesweep.config import validate_config
+from saesweep.corpus import prepare_corpus
+from saesweep.errors import UserError
+from saesweep.export import load_sae
+from saesweep.files import read_json, write_json
+from saesweep.settings import activation_dir, corpus_dir, extraction_settings, train_settings
+from saesweep.train import CHECKPOINT, TrainingDiverged, train_cell
+
+TIMING_COLUMNS = ["tokens_per_s"]  # wall-clock: the only part of a log that may differ between runs
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory, tiny_model, tiny_corpus) -> tuple[Path, Path, Path]:
+    """The tiny config's training activations (resid2, about 6000 tokens), extracted once."""
+    folder = tmp_path_factory.mktemp("train-data")
+    before = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        torch.set_num_threads(1)
+        config = validate_config(tiny_config(tiny_model, tiny_corpus))
+        prepare_corpus(config["corpus"], Path(corpus_dir(config)))
+        extract(extraction_settings(config, "train", device="cpu"))
+    torch.set_num_threads(before)
+    return folder, tiny_model, tiny_corpus
+
+
+def cell_settings(extracted, cell: str, threads: int = 1, **overrides) -> dict:
+    """``train_settings`` of a tiny-config cell, the activations folder made absolute."""
+    folder, model, corpus = extracted
+    config = validate_config(tiny_config(model, corpus, **overrides))
+    settings = train_settings(config, "resid2", cell)
+    settings["activations"] = str(folder / activation_dir(config, "resid2", "train"))
+    settings["threads"] = threads
+    return settings
+
+
+def read_log(folder: Path) -> pd.DataFrame:
+    return pd.read_parquet(folder / "train_log.parquet")
+
+
+def assert_same_training(a: Path, b: Path) -> None:
+    """Bit-identical weights and buffers, identical logs (timing aside)."""
+    left, right = load_file(str(a / "sae.safetensors")), load_file(str(b / "sae.safetensors"))
+    assert sorted(left) == sorted(right)
+    for name in left:
+        assert torch.equal(left[name], right[name]), name
+    pd.testing.assert_frame_equal(read_log(a).drop(columns=TIMING_COLUMNS), read_log(b).drop(columns=TIMING_COLUMNS))
+    assert read_json(a / "cfg.json", "cfg")["training"]["tokens"] == read_json(b / "cfg.json", "cfg")["training"]["tokens"]
+
+
+def test_loss_falls_and_outputs_are_complete(extracted, tmp_path) -> None:
+    settings = cell_settings(extracted, "topk-n64-k4-s0", **{"train.log_every_tokens": 256})
+    assert settings["tokens"] == 12000
+    train_cell(settings, tmp_path / "cell")
+    log = read_log(tmp_path / "cell")
+    assert log.tokens.iloc[-1] == 12000 and log.tokens.is_monotonic_increasing
+    assert log.nmse.tail(5).mean() < 0.75 * log.nmse.iloc[0], log.nmse.tolist()
+    assert (tmp_path / "cell" / "sae.safetensors").exists() and not (tmp_path / "cell" / CHECKPOINT).exists()
+    sae, cfg = load_sae(tmp_path / "cell")
+    assert (cfg["d"], cfg["n_latents"], cfg["k"]) == (32, 64, 4)
+    assert cfg["training"]["tokens"] == 12000 and cfg["training"]["steps"] == -(-12000 // 256)
+    store = ActivationStore(settings["activations"])
+    assert torch.equal(sae.act_mean, store.mean) and sae.act_scale.item() == pytest.approx(store.scale)
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(64), atol=1e-5)
+    # the trained SAE reconstructs raw activations better than their mean does
+    raw = store.head(2000)
+    x = sae.normalise(raw)
+    with torch.no_grad():
+        nmse = (x - sae(x)).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+    assert nmse < 0.75 and nmse == pytest.approx(log.nmse.tail(5).mean(), abs=0.15)
+
+
+def test_nan_loss_stops_without_outputs(extracted, tmp_path) -> None:
+    settings = cell_settings(extracted, "topk-n64-k4-s0", **{"train.lr.base": 1e30})
+    with pytest.raises(TrainingDiverged) as caught:
+        train_cell(settings, tmp_path / "cell")
+    assert isinstance(caught.value, UserError)
+    message = str(caught.value)
+    assert "loss" in message and ("nan" in message or "inf" in message) and "train.lr.base" in message
+    assert not (tmp_path / "cell" / "sae.safetensors").exists()
+    assert not (tmp_path / "cell" / "cfg.json").exists()
+    # the command line reports it in one line with exit code 2
+    write_json(tmp_path / "settings.json", {k: v for k, v in settings.items() if k != "threads"})
+    code = cli_main(["train", "--settings", str(tmp_path / "settings.json"), "--out", str(tmp_path / "cli"),
+                     "--threads", "1"])
+    assert code == 2
+    assert not (tmp_path / "cli" / "sae.safetensors").exists()
+
+
+# A cell long enough to be stopped after its first checkpoint (about 120 steps).
+LONG = {"train.tokens.base": 30000, "train.checkpoint_every_tokens": 2560}
+LONG_CELL = "topk-n1024-k8-s3"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(extracted, tmp_path_factory) -> tuple[Path, dict]:
+    settings = cell_settings(extracted, LONG_CELL, **LONG)
+    folder = tmp_path_factory.mktemp("uninterrupted") / "cell"
+    before = torch.get_num_threads()
+    train_cell(settings, folder)
+    torch.set_num_threads(before)
+    return folder, settings
+
+
+def start_training(settings: dict, folder: Path) -> tuple[subprocess.Popen, list[str]]:
+    folder.mkdir(parents=True)
+    write_json(folder.parent / "settings.json", {k: v for k, v in settings.items() if k != "threads"})
+    command = [sys.executable, "-m", "saesweep.cli", "train", "--settings", str(folder.parent / "settings.json"),
+               "--out", str(folder), "--threads", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True), command
+
+
+def wait_for_checkpoint(process: subprocess.Popen, folder: Path) -> None:
+    deadline = time.monotonic() + 120
+    while not (folder / CHECKPOINT).exists():
+        assert process.poll() is None, f"training ended before its first checkpoint: {process.stderr.read()[-2000:]}"
+        assert time.monotonic() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.002)
+
+
+def finish(command: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_killed_training_resumes_to_the_same_weights(uninterrupted, tmp_path) -> None:
+    reference, settings = uninterrupted
+    folder = tmp_path / "cell"
+    process, command = start_training(settings, folder)
+    wait_for_checkpoint(process, folder)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    process.stderr.close()
+    assert process.returncode == -signal.SIGKILL
+    assert not (folder / "sae.safetensors").exists(), "the kill came too late: training had finished"
+    checkpoint = torch.load(folder / CHECKPOINT, weights_only=False)
+    assert 0 < checkpoint["tokens_seen"] < settings["tokens"]
+    rerun = finish(command)
+    assert "resuming from" in rerun.stderr
+    assert not (folder / CHECKPOINT).exists()
+    assert_same_training(folder, reference)
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_143(uninterrupted, tmp_path, capsys) -> None:
+    reference, settings = uninterrupted
+    folder = tmp_path / "cell"
+    process, command = start_training(settings, folder)
+    wait_for_checkpoint(process, folder)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr[-2000:]
+    assert "SIGTERM" in stderr
+    assert (folder / CHECKPOINT).exists() and not (folder / "sae.safetensors").exists()
+    stopped_at = torch.load(folder / CHECKPOINT, weights_only=False)["tokens_seen"]
+    assert 0 < stopped_at < settings["tokens"]
+    train_cell(settings, folder)  # resume in this process (the kill test reruns the command)
+    assert f"at {stopped_at} tokens" in capsys.readouterr().err
+    assert_same_training(folder, reference)
+
+
+def test_checkpoint_of_other_settings_is_ignored(extracted, tmp_path, capsys) -> None:
+    from saesweep.train import Trainer
+
+    fresh = cell_settings(extracted, "topk-n64-k4-s0")
+    other = cell_settings(extracted, "topk-n64-k4-s0", **{"train.lr.base": 1e-3})
+    planted = Trainer(other, tmp_path / "cell")  # a checkpoint left by a run of other settings
+    planted.tokens_seen = 5120
+    planted.save_checkpoint()
+    train_cell(fresh, tmp_path / "cell")
+    assert "other settings" in capsys.readouterr().err
+    train_cell(fresh, tmp_path / "clean")
+    assert_same_training(tmp_path / "cell", tmp_path / "clean")
+
+
+def test_auxk_acts_only_on_dead_latents(extracted, tmp_path) -> None:
+    """n = 512, k = 2 on ~6000 tokens with a 1000-token dead window: latents die. AuxK
+    changes nothing until the first latent dies; from then on its loss is positive and falls.
+
+    Not asserted: that AuxK ends with fewer dead latents. At this scale it ends with more
+    (0.43 vs 0.29 here; the same on every small setting tried, also with the dense reference
+    step): the dead latents AuxK selects have positive pre-activations larger than their
+    projection on the residual, so its encoder gradient lowers them."""
+    overrides = {"train.dead.min_tokens": 1000, "train.dead.factor": 1, "train.log_every_tokens": 256,
+                 "train.auxk.k_aux": 16}
+    logs, dead = {}, {}
+    for enabled in (True, False):
+        settings = cell_settings(extracted, "topk-n512-k2-s0", **overrides, **{"train.auxk.enabled": enabled})
+        train_cell(settings, tmp_path / str(enabled))
+        logs[enabled] = read_log(tmp_path / str(enabled)).drop(columns=TIMING_COLUMNS)
+        dead[enabled] = read_json(tmp_path / str(enabled) / "cfg.json", "cfg")["training"]["final_dead_fraction"]
+    on, off = logs[True], logs[False]
+    assert dead[True] > 0.05 and dead[False] > 0.05  # the setting does kill latents
+    assert (off.aux_loss == 0).all()
+    first_dead = int((on.dead_fraction > 0).to_numpy().argmax())
+    assert 0 < first_dead < len(on) - 10
+    # rows up to the step whose end first shows a dead latent are identical
+    pd.testing.assert_frame_equal(on.iloc[: first_dead + 1], off.iloc[: first_dead + 1])
+    assert (on.aux_loss.iloc[: first_dead + 1] == 0).all()
+    assert (on.aux_loss.iloc[first_dead + 1 :] > 0).all()
+    assert not on.nmse.iloc[first_dead + 1 :].equals(off.nmse.iloc[first_dead + 1 :])
+    after = on.aux_loss.iloc[first_dead + 1 :]
+    assert after.tail(5).mean() < 0.95 * after.head(5).mean(), after.tolist()  # 0.70 at seed 0, 0.89 at seed 1
