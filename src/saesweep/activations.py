@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,12 @@ def extract(settings: dict[str, Any], loaded: tuple[torch.nn.Module, Any] | None
     windows = token_windows(
         documents, tokenizer, settings["context"], settings["model"]["prepend_bos"], math.ceil(settings["tokens"] / kept)
     )
+    if len(windows) * kept < settings["tokens"]:
+        print(
+            f"the corpus gives {len(windows) * kept} tokens, fewer than the {settings['tokens']} asked for; "
+            "extracting all of them",
+            file=sys.stderr,
+        )
     fingerprint = read_json(settings["corpus_summary"], "corpus summary")["fingerprint"]
     windows_per_shard = max(1, settings["shard_tokens"] // kept)
     n_shards = math.ceil(len(windows) / windows_per_shard)

@@ -88,22 +88,37 @@ class BatchStream:
             epoch += 1
 
     def prefetched_chunks(self) -> Iterator[np.ndarray]:
-        """``chunks`` produced by a background thread, one group ahead."""
+        """``chunks`` produced by a background thread, one group ahead; the thread ends
+        when the consumer stops early."""
         buffer: queue.Queue = queue.Queue(maxsize=1)
         failure: list[BaseException] = []
         finished = object()
+        stop = threading.Event()
+
+        def hand_over(item: object) -> bool:
+            while not stop.is_set():
+                try:
+                    buffer.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
 
         def produce() -> None:
             try:
                 for chunk in self.chunks():
-                    buffer.put(chunk)
+                    if not hand_over(chunk):
+                        return
             except BaseException as error:  # handed to the consumer
                 failure.append(error)
-            buffer.put(finished)
+            hand_over(finished)
 
         threading.Thread(target=produce, daemon=True).start()
-        while (chunk := buffer.get()) is not finished:
-            yield chunk
+        try:
+            while (chunk := buffer.get()) is not finished:
+                yield chunk
+        finally:
+            stop.set()
         if failure:
             raise failure[0]
 
