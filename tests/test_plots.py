@@ -113,3 +113,10 @@ def test_training_curves(cells: pd.DataFrame, tmp_path: Path) -> None:
         "normalised MSE (log scale)",
         "k=8",
     )
+
+
+def test_all_non_positive_values_fall_back_to_a_linear_axis(cells: pd.DataFrame, tmp_path: Path) -> None:
+    negative = cells.assign(delta_lm_loss=-cells["delta_lm_loss"].abs() - 1e-3)
+    fits = fit_scaling_laws(negative, ["delta_lm_loss"], bootstrap=0)
+    paths = plots.plot_metric_vs_n(negative, fits, "delta_lm_loss", tmp_path / "neg", TITLE)
+    check_written(paths, "no positive value: linear scale")

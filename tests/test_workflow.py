@@ -34,7 +34,9 @@ def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.Compl
 def sweep(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, tiny_corpus: Path) -> Path:
     """The tiny sweep, run once for all tests of this module."""
     workdir = tmp_path_factory.mktemp("sweep")
-    write_config(workdir / "config.yaml", tiny_config(tiny_model, tiny_corpus))
+    # twice the default budget in smaller batches: enough steps for the k ordering to show
+    config = tiny_config(tiny_model, tiny_corpus, **{"train.tokens.base": 24000, "train.batch_size": 128})
+    write_config(workdir / "config.yaml", config)
     snakemake(workdir)
     return workdir
 
@@ -47,7 +49,7 @@ def test_cells_table_has_every_cell_with_valid_metrics(sweep: Path) -> None:
     assert cells.dead_fraction.between(0, 1).all()
     assert cells.ce_clean.gt(0).all() and cells.kl_sae.ge(0).all()
     assert cells.delta_lm_loss_error_added.abs().max() < 1e-3
-    assert (cells.tokens == 12000).all()
+    assert (cells.tokens == 24000).all()
     assert cells.git_commit.str.len().gt(0).all() and cells.train_settings_hash.str.len().eq(16).all()
     # more latents or more active latents reconstruct better at equal data
     by = cells.set_index(["n_latents", "k"]).nmse
@@ -58,7 +60,7 @@ def test_cells_table_has_every_cell_with_valid_metrics(sweep: Path) -> None:
 def test_training_loss_falls_and_weights_have_the_cell_shapes(sweep: Path) -> None:
     cell = sweep / "results/tiny/cells/resid2/topk-n256-k16-s0"
     log = pd.read_parquet(cell / "train_log.parquet")
-    assert log.tokens.is_monotonic_increasing and log.tokens.iloc[-1] == 12000
+    assert log.tokens.is_monotonic_increasing and log.tokens.iloc[-1] == 24000
     assert log.nmse.iloc[-1] < 0.7 * log.nmse.iloc[0]
     weights = load_file(str(cell / "sae.safetensors"))
     assert weights["W_enc"].shape == (256, 32) and weights["W_dec"].shape == (256, 32)
@@ -73,8 +75,12 @@ def test_fits_and_figures_exist_with_content(sweep: Path) -> None:
     assert fits["metrics"] == ["nmse", "delta_lm_loss"]
     nmse = fits["groups"][0]["metrics"]["nmse"]
     assert set(nmse["vs_n"]) == {"4", "16"}
-    power = nmse["vs_n"]["16"]["power"]
-    assert power["status"] == "fitted" and power["params"]["b"] > 0  # nmse falls with n
+    cells = pd.read_parquet(sweep / "results/tiny/scaling/cells.parquet").set_index(["n_latents", "k"]).nmse
+    for k in (4, 16):
+        power = nmse["vs_n"][str(k)]["power"]
+        assert power["status"] == "fitted"
+        # nmse = a·n^(−b) through two points: b > 0 exactly when nmse falls from n=64 to n=256
+        assert (power["params"]["b"] > 0) == (cells[(256, k)] < cells[(64, k)])
     for name in ("nmse_vs_n", "delta_lm_loss_vs_n", "training_curves", "frontier"):
         assert (sweep / f"results/tiny/scaling/figures/{name}.png").stat().st_size > 10_000
         assert (sweep / f"results/tiny/scaling/figures/{name}.svg").exists()

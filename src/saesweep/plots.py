@@ -126,7 +126,11 @@ def _plot_1d(cells: pd.DataFrame, fits: dict, metric: str, stem: str | Path, tit
         mfit = group_fits.get(metric, {"status": "skipped", "reason": f"no fit for {metric}"})
         notes = [] if mfit["status"] == "ok" else [f"fit skipped: {mfit['reason']}"]
         positive = rows[rows[metric] > 0]
-        if len(positive) < len(rows):
+        log_y = len(positive) > 0
+        if not log_y:
+            notes.append("no positive value: linear scale")
+            positive = rows[rows[metric].notna()]
+        elif len(positive) < len(rows):
             notes.append(f"{len(rows) - len(positive)} non-positive/missing value(s) not shown")
         values = sorted(rows[other].unique())
         colours = _colours(values)
@@ -170,10 +174,10 @@ def _plot_1d(cells: pd.DataFrame, fits: dict, metric: str, stem: str | Path, tit
                     f"(error {validation['max_abs_rel_error']:.1%})"
                 )
         ax.set_xscale("log")
-        ax.set_yscale("log")
+        ax.set_yscale("log" if log_y else "linear")
         _integer_ticks(ax, sorted(rows[xcol].unique()))
         ax.set_xlabel(_label(xcol, log=True))
-        ax.set_ylabel(_label(metric, log=True))
+        ax.set_ylabel(_label(metric, log=log_y))
         ax.grid(True, which="both", alpha=0.25)
         ax.legend(
             fontsize=7,
