@@ -1,0 +1,344 @@
+"""Time one TopK SAE training step (loss, gradients, optimizer) against the encoder product.
+
+    .venv/bin/python benchmarks/bench_step.py [--n 4096 16384 65536] [--batch 4096] [--d 576]
+                                              [--k 32] [--repeats N] [--no-memory]
+
+For every n, all implementations train a copy of the same initial SAE on the same batch x
+and the same dead-latent mask, in one process, on the CPU. After warm-up steps the
+implementations are timed in turn, one step each per round, so that a load change on the
+machine hits all of them alike; the table gives the median over the rounds.
+
+    floor fraction = median time of the encoder product (x − b_pre) W_encᵀ + b_enc alone
+                     / median time of the implementation's whole step
+
+Every step uses torch.optim.Adam (eps 6.25e-10; fused=True where torch offers it), so the
+rows differ only in how the loss and gradients are computed and in what each library's
+own training step adds (listed in the table). Peak memory is measured per implementation in
+a fresh subprocess (see ``step_memory_mib``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from saesweep.kernels import dense_reference_step, sparse_step
+from saesweep.sae import TopKSAE
+
+ADAM_EPS = 6.25e-10
+LR = 1e-4
+
+
+@dataclass
+class Setup:
+    """The shapes and the shared data of one benchmark row group."""
+
+    d: int
+    n: int
+    k: int
+    batch: int
+    k_aux: int
+    aux_coef: float
+    dead_fraction: float
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        generator = torch.Generator().manual_seed(self.seed)
+        self.x = torch.randn(self.batch, self.d, generator=generator)  # E‖x‖² = d
+        self.dead = torch.rand(self.n, generator=generator) < self.dead_fraction
+        self.sae = TopKSAE(self.d, self.n, self.k)
+        self.sae.initialise(self.x[:1024], generator)
+
+
+@dataclass
+class Implementation:
+    name: str
+    auxk: str
+    includes: str
+    build: Callable[[Setup], Callable[[], object] | None]
+
+
+def adam(parameters) -> torch.optim.Adam:
+    try:
+        return torch.optim.Adam(parameters, lr=LR, eps=ADAM_EPS, fused=True)
+    except RuntimeError:
+        return torch.optim.Adam(parameters, lr=LR, eps=ADAM_EPS)
+
+
+def build_floor(reuse_output: bool) -> Callable[[Setup], Callable[[], object]]:
+    def build(setup: Setup) -> Callable[[], object]:
+        sae = setup.sae
+        out = torch.empty(setup.batch, setup.n) if reuse_output else None
+
+        @torch.no_grad()
+        def step() -> object:
+            return torch.addmm(sae.b_enc, setup.x - sae.b_pre, sae.W_enc.t(), out=out)
+
+        return step
+
+    return build
+
+
+def build_saesweep(step_fn) -> Callable[[Setup], Callable[[], object]]:
+    def build(setup: Setup) -> Callable[[], object]:
+        sae = copy.deepcopy(setup.sae)
+        optimizer = adam(sae.parameters())
+
+        def step() -> object:
+            step_fn(sae, setup.x, setup.dead, setup.k_aux, setup.aux_coef)
+            sae.project_decoder_grad()
+            optimizer.step()
+            sae.normalise_decoder()
+
+        return step
+
+    return build
+
+
+def build_sparsify(setup: Setup) -> Callable[[], object] | None:
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints which decoder it uses
+            from sparsify import SparseCoder, SparseCoderConfig
+    except ImportError:
+        return None
+    coder = SparseCoder(setup.d, SparseCoderConfig(num_latents=setup.n, k=setup.k))
+    with torch.no_grad():
+        coder.encoder.weight.copy_(setup.sae.W_enc)
+        coder.encoder.bias.copy_(setup.sae.b_enc)
+        coder.W_dec.copy_(setup.sae.W_dec)
+        coder.b_dec.copy_(setup.sae.b_pre)
+    optimizer = adam(coder.parameters())
+
+    def step() -> object:
+        coder.set_decoder_norm_to_unit_norm()
+        out = coder(setup.x, dead_mask=setup.dead)
+        (out.fvu + setup.aux_coef * out.auxk_loss).backward()
+        coder.remove_gradient_parallel_to_decoder_directions()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return step
+
+
+def build_saelens(setup: Setup) -> Callable[[], object] | None:
+    try:
+        from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+        from sae_lens.saes.sae import TrainStepInput
+    except ImportError:
+        return None
+    config = TopKTrainingSAEConfig(
+        d_in=setup.d,
+        d_sae=setup.n,
+        k=setup.k,
+        dtype="float32",
+        device="cpu",
+        aux_loss_coefficient=setup.aux_coef,
+    )
+    sae = TopKTrainingSAE(config)
+    with torch.no_grad():
+        sae.W_enc.copy_(setup.sae.W_enc.t())
+        sae.b_enc.copy_(setup.sae.b_enc)
+        sae.W_dec.copy_(setup.sae.W_dec)
+        sae.b_dec.copy_(setup.sae.b_pre)
+    optimizer = adam(sae.parameters())
+    step_input = TrainStepInput(
+        sae_in=setup.x,
+        coefficients={},
+        dead_neuron_mask=setup.dead,
+        n_training_steps=0,
+        is_logging_step=False,
+    )
+
+    def step() -> object:  # SAETrainer._train_step without its firing statistics
+        sae.training_forward_pass(step_input).loss.backward()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return step
+
+
+OPTIMIZER_STEP = "Adam step"
+IMPLEMENTATIONS = [
+    Implementation(
+        "floor: encoder product",
+        "-",
+        "torch.addmm as in TopKSAE.pre_activations, alone",
+        build_floor(reuse_output=False),
+    ),
+    Implementation(
+        "encoder product, reused output",
+        "-",
+        "the same addmm into a preallocated (B, n) output (no page faults)",
+        build_floor(reuse_output=True),
+    ),
+    Implementation(
+        "saesweep sparse_step",
+        "yes",
+        f"loss+grads, decoder-grad projection, {OPTIMIZER_STEP}, decoder renorm",
+        build_saesweep(sparse_step),
+    ),
+    Implementation(
+        "saesweep dense reference",
+        "yes",
+        f"autograd loss+grads, projection, {OPTIMIZER_STEP}, renorm",
+        build_saesweep(dense_reference_step),
+    ),
+    Implementation(
+        "eai-sparsify SparseCoder",
+        "yes (k_aux=d/2)",
+        f"renorm, forward+backward (CPU: eager decoder), projection, {OPTIMIZER_STEP}",
+        build_sparsify,
+    ),
+    Implementation(
+        "SAELens TopKTrainingSAE",
+        "yes (k_aux=d/2)",
+        f"training_forward_pass+backward, clip_grad_norm_, {OPTIMIZER_STEP}",
+        build_saelens,
+    ),
+]
+
+
+def step_memory_mib(setup: Setup, name: str, steps: int = 3) -> float:
+    """Peak resident memory (VmHWM) during ``steps`` steps minus the resident memory (VmRSS)
+    once the data, the SAE and the optimizer exist: the step's temporaries plus what the first
+    step creates and keeps (gradients, Adam moments: ≈ 3 × the parameters, alike for all).
+    The high-water mark is reset (Linux /proc/self/clear_refs) after set-up, so imports and
+    set-up do not count."""
+    step = next(i for i in IMPLEMENTATIONS if i.name == name).build(setup)
+    assert step is not None
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")
+    before = _proc_status_kib("VmRSS")
+    for _ in range(steps):
+        step()
+    return (_proc_status_kib("VmHWM") - before) / 1024
+
+
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith(field + ":"))
+    return int(line.split()[1])
+
+
+def measure_memory(args: argparse.Namespace, n: int, name: str) -> str:
+    command = [sys.executable, __file__, *_shape_args(args), "--n", str(n), "--child", name]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        return "failed"
+    return f"{float(result.stdout.strip().splitlines()[-1]):,.0f}"
+
+
+def _shape_args(args: argparse.Namespace) -> list[str]:
+    return [
+        *("--d", str(args.d), "--k", str(args.k), "--batch", str(args.batch)),
+        *("--k-aux", str(args.k_aux), "--aux-coef", str(args.aux_coef)),
+        *("--dead-fraction", str(args.dead_fraction)),
+    ]
+
+
+def time_steps(
+    steps: dict[str, Callable[[], object]], warmup: int, repeats: int
+) -> dict[str, float]:
+    """Median seconds per step. Rounds interleave the implementations; in a round each one
+    runs an untimed step, then the timed one, so that a timed step follows a step of the same
+    implementation (as in training: memory and allocator state as it leaves them)."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            step()
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, nargs="+", default=[16384], help="numbers of latents")
+    parser.add_argument("--batch", type=int, default=4096, help="tokens per step")
+    parser.add_argument("--d", type=int, default=576, help="input width")
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--k-aux", type=int, default=None, help="default d/2 as in both peers")
+    parser.add_argument("--aux-coef", type=float, default=1 / 32)
+    parser.add_argument("--dead-fraction", type=float, default=0.1, help="random dead mask")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (median)")
+    parser.add_argument("--warmup", type=int, default=1, help="steps before the first round")
+    parser.add_argument("--only", nargs="+", help="implementation names to run (prefixes)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.k_aux = args.k_aux or args.d // 2
+
+    def setup_for(n: int) -> Setup:
+        return Setup(args.d, n, args.k, args.batch, args.k_aux, args.aux_coef, args.dead_fraction)
+
+    if args.child:
+        print(step_memory_mib(setup_for(args.n[0]), args.child))
+        return
+
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 CPU; "
+        f"d={args.d} k={args.k} batch={args.batch} k_aux={args.k_aux} α={args.aux_coef:g} "
+        f"dead fraction={args.dead_fraction:g}; median of {args.repeats} after {args.warmup} warm-up"
+    )
+    chosen = [
+        i for i in IMPLEMENTATIONS if not args.only or any(i.name.startswith(o) for o in args.only)
+    ]
+    if chosen[0] is not IMPLEMENTATIONS[0]:
+        chosen.insert(0, IMPLEMENTATIONS[0])
+    for n in args.n:
+        setup = setup_for(n)
+        steps = {i.name: i.build(setup) for i in chosen}
+        available = {name: step for name, step in steps.items() if step is not None}
+        seconds = time_steps(available, args.warmup, args.repeats)
+        del available, steps
+        floor = seconds[IMPLEMENTATIONS[0].name]
+        print(f"\nn = {n}")
+        header = (
+            "implementation",
+            "AuxK",
+            "ms/step",
+            "tokens/s",
+            "floor frac",
+            "step MiB",
+            "includes",
+        )
+        rows = [header]
+        for implementation in chosen:
+            name = implementation.name
+            if name not in seconds:
+                rows.append((name, "-", "not installed", "", "", "", ""))
+                continue
+            memory = "" if args.no_memory else measure_memory(args, n, name)
+            rows.append(
+                (
+                    name,
+                    implementation.auxk,
+                    f"{seconds[name] * 1e3:,.1f}",
+                    f"{args.batch / seconds[name]:,.0f}",
+                    f"{floor / seconds[name]:.2f}",
+                    memory,
+                    implementation.includes,
+                )
+            )
+        widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
+        for row in rows:
+            print(" | ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+if __name__ == "__main__":
+    main()

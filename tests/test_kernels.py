@@ -1,0 +1,210 @@
+"""sparse_step against dense_reference_step: same losses, same selected latents, same
+gradients of every parameter (before and after the decoder-gradient projection)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from saesweep import kernels
+from saesweep.kernels import StepOutput, dense_reference_step, sparse_step
+from saesweep.sae import TopKSAE
+
+PARAMETERS = ("W_enc", "b_enc", "W_dec", "b_pre")
+pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+
+
+@pytest.fixture(autouse=True)
+def check_sparse_invariants():
+    """sparse_step's CSR tensors must be valid: sorted, distinct column indices in each row
+    (what CUDA's sparse kernels assume too)."""
+    with torch.sparse.check_sparse_tensor_invariants():
+        yield
+
+
+def make_sae(d: int, n: int, k: int, dtype: torch.dtype, seed: int = 0) -> TopKSAE:
+    """An SAE with random (not tied) encoder, unit-norm decoder rows and non-zero biases."""
+    generator = torch.Generator().manual_seed(seed)
+    sae = TopKSAE(d, n, k).to(dtype)
+    with torch.no_grad():
+        decoder = torch.randn(n, d, generator=generator, dtype=dtype)
+        sae.W_dec.copy_(decoder / decoder.norm(dim=1, keepdim=True))
+        sae.W_enc.copy_(torch.randn(n, d, generator=generator, dtype=dtype) / d**0.5)
+        sae.b_enc.copy_(0.1 * torch.randn(n, generator=generator, dtype=dtype))
+        sae.b_pre.copy_(0.1 * torch.randn(d, generator=generator, dtype=dtype))
+    return sae
+
+
+def run(step, sae: TopKSAE, x, dead_mask, k_aux, aux_coef, project: bool = False):
+    out = step(sae, x, dead_mask, k_aux, aux_coef)
+    if project:
+        sae.project_decoder_grad()
+    return out, {name: getattr(sae, name).grad.clone() for name in PARAMETERS}
+
+
+def assert_same_step(sae, x, dead_mask, k_aux, aux_coef, rtol, atol, project=False) -> StepOutput:
+    ref, ref_grads = run(dense_reference_step, sae, x, dead_mask, k_aux, aux_coef, project)
+    out, grads = run(sparse_step, sae, x, dead_mask, k_aux, aux_coef, project)
+    # Same selected set per row (the order within a row is unspecified, as for topk).
+    ref_order, order = ref.indices.argsort(dim=1), out.indices.argsort(dim=1)
+    assert torch.equal(ref.indices.gather(1, ref_order), out.indices.gather(1, order))
+    torch.testing.assert_close(out.values.gather(1, order), ref.values.gather(1, ref_order))
+    for field in ("loss", "mse_loss", "aux_loss"):
+        torch.testing.assert_close(getattr(out, field), getattr(ref, field), rtol=rtol, atol=atol)
+    for name in PARAMETERS:
+        scale = ref_grads[name].abs().max().clamp_min(1e-30)
+        torch.testing.assert_close(
+            grads[name] / scale, ref_grads[name] / scale, rtol=rtol, atol=atol, msg=name
+        )
+    return out
+
+
+def random_dead(n: int, fraction: float, seed: int = 1) -> torch.Tensor:
+    return torch.rand(n, generator=torch.Generator().manual_seed(seed)) < fraction
+
+
+CASES = [  # d, n, k, dead fraction, k_aux
+    (16, 64, 4, 0.0, 8),
+    (16, 64, 4, 0.25, 8),
+    (16, 64, 60, 0.25, 8),  # k close to n: the main and AuxK selections overlap
+    (16, 64, 64, 0.5, 8),  # k = n
+    (8, 48, 7, 0.1, 100),  # k_aux > number of dead latents
+    (24, 256, 16, 0.05, 32),
+]
+
+
+@pytest.mark.parametrize("project", [False, True])
+@pytest.mark.parametrize("d, n, k, dead_fraction, k_aux", CASES)
+def test_matches_reference_float64(d, n, k, dead_fraction, k_aux, project):
+    sae = make_sae(d, n, k, torch.float64)
+    x = torch.randn(40, d, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    dead = random_dead(n, dead_fraction)
+    out = assert_same_step(sae, x, dead, k_aux, 0.5, rtol=1e-10, atol=1e-12, project=project)
+    assert (out.aux_loss > 0) == bool(dead.any())
+
+
+@pytest.mark.parametrize("d, n, k, dead_fraction, k_aux", CASES)
+def test_matches_reference_float32(d, n, k, dead_fraction, k_aux):
+    sae = make_sae(d, n, k, torch.float32)
+    x = torch.randn(40, d, generator=torch.Generator().manual_seed(2))
+    assert_same_step(sae, x, random_dead(n, dead_fraction), k_aux, 0.5, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "dead_mask, k_aux, aux_coef",
+    [
+        (None, 8, 0.5),
+        (torch.zeros(64, dtype=torch.bool), 8, 0.5),
+        ("dead", 0, 0.5),
+        ("dead", 8, 0.0),
+    ],
+)
+def test_no_aux_cases(dead_mask, k_aux, aux_coef):
+    """No dead latents, k_aux = 0 or α = 0: AuxK is skipped and its loss is exactly 0."""
+    sae = make_sae(16, 64, 4, torch.float64)
+    x = torch.randn(32, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    mask = random_dead(64, 0.3) if isinstance(dead_mask, str) else dead_mask
+    out = assert_same_step(sae, x, mask, k_aux, aux_coef, rtol=1e-10, atol=1e-12)
+    assert out.aux_loss == 0
+
+
+def test_inactive_latents():
+    """Most selected pre-activations ≤ 0 (ReLU gives 0): no gradient flows through them."""
+    sae = make_sae(16, 64, 8, torch.float64)
+    with torch.no_grad():
+        sae.b_enc.sub_(1.5)
+    x = torch.randn(32, 16, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    out = assert_same_step(sae, x, random_dead(64, 0.3), 16, 0.5, rtol=1e-10, atol=1e-12)
+    assert 0 < (out.values == 0).float().mean() < 1
+
+
+def test_ties_in_topk():
+    """Latents 2i and 2i+1 have identical encoder rows, so every row of pre is made of tied
+    pairs. With k even the top-k is a union of whole pairs, so the selected set (and so the
+    gradient) is unambiguous; dead latents are even ones only, so AuxK has no ties."""
+    d, n, k = 16, 64, 6
+    sae = make_sae(d, n, k, torch.float64)
+    with torch.no_grad():
+        sae.W_enc[1::2] = sae.W_enc[0::2]
+        sae.b_enc[1::2] = sae.b_enc[0::2]
+    x = torch.randn(32, d, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    with torch.no_grad():
+        pre = sae.pre_activations(x)
+    assert torch.equal(pre[:, 0::2], pre[:, 1::2])
+    dead = torch.zeros(n, dtype=torch.bool)
+    dead[0::4] = True
+    out = assert_same_step(sae, x, dead, 5, 0.5, rtol=1e-10, atol=1e-12, project=True)
+    pairs = out.indices.div(2, rounding_mode="floor").sort(dim=1).values
+    assert torch.equal(pairs[:, 0::2], pairs[:, 1::2])  # whole pairs selected
+
+
+def test_row_blocks(monkeypatch):
+    """Encoding the batch in several row blocks changes nothing."""
+    monkeypatch.setattr(kernels, "_BLOCK_ROWS", 7)  # the last block is shorter
+    sae = make_sae(16, 64, 4, torch.float64)
+    x = torch.randn(40, 16, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    assert_same_step(sae, x, random_dead(64, 0.25), 8, 0.5, rtol=1e-10, atol=1e-12)
+
+
+def test_autocast_has_no_effect():
+    """sparse_step computes in the parameters' dtype even inside torch.autocast."""
+    sae = make_sae(16, 64, 4, torch.float32)
+    x = torch.randn(32, 16, generator=torch.Generator().manual_seed(9))
+    out, grads = run(sparse_step, sae, x, random_dead(64, 0.25), 8, 0.5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast_out, autocast_grads = run(sparse_step, sae, x, random_dead(64, 0.25), 8, 0.5)
+    assert torch.equal(autocast_out.loss, out.loss)
+    assert all(torch.equal(autocast_grads[name], grads[name]) for name in PARAMETERS)
+
+
+def test_overwrites_existing_gradients():
+    """The first step creates the .grad tensors; a later step overwrites the dense ones in
+    place (nothing accumulates) with the reference's values."""
+    sae = make_sae(16, 64, 4, torch.float64)
+    generator = torch.Generator().manual_seed(8)
+    x1, x2 = (torch.randn(32, 16, generator=generator, dtype=torch.float64) for _ in range(2))
+    dead = random_dead(64, 0.25)
+    sparse_step(sae, x1, dead, 8, 0.5)
+    first = {name: getattr(sae, name).grad for name in PARAMETERS}
+    sparse_step(sae, x2, dead, 8, 0.5)
+    grads = {name: getattr(sae, name).grad for name in PARAMETERS}
+    assert all(grads[name] is first[name] for name in ("W_enc", "b_enc", "W_dec"))
+    _, expected = run(dense_reference_step, sae, x2, dead, 8, 0.5)
+    for name in PARAMETERS:
+        torch.testing.assert_close(grads[name], expected[name], rtol=1e-10, atol=1e-12)
+
+
+class LargestAllocation(TorchDispatchMode):
+    """Records the number of elements of the largest strided tensor any aten op returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(tensor, torch.Tensor) and tensor.layout == torch.strided:
+                self.largest = max(self.largest, tensor.numel())
+        return out
+
+
+def test_no_dense_batch_by_latent_tensor(monkeypatch):
+    """With the encoder in blocks of B/4 rows, no op of sparse_step creates a strided tensor
+    of more than B/4 · n elements: no dense (B, n) activations, gradient or decoder product.
+    No autograd graph is built and x gets no gradient."""
+    batch, d, n, k = 64, 16, 512, 8
+    monkeypatch.setattr(kernels, "_BLOCK_ROWS", batch // 4)
+    sae = make_sae(d, n, k, torch.float32)
+    x = torch.randn(batch, d, generator=torch.Generator().manual_seed(7)).requires_grad_()
+    dead = random_dead(n, 0.5)
+    with LargestAllocation() as reference_probe:  # the probe does see dense (B, n) tensors
+        dense_reference_step(sae, x.detach(), dead, 64, 0.5)
+    assert reference_probe.largest >= batch * n
+    with LargestAllocation() as probe:
+        out = sparse_step(sae, x, dead, 64, 0.5)
+    assert probe.largest <= batch // 4 * n
+    assert x.grad is None
+    assert not any(t.requires_grad for t in (out.loss, out.mse_loss, out.aux_loss, out.values))
+    assert all(getattr(sae, name).grad.grad_fn is None for name in PARAMETERS)
