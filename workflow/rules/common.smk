@@ -11,11 +11,10 @@ try:
     validated = validate_config(config)
     model_config = Path(validated["model"]["id"], "config.json")
     if model_config.exists():
-        from transformers import AutoConfig
-
-        check_sites_against_model(
-            validated, AutoConfig.from_pretrained(model_config.parent).num_hidden_layers
-        )
+        # read the depth from the file: importing transformers would slow every job's start
+        depth = json.loads(model_config.read_text()).get("num_hidden_layers")
+        if depth is not None:
+            check_sites_against_model(validated, depth)
 except UserError as error:
     sys.exit(f"saesweep: invalid config: {error}")
 config.clear()
