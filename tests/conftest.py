@@ -76,6 +76,17 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory, tiny_corpus: Path) -> P
     return folder
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny matrices are far faster on one torch thread, above all on a busy machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_config(model: Path, corpus: Path, **overrides: Any) -> dict[str, Any]:
     """A complete config for a 2 × 2 sweep on the tiny model, minutes → seconds."""
     config: dict[str, Any] = {

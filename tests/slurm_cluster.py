@@ -538,3 +538,14 @@ PartitionName={self.partition} Nodes=localhost Default=YES MaxTime=INFINITE Stat
     def _kill_marked_processes(self) -> None:
         if self.env:
             _kill_marked_processes(self.root)
+
+
+def stop_snakemake(proc: "subprocess.Popen") -> None:
+    """End a snakemake still running: SIGINT makes it scancel its jobs; kill after 30 s."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -27,13 +27,7 @@ from saesweep.lm import decoder_blocks
 from saesweep.settings import corpus_dir, extraction_settings
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices are far faster on one thread, above all on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def prepared(tmp_path: Path, model: Path, corpus: Path, monkeypatch, **overrides) -> dict:

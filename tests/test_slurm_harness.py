@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from slurm_cluster import LOCAL_OVERRIDES, PROFILE, LocalSlurmCluster, die_with_parent, profile_gpu_model
+from slurm_cluster import LOCAL_OVERRIDES, PROFILE, LocalSlurmCluster, die_with_parent, profile_gpu_model, stop_snakemake
 
 pytestmark = pytest.mark.slurm
 
@@ -103,13 +103,7 @@ def test_workflow_through_sbatch_with_gpu_and_cancel(slurm_cluster, tmp_path):
             cluster.cancel(sleeper_id)
             rc = proc.wait(timeout=110)
         finally:
-            if proc.poll() is None:  # SIGINT makes snakemake scancel its jobs
-                proc.send_signal(signal.SIGINT)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_snakemake(proc)
     elapsed = time.monotonic() - t0
     out = log_path.read_text()
     print(out[-4000:])

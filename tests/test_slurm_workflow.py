@@ -40,7 +40,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, tiny_config, write_config
-from slurm_cluster import LOCAL_OVERRIDES, MARKER_VAR, PROFILE, LocalSlurmCluster, die_with_parent, profile_gpu_model
+from slurm_cluster import LOCAL_OVERRIDES, MARKER_VAR, PROFILE, LocalSlurmCluster, die_with_parent, profile_gpu_model, stop_snakemake
 
 pytestmark = pytest.mark.slurm
 
@@ -216,13 +216,7 @@ def slurm_snakemake(cluster: LocalSlurmCluster, workdir: Path, *args: str, timeo
                 during(proc, log_path)
             rc = proc.wait(timeout=timeout_s + 40)
         finally:
-            if proc.poll() is None:  # SIGINT makes snakemake scancel its jobs
-                proc.send_signal(signal.SIGINT)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_snakemake(proc)
             watcher.stop()
     elapsed = time.monotonic() - t0
     output = log_path.read_text()

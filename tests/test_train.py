@@ -29,12 +29,7 @@ from saesweep.train import CHECKPOINT, TrainingDiverged, train_cell
 TIMING_COLUMNS = ["tokens_per_s"]  # wall-clock: the only part of a log that may differ between runs
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
