@@ -4,9 +4,9 @@
                                               [--k 32] [--repeats N] [--no-memory]
 
 For every n, all implementations train a copy of the same initial SAE on the same batch x
-and the same dead-latent mask, in one process, on the CPU. After warm-up steps the
-implementations are timed in turn, one step each per round, so that a load change on the
-machine hits all of them alike; the table gives the median over the rounds.
+and the same dead-latent mask, in one process, on the CPU. The implementations take turns
+round by round, so that a load change on the machine hits all of them alike; in a round each
+runs one untimed step and then the timed one. The table gives the median over the rounds.
 
     floor fraction = median time of the encoder product (x − b_pre) W_encᵀ + b_enc alone
                      / median time of the implementation's whole step
@@ -184,13 +184,13 @@ IMPLEMENTATIONS = [
     ),
     Implementation(
         "saesweep sparse_step",
-        "yes",
+        "yes (--k-aux)",
         f"loss+grads, decoder-grad projection, {OPTIMIZER_STEP}, decoder renorm",
         build_saesweep(sparse_step),
     ),
     Implementation(
         "saesweep dense reference",
-        "yes",
+        "yes (--k-aux)",
         f"autograd loss+grads, projection, {OPTIMIZER_STEP}, renorm",
         build_saesweep(dense_reference_step),
     ),

@@ -55,7 +55,11 @@ def assert_same_step(sae, x, dead_mask, k_aux, aux_coef, rtol, atol, project=Fal
     for name in PARAMETERS:
         scale = ref_grads[name].abs().max().clamp_min(1e-30)
         torch.testing.assert_close(
-            grads[name] / scale, ref_grads[name] / scale, rtol=rtol, atol=atol, msg=name
+            grads[name] / scale,
+            ref_grads[name] / scale,
+            rtol=rtol,
+            atol=atol,
+            msg=lambda message, name=name: f"{name}: {message}",
         )
     return out
 
