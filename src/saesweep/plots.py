@@ -299,6 +299,12 @@ def plot_dead_fraction(cells: pd.DataFrame, stem: str | Path, title: str) -> lis
     return _save(fig, stem)
 
 
+def _n_norm(df: pd.DataFrame) -> LogNorm:
+    """Log colour scale over the table's dictionary sizes (never zero-width)."""
+    low = df["n_latents"].min()
+    return LogNorm(low, max(df["n_latents"].max(), low + 1))
+
+
 def plot_frontier(cells: pd.DataFrame, stem: str | Path, title: str) -> list[Path]:
     """ΔLM loss against normalised MSE, one marker per cell (colour: n, marker: k)."""
     groups = _groups(cells)
@@ -306,7 +312,7 @@ def plot_frontier(cells: pd.DataFrame, stem: str | Path, title: str) -> list[Pat
     for ax, (site, arch) in zip(axes, groups):
         rows = _rows(cells, site, arch)
         shown = rows[rows["nmse"] > 0]
-        norm = LogNorm(cells["n_latents"].min(), max(cells["n_latents"].max(), cells["n_latents"].min() + 1))
+        norm = _n_norm(cells)
         ks = sorted(rows["k"].unique())
         for i, k in enumerate(ks):
             s = shown[shown["k"] == k]
@@ -347,9 +353,7 @@ def plot_training_curves(train_logs: pd.DataFrame, stem: str | Path, title: str)
     for ax, (site, arch) in zip(axes, groups):
         rows = _rows(train_logs, site, arch)
         rows = rows[rows["nmse"] > 0]
-        norm = LogNorm(
-            train_logs["n_latents"].min(), max(train_logs["n_latents"].max(), train_logs["n_latents"].min() + 1)
-        )
+        norm = _n_norm(train_logs)
         cmap = mpl.colormaps["viridis"]
         ks = sorted(rows["k"].unique())
         for (n, k, _seed), s in rows.sort_values("tokens").groupby(["n_latents", "k", "seed"]):
