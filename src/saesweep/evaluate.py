@@ -149,11 +149,10 @@ def downstream_metrics(sae: TopKSAE, downstream: Downstream, ks: list[int]) -> d
 
 
 @torch.no_grad()
-def dense_codes(sae: TopKSAE, activations: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-    """Values of the chosen ``latents`` (m,) for every row of ``activations``: (T, m)."""
+def dense_codes(sae: TopKSAE, activations: torch.Tensor) -> torch.Tensor:
+    """Every latent's value for every row of ``activations``: (T, n), k non-zeros a row."""
     indices, values = sae.encode(sae.normalise(activations))
-    codes = torch.zeros(len(activations), sae.n).scatter_(1, indices, values)
-    return codes[:, latents]
+    return torch.zeros(len(activations), sae.n).scatter_(1, indices, values)
 
 
 def probe_candidates(codes: torch.Tensor, labels: torch.Tensor, count: int) -> torch.Tensor:
@@ -166,12 +165,11 @@ def probe_candidates(codes: torch.Tensor, labels: torch.Tensor, count: int) -> t
     return correlation.topk(min(count, codes.shape[1])).indices
 
 
-def probe_metrics(sae: TopKSAE, activations: torch.Tensor, token_strings: list[list[str]], candidates: int) -> dict[str, Any]:
+def probe_metrics(codes: torch.Tensor, token_strings: list[list[str]], candidates: int) -> dict[str, Any]:
     """Best single-latent probe loss per task on the held-out half of the tokens, among the
     ``candidates`` latents best correlated with the task; its label entropy for reference;
     and the mean over the tasks whose labels have both classes."""
     labels = label_tokens(token_strings)
-    codes = dense_codes(sae, activations, torch.arange(sae.n))
     per_task: dict[str, dict[str, float]] = {}
     for task, label in labels.items():
         target = torch.from_numpy(label.reshape(-1))
@@ -184,22 +182,19 @@ def probe_metrics(sae: TopKSAE, activations: torch.Tensor, token_strings: list[l
     return {"probe_loss": float(np.mean(losses)) if losses else math.nan, "probe_tasks": per_task}
 
 
-def sample_live_latents(sae: TopKSAE, activations: torch.Tensor, count: int, seed: int) -> torch.Tensor:
-    """A seeded sample of up to ``count`` latents that fire on ``activations``."""
-    indices, values = sae.encode(sae.normalise(activations))
-    live = torch.unique(indices[values > 0])
+def sample_live_latents(codes: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """A seeded sample of up to ``count`` latents that fire somewhere in ``codes`` (T, n)."""
+    live = codes.gt(0).any(dim=0).nonzero().squeeze(1)
     generator = torch.Generator().manual_seed(seed)
     return live[torch.randperm(len(live), generator=generator)[:count]].sort().values
 
 
-def explain_metrics(
-    sae: TopKSAE, activations: torch.Tensor, windows: torch.Tensor, latents: torch.Tensor
-) -> dict[str, Any]:
-    """N2G-style precision/recall of sampled latents: explained on the first half of the
-    windows, scored on the second."""
-    if len(latents) == 0 or len(windows) < 2:
+def explain_metrics(codes: torch.Tensor, windows: torch.Tensor) -> dict[str, Any]:
+    """N2G-style precision/recall of the latents whose values ``codes`` (T, m) holds, with
+    T = windows × their length: explained on the first half of the windows, scored on the second."""
+    if codes.shape[1] == 0 or len(windows) < 2:
         return {"explain_precision": math.nan, "explain_recall": math.nan, "explain_latents": 0}
-    codes = dense_codes(sae, activations, latents).reshape(len(windows), windows.shape[1], len(latents))
+    codes = codes.reshape(len(windows), windows.shape[1], codes.shape[1])
     half = len(windows) // 2
     result = explainability(windows[:half], codes[:half], windows[half:], codes[half:])
     return {
@@ -255,9 +250,10 @@ def evaluate_cell(settings: dict[str, Any], cell_folder: Path, output: Path) -> 
     windows = windows[: len(kept) // windows.shape[1]]
     kept = kept[: windows.numel()]
     strings = [tokenizer.convert_ids_to_tokens(row.tolist()) for row in windows]
-    metrics.update(probe_metrics(sae, kept, strings, settings["probe_candidates"]))
-    latents = sample_live_latents(sae, kept, settings["explain_latents"], settings["seed"])
-    metrics.update(explain_metrics(sae, kept, windows, latents))
+    codes = dense_codes(sae, kept)
+    metrics.update(probe_metrics(codes, strings, settings["probe_candidates"]))
+    latents = sample_live_latents(codes, settings["explain_latents"], settings["seed"])
+    metrics.update(explain_metrics(codes[:, latents], windows))
     metrics.update(ablation_metrics(sae, downstream, latents[: settings["ablation_latents"]], settings["ablation_windows"]))
 
     metrics.update({
