@@ -15,6 +15,7 @@ include: "workflow/rules/activations.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/scaling.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:

@@ -120,3 +120,51 @@ def test_all_non_positive_values_fall_back_to_a_linear_axis(cells: pd.DataFrame,
     fits = fit_scaling_laws(negative, ["delta_lm_loss"], bootstrap=0)
     paths = plots.plot_metric_vs_n(negative, fits, "delta_lm_loss", tmp_path / "neg", TITLE)
     check_written(paths, "no positive value: linear scale")
+
+
+def with_multi_topk(cells: pd.DataFrame) -> pd.DataFrame:
+    """Cells with Multi-TopK columns at k′ ∈ {k/2, k, 2k, 4k}: error lowest at the training k."""
+    out = cells.copy()
+    for k_test in (4, 8, 16, 32, 64, 128):
+        ratio = np.log2(k_test / out["k"])
+        out[f"multi_k_nmse_{k_test}"] = np.where(ratio.between(-1, 2), out["nmse"] * (1 + ratio**2), np.nan)
+    return out
+
+
+def test_multi_topk_columns_are_ordered_by_test_k(cells: pd.DataFrame) -> None:
+    columns = plots.multi_topk_columns(with_multi_topk(cells).assign(multi_k_nmse_x=0.0), "nmse")
+    assert list(columns) == [4, 8, 16, 32, 64, 128]
+    assert columns[16] == "multi_k_nmse_16"
+
+
+def test_multi_topk(cells: pd.DataFrame, tmp_path: Path) -> None:
+    check_written(
+        plots.plot_multi_topk(with_multi_topk(cells), tmp_path / "multi", TITLE),
+        "latents kept at test time k′ (log scale)",
+        "normalised MSE (log scale)",
+        "trained at k=16",
+        "k′ = k",
+    )
+    text = check_written(plots.plot_multi_topk(cells, tmp_path / "none", TITLE))
+    assert "no multi_k_nmse_* columns in the table" in text
+
+
+def test_interpretability(cells: pd.DataFrame, tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    full = cells.assign(
+        probe_loss=rng.uniform(0.1, 0.3, len(cells)),
+        explain_precision=rng.uniform(0, 1, len(cells)),
+        explain_recall=rng.uniform(0, 1, len(cells)),
+        ablation_sparsity=rng.uniform(0, 1, len(cells)),
+    )
+    text = check_written(
+        plots.plot_interpretability(full, tmp_path / "interp", TITLE),
+        "probe loss (nats, mean over tasks)",
+        "N2G explanation precision",
+        "N2G explanation recall",
+        "ablation sparsity (lower: sparser effect)",
+        "resid.9 · topk",
+    )
+    assert "no probe_loss" not in text
+    partial = check_written(plots.plot_interpretability(full.drop(columns="probe_loss"), tmp_path / "p", TITLE))
+    assert "no probe_loss in the table" in partial and "no explain_recall" not in partial

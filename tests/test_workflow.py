@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from safetensors.torch import load_file
 
 from conftest import REPO, tiny_config, write_config
@@ -90,9 +91,20 @@ def test_fits_and_figures_exist_with_content(sweep: Path) -> None:
         # the law a·n^(−b) contains every constant (b = 0): it fits at least as well as one
         constant = np.abs(log_observed - np.median(log_observed)).sum()
         assert np.abs(log_fitted - log_observed).sum() <= constant + 1e-6
-    for name in ("nmse_vs_n", "delta_lm_loss_vs_n", "training_curves", "frontier"):
+    for name in ("nmse_vs_n", "delta_lm_loss_vs_n", "training_curves", "frontier", "multi_topk", "interpretability"):
         assert (sweep / f"results/tiny/scaling/figures/{name}.png").stat().st_size > 10_000
         assert (sweep / f"results/tiny/scaling/figures/{name}.svg").exists()
+
+
+def test_report_has_every_figure_the_fit_table_and_the_run_config(sweep: Path) -> None:
+    run_config = yaml.safe_load((sweep / "results/tiny/run_config.yaml").read_text())
+    assert run_config["config"]["sweep"]["k"] == [4, 16] and run_config["provenance"]["config_hash"]
+    fit_rows = pd.read_csv(sweep / "results/tiny/scaling/fits.csv")
+    assert set(fit_rows["metric"]) == {"nmse", "delta_lm_loss"} and "power_n" in set(fit_rows["law"])
+    snakemake(sweep, "--report", "report.html")
+    page = (sweep / "report.html").read_text()
+    for name in ("fits.html", "run_config.html", "multi_topk.png", "interpretability.png", "nmse_joint.png"):
+        assert f"filename={name}" in page, name
 
 
 def test_nothing_left_to_do_then_one_cell_reruns_alone(sweep: Path) -> None:

@@ -99,6 +99,14 @@ def stage_plot(args: argparse.Namespace) -> None:
     draw_all(Path(args.cells), Path(args.logs), Path(args.fits), Path(args.out_dir), args.title, args.metrics)
 
 
+def stage_report_tables(args: argparse.Namespace) -> None:
+    from saesweep.files import read_json
+    from saesweep.report import write_fit_table, write_run_config
+
+    write_fit_table(read_json(args.fits, "fits file"), Path(args.fits_csv), Path(args.fits_html))
+    write_run_config(json.loads(args.config_json), Path(args.config_yaml), Path(args.config_html))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="saesweep", description=__doc__.splitlines()[0])
     stages = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
@@ -151,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--metrics", nargs="+", required=True)
     sub.add_argument("--title", required=True)
     sub.add_argument("--out-dir", required=True)
+    sub = stage("report-tables", stage_report_tables, "the fit table and the run's configuration for the report")
+    sub.add_argument("--fits", required=True)
+    sub.add_argument("--config-json", required=True, help="the validated config, as JSON")
+    for name in ("fits-csv", "fits-html", "config-yaml", "config-html"):
+        sub.add_argument(f"--{name}", required=True)
     return parser
 
 

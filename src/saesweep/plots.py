@@ -1,5 +1,5 @@
 """Figures of a sweep: metrics against n and k with their fitted laws, the joint law, dead latents,
-the ΔLM-loss / NMSE frontier and training curves.
+the ΔLM-loss / NMSE frontier, Multi-TopK curves, interpretability against n and training curves.
 
 Every function draws one panel per (site, arch) group, titles the figure with ``title``,
 writes ``<stem>.png`` and ``<stem>.svg`` (SVG text kept as text) and returns both paths.
@@ -21,6 +21,7 @@ from matplotlib.axes import Axes
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import LogLocator, ScalarFormatter
 
 from saesweep.scaling import find_group, predict
 
@@ -33,7 +34,13 @@ LABELS = {
     "n_latents": "number of latents n",
     "k": "active latents per token k",
     "tokens": "training tokens",
+    "k_test": "latents kept at test time k′",
+    "probe_loss": "probe loss (nats, mean over tasks)",
+    "explain_precision": "N2G explanation precision",
+    "explain_recall": "N2G explanation recall",
+    "ablation_sparsity": "ablation sparsity (lower: sparser effect)",
 }
+INTERPRETABILITY = ("probe_loss", "explain_precision", "explain_recall", "ablation_sparsity")
 MARKERS = "osD^v<>Pp*hX"
 MARGIN = 1.25
 LINESTYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3)))
@@ -271,31 +278,109 @@ def plot_joint_contours(cells: pd.DataFrame, fits: dict, metric: str, stem: str 
     return _save(fig, stem)
 
 
+def _lines_per_k(ax: Axes, rows: pd.DataFrame, metric: str) -> None:
+    """``metric`` against n (log scale), one line per k: seed means ± std (std with ≥ 2 seeds)."""
+    stats = _seed_stats(rows[rows[metric].notna()], ["k", "n_latents"], metric)
+    colours = _colours(sorted(stats["k"].unique()))
+    for k, s in stats.groupby("k"):
+        ax.errorbar(
+            s["n_latents"],
+            s["mean"],
+            yerr=s["std"].where(s["count"] > 1),
+            fmt="o-",
+            ms=4,
+            capsize=2,
+            color=colours[k],
+            label=f"k={k}",
+        )
+    ax.set_xscale("log")
+    _integer_ticks(ax, sorted(rows["n_latents"].unique()))
+    ax.set_xlabel(_label("n_latents", log=True))
+    ax.set_ylabel(_label(metric))
+    ax.grid(True, alpha=0.25)
+    ax.legend(fontsize=8)
+
+
 def plot_dead_fraction(cells: pd.DataFrame, stem: str | Path, title: str) -> list[Path]:
     """Dead-latent fraction against n (log scale), one line per k, seed means ± std."""
     groups = _groups(cells)
     fig, axes = _figure(groups, title)
     for ax, (site, arch) in zip(axes, groups):
-        stats = _seed_stats(_rows(cells, site, arch), ["k", "n_latents"], "dead_fraction")
-        colours = _colours(sorted(stats["k"].unique()))
-        for k, s in stats.groupby("k"):
-            ax.errorbar(
-                s["n_latents"],
-                s["mean"],
-                yerr=s["std"].where(s["count"] > 1),
-                fmt="o-",
-                ms=4,
-                capsize=2,
-                color=colours[k],
-                label=f"k={k}",
-            )
-        ax.set_xscale("log")
-        _integer_ticks(ax, sorted(stats["n_latents"].unique()))
+        _lines_per_k(ax, _rows(cells, site, arch), "dead_fraction")
         ax.set_ylim(-0.02, 1.02)
-        ax.set_xlabel(_label("n_latents", log=True))
-        ax.set_ylabel(_label("dead_fraction"))
-        ax.grid(True, alpha=0.25)
-        ax.legend(fontsize=8)
+    return _save(fig, stem)
+
+
+def plot_interpretability(cells: pd.DataFrame, stem: str | Path, title: str) -> list[Path]:
+    """Probe loss, N2G precision and recall, and ablation sparsity against n, one line per k;
+    one row of four panels per (site, arch) group. Metrics missing from the table are noted."""
+    groups = _groups(cells)
+    rows_count = max(len(groups), 1)
+    fig = Figure(figsize=(4.6 * len(INTERPRETABILITY), 4.0 * rows_count), layout="constrained")
+    grid = fig.subplots(rows_count, len(INTERPRETABILITY), squeeze=False)
+    fig.suptitle(title)
+    for axes, (site, arch) in zip(grid, groups):
+        rows = _rows(cells, site, arch)
+        for ax, metric in zip(axes, INTERPRETABILITY):
+            ax.set_title(f"{site} · {arch}", fontsize=10)
+            if metric in rows and rows[metric].notna().any():
+                _lines_per_k(ax, rows, metric)
+            else:
+                ax.set_xlabel(_label("n_latents", log=True))
+                ax.set_ylabel(_label(metric))
+                _note(ax, f"no {metric} in the table")
+    if not groups:
+        _note(grid[0][0], "no data")
+    return _save(fig, stem)
+
+
+def multi_topk_columns(cells: pd.DataFrame, metric: str) -> dict[int, str]:
+    """Test-time k′ → column ``multi_k_{metric}_{k′}`` of the table, in increasing k′."""
+    prefix = f"multi_k_{metric}_"
+    found = {int(c[len(prefix):]): c for c in cells.columns if c.startswith(prefix) and c[len(prefix):].isdigit()}
+    return dict(sorted(found.items()))
+
+
+def plot_multi_topk(cells: pd.DataFrame, stem: str | Path, title: str, metric: str = "nmse") -> list[Path]:
+    """Multi-TopK: ``metric`` of each trained SAE evaluated keeping k′ latents per token, against k′
+    (log-log); colour: n, line style: the training k, whose own point is a larger marker."""
+    groups = _groups(cells)
+    fig, axes = _figure(groups, title)
+    columns = multi_topk_columns(cells, metric)
+    for ax, (site, arch) in zip(axes, groups):
+        rows = _rows(cells, site, arch)
+        norm = _n_norm(cells)
+        cmap = mpl.colormaps["viridis"]
+        ks = sorted(rows["k"].unique())
+        for (n, k), cell in rows.groupby(["n_latents", "k"]):
+            means = cell[list(columns.values())].mean()
+            shown = [(k_test, means[c]) for k_test, c in columns.items() if means[c] > 0]
+            if not shown:
+                continue
+            x, y = zip(*shown)
+            colour, style = cmap(norm(n)), LINESTYLES[ks.index(k) % len(LINESTYLES)]
+            ax.plot(x, y, marker="o", ms=3, ls=style, color=colour, lw=1)
+            own = dict(shown).get(int(k))
+            if own is not None:
+                ax.plot([k], [own], marker="*", ms=11, color=colour, markeredgecolor="black", ls="")
+        fig.colorbar(mpl.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=_label("n_latents", log=True))
+        ax.legend(
+            handles=[
+                Line2D([], [], color="grey", ls=LINESTYLES[i % len(LINESTYLES)], label=f"trained at k={k}")
+                for i, k in enumerate(ks)
+            ]
+            + [Line2D([], [], color="grey", marker="*", ms=10, ls="", markeredgecolor="black", label="k′ = k")],
+            fontsize=8,
+        )
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=2))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.set_xlabel(_label("k_test", log=True))
+        ax.set_ylabel(_label(metric, log=True))
+        ax.grid(True, which="both", alpha=0.25)
+        if not columns:
+            _note(ax, f"no multi_k_{metric}_* columns in the table")
     return _save(fig, stem)
 
 

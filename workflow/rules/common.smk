@@ -29,7 +29,16 @@ FIGURES = {
     f"{metric}_{view}": view
     for metric in FIT_METRICS
     for view in ("vs_n", "vs_k", "joint")
-} | {view: view for view in ("dead_fraction", "frontier", "training_curves")}
+} | {
+    view: view
+    for view in (
+        "dead_fraction",
+        "frontier",
+        "multi_topk",
+        "interpretability",
+        "training_curves",
+    )
+}
 
 
 wildcard_constraints:
@@ -39,10 +48,14 @@ wildcard_constraints:
 
 
 def final_targets():
-    """The sweep's table, fits and figures."""
+    """The sweep's table, fits, figures and the report's tables."""
     return [
         f"{RUN}/scaling/cells.parquet",
         f"{RUN}/scaling/fits.json",
+        f"{RUN}/scaling/fits.csv",
+        f"{RUN}/report/fits.html",
+        f"{RUN}/run_config.yaml",
+        f"{RUN}/report/run_config.html",
         *[
             f"{RUN}/scaling/figures/{name}.{ext}"
             for name in FIGURES

@@ -1,0 +1,132 @@
+"""The report's tables: every fitted law in one table (CSV and HTML), and the run's resolved
+configuration with its provenance (YAML and HTML).
+
+Snakemake's report embeds HTML results as they are, so each table is written as a small
+self-contained HTML page next to its machine-readable twin.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from saesweep.files import atomic_path
+from saesweep.provenance import provenance
+
+STYLE = (
+    "body{font-family:sans-serif;font-size:13px;margin:1em}"
+    "table{border-collapse:collapse}th,td{border:1px solid #ccc;padding:3px 6px;text-align:left;"
+    "vertical-align:top}th{background:#f0f0f0}tr.flagged td{background:#fde8e8}"
+    "tr.skipped td{color:#777}pre{background:#f6f6f6;padding:.8em}"
+)
+FIT_COLUMNS = [
+    "site", "arch", "metric", "law", "at", "status", "parameters (95% CI)", "cells",
+    "held-out check", "flagged", "formula", "reason",
+]
+
+
+def _parameters(entry: dict) -> str:
+    """"name = value [lo, hi]" for each parameter of a fitted law entry."""
+    parts = []
+    for name in entry["param_names"]:
+        value, interval = entry["params"][name], entry["ci95"][name]
+        text = f"{name} = {value:.4g}" if value is not None else f"{name} = n/a"
+        if interval is not None and None not in interval:
+            text += f" [{interval[0]:.4g}, {interval[1]:.4g}]"
+        parts.append(text)
+    return "; ".join(parts)
+
+
+def _held_out(entry: dict) -> tuple[str, bool | None]:
+    """The fit-without-the-largest-n check of a law over n, in words, and whether it is flagged."""
+    validation = entry.get("validation")
+    if validation is None:
+        return "", None
+    if validation["status"] != "ok":
+        return f"skipped: {validation['reason']}", None
+    cells = ", ".join(
+        f"k={c['k']}: {c['predicted']:.3g} vs {c['observed']:.3g} observed ({c['rel_error']:+.1%})"
+        for c in validation["cells"]
+        if c["predicted"] is not None
+    )
+    inside = validation["within_interval"]
+    verdict = "" if inside is None else ("; inside the interval" if inside else "; OUTSIDE the interval")
+    return f"n={validation['holdout_n']} predicted from smaller n: {cells}{verdict}", validation["flagged"]
+
+
+def _law_row(site: str, arch: str, metric: str, at: str, entry: dict) -> dict[str, Any]:
+    row = {"site": site, "arch": arch, "metric": metric, "law": entry.get("law", ""), "at": at}
+    row.update(status=entry["status"], formula=entry.get("formula", ""), reason=entry.get("reason", ""))
+    if entry["status"] == "ok":
+        check, flagged = _held_out(entry)
+        row.update({"parameters (95% CI)": _parameters(entry), "cells": entry["n_cells"]})
+        row.update({"held-out check": check, "flagged": flagged})
+    return row
+
+
+def fit_table(fits: dict) -> pd.DataFrame:
+    """One row per law of a ``fit_scaling_laws`` result: L(n) at each k, L(k) at each n (pure
+    power law and law with floor) and the joint L(n, k), per (site, arch) group and metric;
+    a metric that could not be fitted at all is one row with its reason."""
+    rows = []
+    for group in fits["groups"]:
+        site, arch = group["site"], group["arch"]
+        for metric, fitted in group["metrics"].items():
+            if fitted["status"] != "ok":
+                rows.append({"site": site, "arch": arch, "metric": metric, "status": "skipped", "reason": fitted["reason"]})
+                continue
+            for section, variable in (("vs_n", "k"), ("vs_k", "n")):
+                for value, laws in fitted[section].items():
+                    for form in ("power", "floor"):
+                        rows.append(_law_row(site, arch, metric, f"{variable}={value}", laws[form]))
+            rows.append(_law_row(site, arch, metric, "all cells", fitted["joint"]))
+    return pd.DataFrame(rows, columns=FIT_COLUMNS).astype({"cells": "Int64"})
+
+
+def _page(title: str, body: str) -> str:
+    return (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{STYLE}</style></head><body><h2>{html.escape(title)}</h2>{body}</body></html>\n"
+    )
+
+
+def _html_table(table: pd.DataFrame) -> str:
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in table.columns)
+    body = []
+    for _, row in table.iterrows():
+        kind = "flagged" if row.get("flagged") is True else ("skipped" if row.get("status") == "skipped" else "")
+        cells = "".join(f"<td>{'' if pd.isna(v) else html.escape(str(v))}</td>" for v in row)
+        body.append(f"<tr class='{kind}'>{cells}</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def write_fit_table(fits: dict, csv_path: Path, html_path: Path) -> None:
+    """``fit_table(fits)`` as CSV and as an HTML page (flagged held-out checks in red)."""
+    table = fit_table(fits)
+    with atomic_path(csv_path) as temporary:
+        table.to_csv(temporary, index=False)
+    note = (
+        f"<p>Bootstrap over cells: {fits['bootstrap']} replicates, seed {fits['seed']}. "
+        "A law over n is refitted without the largest n and asked to predict it; a prediction "
+        "outside its 95% interval is flagged (red row).</p>"
+    )
+    with atomic_path(html_path) as temporary:
+        temporary.write_text(_page("Fitted scaling laws", note + _html_table(table)), encoding="utf-8")
+
+
+def write_run_config(config: dict, yaml_path: Path, html_path: Path) -> None:
+    """The run's validated configuration (defaults filled) with its provenance (package version,
+    git commit, config hash), as YAML and as an HTML page."""
+    stamp = provenance(config)
+    stamp["config_hash"] = stamp.pop("settings_hash")
+    document = {"provenance": stamp, "config": config}
+    text = yaml.safe_dump(document, sort_keys=False, allow_unicode=True)
+    with atomic_path(yaml_path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
+    title = f"Configuration of run {config.get('run', '')}"
+    with atomic_path(html_path) as temporary:
+        temporary.write_text(_page(title, f"<pre>{html.escape(text)}</pre>"), encoding="utf-8")
