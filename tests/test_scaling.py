@@ -114,6 +114,23 @@ def test_held_out_check_flags_a_broken_trend() -> None:
     assert len(fits["joint"]["validation"]["cells"]) == len(KS)
 
 
+def test_held_out_check_is_honest_with_few_cells() -> None:
+    """With 3 training cells a bootstrap over cells has no spread; the prediction interval must
+    still cover a correct law's noisy held-out cell in almost every noise draw, and still
+    catch the same law broken by 50 % in most (one residual degree of freedom: t = 12.7)."""
+    ns = [512, 1024, 2048, 4096]
+    inside, caught = [], []
+    for draw in range(40):
+        cells = make_cells(lambda n, k: 2.0 * n**-0.3, ns=ns, ks=[32], seeds=1, noise=0.02, rng_seed=draw)
+        validation = metric_fits(fit_scaling_laws(cells, ["nmse"], bootstrap=10, seed=0))["vs_n"]["32"]["power"]["validation"]
+        assert validation["n_train_cells"] == 3
+        inside.append(validation["within_interval"])
+        cells.loc[cells["n_latents"] == ns[-1], "nmse"] *= 1.5
+        broken = metric_fits(fit_scaling_laws(cells, ["nmse"], bootstrap=0))["vs_n"]["32"]["power"]["validation"]
+        caught.append(broken["flagged"])
+    assert np.mean(inside) >= 0.85 and np.mean(caught) >= 0.6, (np.mean(inside), np.mean(caught))
+
+
 def test_too_few_points_are_skipped_with_a_reason() -> None:
     fits = metric_fits(fit_scaling_laws(make_cells(floor_law, ns=[512, 1024, 2048], ks=[32]), ["nmse"], bootstrap=5))
     by_n = fits["vs_n"]["32"]
