@@ -89,9 +89,9 @@ class TopKSAE(nn.Module):
         """Remove from each decoder row's gradient g its component along the row w:
         g ← g − (g·w) w  (w unit norm), so a step changes directions, not norms."""
         grad = self.W_dec.grad
-        if grad is not None:
-            parallel = (grad * self.W_dec).sum(dim=1, keepdim=True)
-            grad.sub_(parallel * self.W_dec)
+        if grad is not None:  # one batched dot product per row and an in-place update: no (n, d) temporary
+            parallel = torch.bmm(grad.unsqueeze(1), self.W_dec.unsqueeze(2)).view(-1, 1)
+            grad.addcmul_(parallel, self.W_dec, value=-1)
 
 
 def sparse_decode(W_dec: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
