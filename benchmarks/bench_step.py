@@ -34,6 +34,7 @@ import torch
 
 from saesweep.kernels import dense_reference_step, sparse_step
 from saesweep.sae import TopKSAE
+from saesweep.train import make_adam
 
 ADAM_EPS = 6.25e-10
 LR = 1e-4
@@ -69,10 +70,8 @@ class Implementation:
 
 
 def adam(parameters) -> torch.optim.Adam:
-    try:
-        return torch.optim.Adam(parameters, lr=LR, eps=ADAM_EPS, fused=True)
-    except RuntimeError:
-        return torch.optim.Adam(parameters, lr=LR, eps=ADAM_EPS)
+    """The optimizer saesweep's trainer uses (fused where torch has it), for every row."""
+    return make_adam(parameters, LR, ADAM_EPS)
 
 
 def build_floor(reuse_output: bool) -> Callable[[Setup], Callable[[], object]]:

@@ -75,6 +75,7 @@ CASES = [  # d, n, k, dead fraction, k_aux
     (16, 64, 64, 0.5, 8),  # k = n
     (8, 48, 7, 0.1, 100),  # k_aux > number of dead latents
     (24, 256, 16, 0.05, 32),
+    (16, 512, 8, 0.5, 16),  # an AuxK selection sparse among the dead latents
 ]
 
 
@@ -93,6 +94,17 @@ def test_matches_reference_float32(d, n, k, dead_fraction, k_aux):
     sae = make_sae(d, n, k, torch.float32)
     x = torch.randn(40, d, generator=torch.Generator().manual_seed(2))
     assert_same_step(sae, x, random_dead(n, dead_fraction), k_aux, 0.5, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dense_fraction", [0.0, 2.0])
+@pytest.mark.parametrize("d, n, k, dead_fraction, k_aux", [c for c in CASES if c[3] > 0])
+def test_sparse_and_dense_auxk_paths(monkeypatch, dense_fraction, d, n, k, dead_fraction, k_aux):
+    """Forcing the dense (fraction 0) or the sparse (fraction 2) AuxK products gives the reference."""
+    monkeypatch.setattr(kernels, "_DENSE_AUX_FRACTION", dense_fraction)
+    sae = make_sae(d, n, k, torch.float64)
+    x = torch.randn(40, d, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    out = assert_same_step(sae, x, random_dead(n, dead_fraction), k_aux, 0.5, rtol=1e-10, atol=1e-12, project=True)
+    assert out.aux_loss > 0
 
 
 @pytest.mark.parametrize(
@@ -197,6 +209,7 @@ class LargestAllocation(TorchDispatchMode):
 def test_no_dense_batch_by_latent_tensor(monkeypatch):
     """With the encoder in blocks of B/4 rows, no op of sparse_step creates a strided tensor
     of more than B/4 · n elements: no dense (B, n) activations, gradient or decoder product.
+    Dense AuxK codes (B, dead) appear only for a selection of ≥ 1/4 of the dead latents.
     No autograd graph is built and x gets no gradient."""
     batch, d, n, k = 64, 16, 512, 8
     monkeypatch.setattr(kernels, "_BLOCK_ROWS", batch // 4)
@@ -207,8 +220,11 @@ def test_no_dense_batch_by_latent_tensor(monkeypatch):
         dense_reference_step(sae, x.detach(), dead, 64, 0.5)
     assert reference_probe.largest >= batch * n
     with LargestAllocation() as probe:
-        out = sparse_step(sae, x, dead, 64, 0.5)
+        out = sparse_step(sae, x, dead, 16, 0.5)  # 16 of ~256 dead latents: a sparse AuxK selection
     assert probe.largest <= batch // 4 * n
+    with LargestAllocation() as dense_aux_probe:  # 64 of them: dense AuxK codes (B, dead) ≤ (B, 4 · 64)
+        sparse_step(sae, x.detach(), dead, 64, 0.5)
+    assert batch // 4 * n < dense_aux_probe.largest <= batch * 64 / kernels._DENSE_AUX_FRACTION
     assert x.grad is None
     assert not any(t.requires_grad for t in (out.loss, out.mse_loss, out.aux_loss, out.values))
     assert all(getattr(sae, name).grad.grad_fn is None for name in PARAMETERS)

@@ -53,6 +53,16 @@ def lr_at(settings: dict[str, Any], tokens: int) -> float:
     return peak * factor
 
 
+def make_adam(parameters: Any, lr: float, eps: float) -> torch.optim.Adam:
+    """Adam with torch's fused kernel (one pass per tensor) where the device and dtype have
+    one, else its default implementation: the same update either way."""
+    parameters = list(parameters)
+    try:
+        return torch.optim.Adam(parameters, lr=lr, eps=eps, fused=True)
+    except RuntimeError:
+        return torch.optim.Adam(parameters, lr=lr, eps=eps)
+
+
 class Trainer:
     """The state of one cell's training, from scratch or from its checkpoint."""
 
@@ -62,7 +72,7 @@ class Trainer:
         self.store = ActivationStore(settings["activations"])
         n, k = settings["n_latents"], settings["k"]
         self.sae = TopKSAE(self.store.d, n, k).to(self.device)
-        self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=settings["lr"], eps=settings["adam_eps"])
+        self.optimizer = make_adam(self.sae.parameters(), settings["lr"], settings["adam_eps"])
         self.tokens_since_fired = torch.zeros(n, dtype=torch.long, device=self.device)
         self.tokens_seen = 0
         self.steps = 0
