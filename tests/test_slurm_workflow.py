@@ -51,7 +51,7 @@ RUN = "results/tiny"
 # every cell, and a log axis of only non-positive values breaks plot_figures)
 SWEEP = {"sweep.n_latents": [64, 256], "sweep.k": [4], "scaling.metrics": ["nmse"]}
 # rules whose jobs Snakemake runs itself: `all` (no command) and the two `localrule: True`
-LOCAL_RULES = {"all", "cell_settings", "extraction_settings"}
+LOCAL_RULES = {"all", "cell_settings", "extraction_settings", "report_tables"}
 GPU_RULES = {"train_cell", "evaluate_cell"}
 # columns of cells.parquet that may differ between two runs of the same config
 VOLATILE_COLUMNS = {"eval_wall_time_s", "train_wall_time_s", "train_tokens_per_s", "git_commit", "package_version"}
