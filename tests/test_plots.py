@@ -63,7 +63,7 @@ def test_metric_vs_n(cells: pd.DataFrame, fits: dict, tmp_path: Path) -> None:
         "resid.6 · topk",
         "resid.9 · topk",
         "k=8",
-        "fitted law (band: 95% bootstrap)",
+        "fitted law (band: 95% interval)",
     )
     assert "4096" in text  # log axis labelled at the sweep's own n
 

@@ -115,20 +115,26 @@ def test_held_out_check_flags_a_broken_trend() -> None:
 
 
 def test_held_out_check_is_honest_with_few_cells() -> None:
-    """With 3 training cells a bootstrap over cells has no spread; the prediction interval must
-    still cover a correct law's noisy held-out cell in almost every noise draw, and still
-    catch the same law broken by 50 % in most (one residual degree of freedom: t = 12.7)."""
+    """With 3 or 4 cells a bootstrap over cells has (almost) no spread. The exponent's interval
+    must still cover the true one, and the prediction interval a correct law's noisy held-out
+    cell, in almost every noise draw; the same law broken by 50 % must still be caught in
+    most (one residual degree of freedom: t = 12.7)."""
     ns = [512, 1024, 2048, 4096]
-    inside, caught = [], []
+    inside, caught, covered = [], [], []
     for draw in range(40):
         cells = make_cells(lambda n, k: 2.0 * n**-0.3, ns=ns, ks=[32], seeds=1, noise=0.02, rng_seed=draw)
-        validation = metric_fits(fit_scaling_laws(cells, ["nmse"], bootstrap=10, seed=0))["vs_n"]["32"]["power"]["validation"]
+        power = metric_fits(fit_scaling_laws(cells, ["nmse"], bootstrap=10, seed=0))["vs_n"]["32"]["power"]
+        validation = power["validation"]
         assert validation["n_train_cells"] == 3
         inside.append(validation["within_interval"])
+        lo, hi = power["ci95"]["b"]
+        assert lo < power["params"]["b"] < hi  # never a zero-width interval
+        covered.append(lo <= 0.3 <= hi)
         cells.loc[cells["n_latents"] == ns[-1], "nmse"] *= 1.5
         broken = metric_fits(fit_scaling_laws(cells, ["nmse"], bootstrap=0))["vs_n"]["32"]["power"]["validation"]
         caught.append(broken["flagged"])
     assert np.mean(inside) >= 0.85 and np.mean(caught) >= 0.6, (np.mean(inside), np.mean(caught))
+    assert np.mean(covered) >= 0.85, np.mean(covered)  # the exponent's 95 % interval covers the truth
 
 
 def test_too_few_points_are_skipped_with_a_reason() -> None:

@@ -173,7 +173,8 @@ def _plot_1d(cells: pd.DataFrame, fits: dict, metric: str, stem: str | Path, tit
                 label=f"{name}: {p['a']:.3g}·{x}^−{p['b']:.3g}{floor}",
             )
             if entry["band"]["lo"] is not None:
-                ax.fill_between(grid, entry["band"]["lo"], entry["band"]["hi"], color=colour, alpha=0.2, lw=0)
+                band = [np.asarray(entry["band"][side], dtype=float) for side in ("lo", "hi")]
+                ax.fill_between(grid, *band, color=colour, alpha=0.2, lw=0)
             validation = entry.get("validation", {})
             if validation.get("flagged"):
                 notes.append(
@@ -182,13 +183,15 @@ def _plot_1d(cells: pd.DataFrame, fits: dict, metric: str, stem: str | Path, tit
                 )
         ax.set_xscale("log")
         ax.set_yscale("log" if log_y else "linear")
+        if log_y:  # the axis follows the observations; a wide interval band is cut at the edges
+            ax.set_ylim(positive[metric].min() / 2, positive[metric].max() * 2)
         _integer_ticks(ax, sorted(rows[xcol].unique()))
         ax.set_xlabel(_label(xcol, log=True))
         ax.set_ylabel(_label(metric, log=log_y))
         ax.grid(True, which="both", alpha=0.25)
         ax.legend(
             fontsize=7,
-            title="fitted law (band: 95% bootstrap)",
+            title="fitted law (band: 95% interval)",
             title_fontsize=7,
             loc="upper left",
             bbox_to_anchor=(1.01, 1.0),

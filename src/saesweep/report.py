@@ -110,7 +110,8 @@ def write_fit_table(fits: dict, csv_path: Path, html_path: Path) -> None:
     with atomic_path(csv_path) as temporary:
         table.to_csv(temporary, index=False)
     note = (
-        f"<p>Bootstrap over cells: {fits['bootstrap']} replicates, seed {fits['seed']}. "
+        f"<p>Intervals: the wider of a bootstrap over cells ({fits['bootstrap']} replicates, seed "
+        f"{fits['seed']}) and the linearised least-squares interval with a t quantile. "
         "A law over n is refitted without the largest n and asked to predict it; a prediction "
         "outside its 95% interval is flagged (red row).</p>"
     )

@@ -24,6 +24,11 @@ and ``n_dropped_missing``; this biases such a metric upwards near zero.
 Uncertainty: ``bootstrap`` replicates resample the law's cells with replacement and, within
 each drawn cell, its seeds with replacement; each replicate is refitted from the full-data
 optimum.  A replicate fails when it has too few distinct x values or its fit is not finite.
+With few cells the replicates that succeed barely differ (with p + 1 cells every one of them
+is the full data), so each 95 % interval is the union of the bootstrap percentile interval
+and the linearised one, θ̂ ± t_{m−p}(0.975) · s · √((JᵀJ)⁺_ii) (see ``_Linearised``; mapped
+through exp for log parameters); the band of a 1-D law is likewise the union of the bootstrap
+band and log L̂(x) ± t_{m−p}(0.975) · s · √(jᵀ (JᵀJ)⁺ j).
 
 Validation (laws over n only): refit on all cells but those at the largest n, predict
 that n, and compare with the observation.  The prediction interval is the linearised one
@@ -201,6 +206,28 @@ def _fit(law: Law, nk: np.ndarray, vals: list[np.ndarray], rng: np.random.Genera
     return _Fit(theta, loss, converged, np.array(samples).reshape(-1, len(theta)), residuals)
 
 
+@dataclass
+class _Linearised:
+    """A fit linearised at its optimum (nonlinear least squares in log space): with m cells,
+    p parameters, log residuals r and Jacobian J of log L at the cells,
+    s² = Σ r² / (m − p) and the unscaled covariance (JᵀJ)⁺."""
+
+    inverse: np.ndarray
+    spread: float
+    dof: int
+
+    def half_width(self, jac: np.ndarray, level: float, new_observation: bool = False) -> np.ndarray:
+        """t_{m−p}((1 + level)/2) · s · √(jᵀ (JᵀJ)⁺ j [+ 1 for a new observation]) per row j of ``jac``."""
+        leverage = np.einsum("ij,jk,ik->i", jac, self.inverse, jac) + (1.0 if new_observation else 0.0)
+        return student_t.ppf((1 + level) / 2, self.dof) * self.spread * np.sqrt(leverage)
+
+
+def _linearise(fit: _Fit, xu: np.ndarray, xv: np.ndarray | None) -> _Linearised:
+    jac = _log_predict(fit.theta, xu, xv)[1]
+    m, p = jac.shape
+    return _Linearised(np.linalg.pinv(jac.T @ jac), float(np.sqrt((fit.residuals**2).sum() / (m - p))), m - p)
+
+
 def _num(x: float) -> float | None:
     """A JSON-safe float (None for NaN or infinity)."""
     return float(x) if np.isfinite(x) else None
@@ -223,14 +250,9 @@ def _validate(law: Law, nk: np.ndarray, vals: list[np.ndarray], rng: np.random.G
     train = _fit(law, nk[~held], [v for v, h in zip(vals, held) if not h], rng, bootstrap=0)
     if isinstance(train, str):
         return {"status": "skipped", "reason": f"without the largest n: {train}"}
-    m, p = len(train.residuals), len(law.param_names)
-    xu_train, xv_train = _design(law, nk[~held, 0], nk[~held, 1])
-    jac_train = _log_predict(train.theta, xu_train, xv_train)[1]
-    spread = np.sqrt((train.residuals**2).sum() / (m - p))
-    xu, xv = _design(law, nk[held, 0], nk[held, 1])
-    log_predicted, jac = _log_predict(train.theta, xu, xv)
-    leverage = np.einsum("ij,jk,ik->i", jac, np.linalg.pinv(jac_train.T @ jac_train), jac)
-    half_width = student_t.ppf(1 - 0.025 / held.sum(), m - p) * spread * np.sqrt(1 + leverage)
+    linearised = _linearise(train, *_design(law, nk[~held, 0], nk[~held, 1]))
+    log_predicted, jac = _log_predict(train.theta, *_design(law, nk[held, 0], nk[held, 1]))
+    half_width = linearised.half_width(jac, 1 - 0.05 / held.sum(), new_observation=True)
     rows = []
     for j, (n, k) in enumerate(nk[held]):
         observed = float(vals[np.flatnonzero(held)[j]].mean())
@@ -249,7 +271,7 @@ def _validate(law: Law, nk: np.ndarray, vals: list[np.ndarray], rng: np.random.G
     return {
         "status": "ok",
         "holdout_n": int(nk[:, 0].max()),
-        "n_train_cells": m,
+        "n_train_cells": len(train.residuals),
         "cells": rows,
         "max_abs_rel_error": max(abs(r["rel_error"]) for r in rows if r["rel_error"] is not None),
         "within_interval": inside,
@@ -293,18 +315,28 @@ def _fit_entry(
         "converged": fit.converged,
         "max_abs_log_residual": float(np.abs(fit.residuals).max()),
     }
+    linearised = _linearise(fit, *_design(law, nk[:, 0], nk[:, 1]))
+    half = linearised.half_width(np.eye(len(fit.theta)), 0.95)
+    with np.errstate(over="ignore"):  # an unidentified parameter's interval may be unbounded
+        lo, hi = _to_public(law, fit.theta - half), _to_public(law, fit.theta + half)
     if len(boot) >= 2:
-        lo, hi = np.percentile(boot, [2.5, 97.5], axis=0)
-        entry["ci95"] = {p: [_num(a), _num(b)] for p, a, b in zip(law.param_names, lo, hi)}
+        boot_lo, boot_hi = np.percentile(boot, [2.5, 97.5], axis=0)
+        lo, hi = np.minimum(lo, boot_lo), np.maximum(hi, boot_hi)
         entry["std"] = {p: _num(s) for p, s in zip(law.param_names, boot.std(axis=0, ddof=1))}
+    entry["ci95"] = {p: [_num(a), _num(b)] for p, a, b in zip(law.param_names, lo, hi)}
     if law.x != "n,k":
         col = 0 if law.x == "n" else 1
         grid = np.geomspace(nk[:, col].min(), nk[:, col].max(), BAND_POINTS)
-        entry["band"] = {"x": grid.tolist(), "lo": None, "hi": None}
+        xu, xv = _design(law, grid, grid)
+        log_mean, jac = _log_predict(fit.theta, xu, xv)
+        half_band = linearised.half_width(jac, 0.95)
+        with np.errstate(over="ignore"):
+            band_lo, band_hi = np.exp(log_mean - half_band), np.exp(log_mean + half_band)
         if len(boot) >= 2:
-            xu, xv = _design(law, grid, grid)
             preds = np.exp([_log_predict(t, xu, xv)[0] for t in fit.samples])
-            entry["band"].update(zip(("lo", "hi"), np.percentile(preds, [2.5, 97.5], axis=0).tolist()))
+            boot_lo, boot_hi = np.percentile(preds, [2.5, 97.5], axis=0)
+            band_lo, band_hi = np.minimum(band_lo, boot_lo), np.maximum(band_hi, boot_hi)
+        entry["band"] = {"x": grid.tolist(), "lo": list(map(_num, band_lo)), "hi": list(map(_num, band_hi))}
     if "n" in law.x:
         entry["validation"] = _validate(law, nk, vals, rng)
     return entry
@@ -357,12 +389,12 @@ def fit_scaling_laws(cells: pd.DataFrame, metrics: Sequence[str], bootstrap: int
     A law entry E always has "status", "law" (a key of LAWS), "formula", "param_names",
     "x" ("n", "k" or "n,k").  Skipped entries add "reason"; fitted ones ("status": "ok") add
     "fixed" ({"k": 32} / {"n": 4096} / {}), "params" {name: value}, "ci95" {name: [lo, hi]}
-    and "std" {name: s} (None without ≥ 2 successful replicates), "bootstrap"
+    (see Uncertainty) and "std" {name: s} (bootstrap; None without ≥ 2 successful replicates), "bootstrap"
     {"requested", "succeeded"}, "n_cells", "n_obs", "n_dropped_nonpositive",
     "n_dropped_missing", "huber_loss" (Σ Huber_δ(r)/δ at the optimum), "converged" (L-BFGS's own
     success flag; it often stops on a line-search warning at a good optimum), "max_abs_log_residual";
-    1-D laws add "band" {"x": grid over the observed range, "lo", "hi"}: the 95 % bootstrap
-    band of L; laws over n add "validation": {"status": "skipped", "reason"} or
+    1-D laws add "band" {"x": grid over the observed range, "lo", "hi"}: the 95 % band of L
+    (see Uncertainty; None where unbounded); laws over n add "validation": {"status": "skipped", "reason"} or
     {"status": "ok", "holdout_n", "n_train_cells", "cells": [{"n", "k", "observed",
     "predicted", "rel_error", "interval": [lo, hi], "within_interval"}],
     "max_abs_rel_error", "within_interval", "flagged"}.
