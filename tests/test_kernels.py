@@ -163,15 +163,24 @@ def test_row_blocks(monkeypatch):
     assert_same_step(sae, x, random_dead(64, 0.25), 8, 0.5, rtol=1e-10, atol=1e-12)
 
 
-def test_autocast_has_no_effect():
-    """sparse_step computes in the parameters' dtype even inside torch.autocast."""
+def test_autocast_runs_the_encoder_product_in_bf16():
+    """Inside torch.autocast(bf16) the selected values are those of the bf16 encoder product
+    (cast back to fp32); loss and gradients stay close to the fp32 step's, in fp32."""
     sae = make_sae(16, 64, 4, torch.float32)
     x = torch.randn(32, 16, generator=torch.Generator().manual_seed(9))
-    out, grads = run(sparse_step, sae, x, random_dead(64, 0.25), 8, 0.5)
+    dead = random_dead(64, 0.25)
+    out, grads = run(sparse_step, sae, x, dead, 8, 0.5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        autocast_out, autocast_grads = run(sparse_step, sae, x, random_dead(64, 0.25), 8, 0.5)
-    assert torch.equal(autocast_out.loss, out.loss)
-    assert all(torch.equal(autocast_grads[name], grads[name]) for name in PARAMETERS)
+        low_out, low_grads = run(sparse_step, sae, x, dead, 8, 0.5)
+    with torch.no_grad():
+        low_pre = torch.addmm(sae.b_enc.bfloat16(), (x - sae.b_pre).bfloat16(), sae.W_enc.bfloat16().t())
+    expected = low_pre.topk(4, dim=1).values.relu().float()
+    assert torch.equal(low_out.values.sort(dim=1).values, expected.sort(dim=1).values)
+    assert low_out.loss.dtype == torch.float32 and not torch.equal(low_out.loss, out.loss)
+    torch.testing.assert_close(low_out.loss, out.loss, rtol=3e-2, atol=0)
+    for name in PARAMETERS:
+        assert low_grads[name].dtype == torch.float32
+        torch.testing.assert_close(low_grads[name], grads[name], rtol=0.1, atol=0.05 * grads[name].abs().max().item())
 
 
 def test_overwrites_existing_gradients():

@@ -118,14 +118,23 @@ def sparse_step(
     then small: at most 1/_DENSE_AUX_FRACTION times the selection). Existing ``.grad``
     tensors of W_enc, b_enc and W_dec are overwritten in place (not accumulated into), new ones
     are created otherwise; b_pre gets a new one, as every parameter does in the reference.
-    Everything runs in the parameters' dtype: an enclosing ``torch.autocast`` has no effect.
+    Inside ``torch.autocast`` the encoder product, the step's one dense matmul, runs in the
+    autocast dtype (e.g. bf16), as autocast would run it, and the selected pre-activations
+    are cast back; everything else runs in the parameters' dtype.
     """
-    with torch.autocast(x.device.type, enabled=False):
-        return _sparse_step(sae, x, dead_mask, k_aux, aux_coef)
+    device = x.device.type
+    encoder_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    with torch.autocast(device, enabled=False):
+        return _sparse_step(sae, x, dead_mask, k_aux, aux_coef, encoder_dtype)
 
 
 def _sparse_step(
-    sae: TopKSAE, x: torch.Tensor, dead_mask: torch.Tensor | None, k_aux: int, aux_coef: float
+    sae: TopKSAE,
+    x: torch.Tensor,
+    dead_mask: torch.Tensor | None,
+    k_aux: int,
+    aux_coef: float,
+    encoder_dtype: torch.dtype | None,
 ) -> StepOutput:
     W_enc, b_enc, W_dec, b_pre = sae.W_enc, sae.b_enc, sae.W_dec, sae.b_pre
     dead = (
@@ -135,7 +144,12 @@ def _sparse_step(
     )
     k_a = min(k_aux, dead.numel())
     centred = x - b_pre
-    values, indices, aux_values, aux_positions = _select(centred, W_enc, b_enc, sae.k, dead, k_a)
+    if encoder_dtype is None or encoder_dtype == x.dtype:
+        values, indices, aux_values, aux_positions = _select(centred, W_enc, b_enc, sae.k, dead, k_a)
+    else:
+        low = (t.to(encoder_dtype) for t in (centred, W_enc, b_enc))
+        values, indices, aux_values, aux_positions = _select(*low, sae.k, dead, k_a)
+        values, aux_values = values.to(x.dtype), aux_values.to(x.dtype)
 
     variance = (x - x.mean(dim=0)).pow(2).sum()
     latents = values.relu()
