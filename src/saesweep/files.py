@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -16,9 +17,12 @@ from saesweep.errors import UserError
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed to ``path``
-    (an atomic rename on POSIX), on failure it is removed."""
+    (an atomic rename on POSIX), on failure it is removed. Temporaries of ``path`` left by
+    a killed earlier writer (one job writes a given file at a time) are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
+        stale.unlink(missing_ok=True)
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield temporary
