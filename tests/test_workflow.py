@@ -91,7 +91,7 @@ def test_fits_and_figures_exist_with_content(sweep: Path) -> None:
         # the law a·n^(−b) contains every constant (b = 0): it fits at least as well as one
         constant = np.abs(log_observed - np.median(log_observed)).sum()
         assert np.abs(log_fitted - log_observed).sum() <= constant + 1e-6
-    for name in ("nmse_vs_n", "delta_lm_loss_vs_n", "training_curves", "frontier", "multi_topk", "interpretability"):
+    for name in ("nmse_vs_n", "delta_lm_loss_vs_n", "training_curves", "frontier", "multi_topk", "multi_topk_delta_lm_loss", "interpretability"):
         assert (sweep / f"results/tiny/scaling/figures/{name}.png").stat().st_size > 10_000
         assert (sweep / f"results/tiny/scaling/figures/{name}.svg").exists()
 

@@ -12,8 +12,8 @@ from saesweep import plots
 
 def draw_all(cells_path: Path, logs_path: Path, fits_path: Path, folder: Path, title: str, metrics: list[str]) -> list[Path]:
     """Write ``{metric}_vs_n``, ``{metric}_vs_k``, ``{metric}_joint`` for each fitted
-    metric, and ``dead_fraction``, ``frontier``, ``multi_topk``, ``interpretability`` and
-    ``training_curves`` (PNG and SVG)."""
+    metric, and ``dead_fraction``, ``frontier``, ``multi_topk`` (normalised MSE),
+    ``multi_topk_delta_lm_loss``, ``interpretability`` and ``training_curves`` (PNG and SVG)."""
     cells = pd.read_parquet(cells_path)
     logs = pd.read_parquet(logs_path)
     fits = json.loads(Path(fits_path).read_text())
@@ -26,6 +26,7 @@ def draw_all(cells_path: Path, logs_path: Path, fits_path: Path, folder: Path, t
     written += plots.plot_dead_fraction(cells, folder / "dead_fraction", title)
     written += plots.plot_frontier(cells, folder / "frontier", title)
     written += plots.plot_multi_topk(cells, folder / "multi_topk", title)
+    written += plots.plot_multi_topk(cells, folder / "multi_topk_delta_lm_loss", title, "delta_lm_loss")
     written += plots.plot_interpretability(cells, folder / "interpretability", title)
     written += plots.plot_training_curves(logs, folder / "training_curves", title)
     return written

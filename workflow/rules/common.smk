@@ -38,7 +38,7 @@ FIGURES = {
         "interpretability",
         "training_curves",
     )
-}
+} | {"multi_topk_delta_lm_loss": "multi_topk"}
 
 
 wildcard_constraints:
