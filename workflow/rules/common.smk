@@ -25,20 +25,24 @@ SITES = config["activations"]["sites"]
 CELLS = [cell.name for cell in sweep_cells(config)]
 FIT_METRICS = config["scaling"]["metrics"]
 # Figure name → the caption file (workflow/report/{view}.rst) that describes it.
-FIGURES = {
-    f"{metric}_{view}": view
-    for metric in FIT_METRICS
-    for view in ("vs_n", "vs_k", "joint")
-} | {
-    view: view
-    for view in (
-        "dead_fraction",
-        "frontier",
-        "multi_topk",
-        "interpretability",
-        "training_curves",
-    )
-} | {"multi_topk_delta_lm_loss": "multi_topk"}
+FIGURES = (
+    {
+        f"{metric}_{view}": view
+        for metric in FIT_METRICS
+        for view in ("vs_n", "vs_k", "joint")
+    }
+    | {
+        view: view
+        for view in (
+            "dead_fraction",
+            "frontier",
+            "multi_topk",
+            "interpretability",
+            "training_curves",
+        )
+    }
+    | {"multi_topk_delta_lm_loss": "multi_topk"}
+)
 
 
 wildcard_constraints:
