@@ -162,14 +162,15 @@ def _sparse_step(
     if k_a > 0:
         dead_W_dec = W_dec[dead]
         aux_latents = aux_values.relu()
-        if k_a >= _DENSE_AUX_FRACTION * dead.numel():
+        dense_aux = k_a >= _DENSE_AUX_FRACTION * dead.numel()
+        if dense_aux:
             aux_codes = x.new_zeros(x.shape[0], dead.numel()).scatter_(1, aux_positions, aux_latents)
             aux_residual = torch.addmm(error, aux_codes, dead_W_dec, beta=-1)
         else:
             aux_residual = sparse_decode(dead_W_dec, aux_positions, aux_latents) - error
         aux_loss = aux_residual.pow(2).sum() / variance
         grad_aux = aux_residual * (2 * aux_coef / variance)
-        if k_a >= _DENSE_AUX_FRACTION * dead.numel():
+        if dense_aux:
             aux_grads = _dense_selection_grads(dead_W_dec, centred, aux_codes, grad_aux)
         else:
             aux_grads = _selection_grads(dead_W_dec, centred, aux_positions, aux_values, grad_aux)

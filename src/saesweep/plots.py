@@ -172,9 +172,8 @@ def _plot_1d(cells: pd.DataFrame, fits: dict, metric: str, stem: str | Path, tit
                 color=colour,
                 label=f"{name}: {p['a']:.3g}·{x}^−{p['b']:.3g}{floor}",
             )
-            if entry["band"]["lo"] is not None:
-                band = [np.asarray(entry["band"][side], dtype=float) for side in ("lo", "hi")]
-                ax.fill_between(grid, *band, color=colour, alpha=0.2, lw=0)
+            band = [np.asarray(entry["band"][side], dtype=float) for side in ("lo", "hi")]
+            ax.fill_between(grid, *band, color=colour, alpha=0.2, lw=0)
             validation = entry.get("validation", {})
             if validation.get("flagged"):
                 notes.append(
@@ -366,15 +365,8 @@ def plot_multi_topk(cells: pd.DataFrame, stem: str | Path, title: str, metric: s
             own = dict(shown).get(int(k))
             if own is not None:
                 ax.plot([k], [own], marker="*", ms=11, color=colour, markeredgecolor="black", ls="")
-        fig.colorbar(mpl.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=_label("n_latents", log=True))
-        ax.legend(
-            handles=[
-                Line2D([], [], color="grey", ls=LINESTYLES[i % len(LINESTYLES)], label=f"trained at k={k}")
-                for i, k in enumerate(ks)
-            ]
-            + [Line2D([], [], color="grey", marker="*", ms=10, ls="", markeredgecolor="black", label="k′ = k")],
-            fontsize=8,
-        )
+        star = Line2D([], [], color="grey", marker="*", ms=10, ls="", markeredgecolor="black", label="k′ = k")
+        _n_colour_k_style_key(fig, ax, norm, ks, "trained at k={}", [star])
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.xaxis.set_major_locator(LogLocator(base=2))
@@ -391,6 +383,18 @@ def _n_norm(df: pd.DataFrame) -> LogNorm:
     """Log colour scale over the table's dictionary sizes (never zero-width)."""
     low = df["n_latents"].min()
     return LogNorm(low, max(df["n_latents"].max(), low + 1))
+
+
+def _n_colour_k_style_key(
+    fig: Figure, ax: Axes, norm: LogNorm, ks: list, k_label: str = "k={}", extra: list[Line2D] | None = None
+) -> None:
+    """The key of a panel whose lines are coloured by n (a colour bar) and styled by k (a legend)."""
+    fig.colorbar(mpl.cm.ScalarMappable(norm=norm, cmap="viridis"), ax=ax, label=_label("n_latents", log=True))
+    styles = [
+        Line2D([], [], color="grey", ls=LINESTYLES[i % len(LINESTYLES)], label=k_label.format(k))
+        for i, k in enumerate(ks)
+    ]
+    ax.legend(handles=styles + (extra or []), fontsize=8)
 
 
 def plot_frontier(cells: pd.DataFrame, stem: str | Path, title: str) -> list[Path]:
@@ -446,14 +450,7 @@ def plot_training_curves(train_logs: pd.DataFrame, stem: str | Path, title: str)
         ks = sorted(rows["k"].unique())
         for (n, k, _seed), s in rows.sort_values("tokens").groupby(["n_latents", "k", "seed"]):
             ax.plot(s["tokens"], s["nmse"], color=cmap(norm(n)), ls=LINESTYLES[ks.index(k) % len(LINESTYLES)], lw=1)
-        fig.colorbar(mpl.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=_label("n_latents", log=True))
-        ax.legend(
-            handles=[
-                Line2D([], [], color="grey", ls=LINESTYLES[i % len(LINESTYLES)], label=f"k={k}")
-                for i, k in enumerate(ks)
-            ],
-            fontsize=8,
-        )
+        _n_colour_k_style_key(fig, ax, norm, ks)
         ax.set_yscale("log")
         ax.set_xlabel(_label("tokens"))
         ax.set_ylabel(_label("nmse", log=True))

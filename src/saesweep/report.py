@@ -35,7 +35,7 @@ def _parameters(entry: dict) -> str:
     for name in entry["param_names"]:
         value, interval = entry["params"][name], entry["ci95"][name]
         text = f"{name} = {value:.4g}" if value is not None else f"{name} = n/a"
-        if interval is not None and None not in interval:
+        if None not in interval:
             text += f" [{interval[0]:.4g}, {interval[1]:.4g}]"
         parts.append(text)
     return "; ".join(parts)
@@ -53,9 +53,8 @@ def _held_out(entry: dict) -> tuple[str, bool | None]:
         for c in validation["cells"]
         if c["predicted"] is not None
     )
-    inside = validation["within_interval"]
-    verdict = "" if inside is None else ("; inside the interval" if inside else "; OUTSIDE the interval")
-    return f"n={validation['holdout_n']} predicted from smaller n: {cells}{verdict}", validation["flagged"]
+    verdict = "inside the interval" if validation["within_interval"] else "OUTSIDE the interval"
+    return f"n={validation['holdout_n']} predicted from smaller n: {cells}; {verdict}", validation["flagged"]
 
 
 def _law_row(site: str, arch: str, metric: str, at: str, entry: dict) -> dict[str, Any]:
