@@ -1,6 +1,6 @@
 """Extraction and loading against their floors, as ratios measured in one process.
 
-1. Extraction: tokens/s of ``saesweep.activations`` writing shards, against the bare
+1. Extraction: tokens/s of ``saesweep.data.activations`` writing shards, against the bare
    truncated LM forward (``capture_sites``) on the same windows; ratio = extract / bare
    (1.0 = writing is free; the goal is ≥ 0.9).
 2. Loading: tokens/s of training steps fed by ``BatchStream`` from the shards, against the
@@ -21,13 +21,13 @@ from pathlib import Path
 
 import torch
 
-from saesweep.activations import ActivationStore, extract
-from saesweep.corpus import read_split, token_windows
-from saesweep.files import write_json
-from saesweep.kernels import sparse_step
-from saesweep.lm import capture_sites, load_lm
-from saesweep.loader import BatchStream
-from saesweep.sae import TopKSAE
+from saesweep.data.activations import ActivationStore, extract
+from saesweep.data.corpus import read_split, token_windows
+from saesweep.core.files import write_json
+from saesweep.sae.topk_kernels import sparse_step
+from saesweep.data.lm import capture_sites, load_lm
+from saesweep.data.loader import BatchStream
+from saesweep.sae.topk import TopKSAE
 
 
 def bench_extraction(args: argparse.Namespace, scratch: Path) -> Path:

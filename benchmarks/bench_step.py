@@ -32,9 +32,9 @@ from dataclasses import dataclass
 
 import torch
 
-from saesweep.kernels import dense_reference_step, sparse_step
-from saesweep.sae import TopKSAE
-from saesweep.train import make_adam
+from saesweep.sae.topk_kernels import dense_reference_step, sparse_step
+from saesweep.sae.topk import TopKSAE
+from saesweep.train.trainer import make_adam
 
 ADAM_EPS = 6.25e-10
 LR = 1e-4

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, tiny_config
-from saesweep.config import (
+from saesweep.core.config import (
     Cell,
     check_sites_against_model,
     dead_window,
@@ -22,7 +22,7 @@ from saesweep.config import (
     token_budget,
     validate_config,
 )
-from saesweep.errors import UserError
+from saesweep.core.errors import UserError
 
 SHIPPED = sorted((REPO / "config").glob("*.yaml"))
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import make_text
-from saesweep.corpus import (
+from saesweep.data.corpus import (
     Document,
     is_eval_document,
     load_documents,
@@ -19,7 +19,7 @@ from saesweep.corpus import (
     split_documents,
     token_windows,
 )
-from saesweep.errors import UserError
+from saesweep.core.errors import UserError
 
 
 class WordTokenizer:

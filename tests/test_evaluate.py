@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from saesweep.evaluate import Downstream, downstream_metrics, multi_k_values, reconstruction_metrics
-from saesweep.lm import load_lm
-from saesweep.sae import TopKSAE
+from saesweep.evaluation.evaluate import Downstream, downstream_metrics, multi_k_values, reconstruction_metrics
+from saesweep.data.lm import load_lm
+from saesweep.sae.topk import TopKSAE
 
 
 def exact_sae(d: int) -> TopKSAE:

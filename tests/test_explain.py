@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from saesweep.explain import Explanation, explain_latent, explainability, score_explanation
+from saesweep.evaluation.explain import Explanation, explain_latent, explainability, score_explanation
 
 V, A, B = 50, 7, 9  # vocabulary; the bigram (A, B)
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from saesweep.errors import UserError
-from saesweep.files import atomic_path, read_json, write_json
+from saesweep.core.errors import UserError
+from saesweep.core.files import atomic_path, read_json, write_json
 
 
 def test_failed_write_leaves_nothing(tmp_path: Path) -> None:

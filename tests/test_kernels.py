@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from saesweep import kernels
-from saesweep.kernels import StepOutput, dense_reference_step, sparse_step
-from saesweep.sae import TopKSAE
+from saesweep.sae import topk_kernels as kernels
+from saesweep.sae.topk_kernels import StepOutput, dense_reference_step, sparse_step
+from saesweep.sae.topk import TopKSAE
 
 PARAMETERS = ("W_enc", "b_enc", "W_dec", "b_pre")
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from saesweep.activations import ActivationStore, shard_name, write_manifest, write_shard
-from saesweep.errors import UserError
-from saesweep.loader import BatchStream
+from saesweep.data.activations import ActivationStore, shard_name, write_manifest, write_shard
+from saesweep.core.errors import UserError
+from saesweep.data.loader import BatchStream
 
 SIZES = [300, 250, 310, 280, 90, 300, 200]  # unequal shards, 1730 rows
 TOTAL = sum(SIZES)

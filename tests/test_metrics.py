@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from saesweep import metrics as M
-from saesweep.sae import TopKSAE
+from saesweep.evaluation import metrics as M
+from saesweep.sae.topk import TopKSAE
 
 
 def _gen(seed=0):

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from saesweep import plots
-from saesweep.scaling import fit_scaling_laws
+from saesweep.analysis import plots
+from saesweep.analysis.scaling import fit_scaling_laws
 
 TITLE = "gpt2-small · run test"
 

@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from saesweep.provenance import settings_hash
-from saesweep.report import fit_table, write_fit_table, write_run_config
-from saesweep.scaling import fit_scaling_laws
+from saesweep.core.provenance import settings_hash
+from saesweep.analysis.report import fit_table, write_fit_table, write_run_config
+from saesweep.analysis.scaling import fit_scaling_laws
 
 
 def synthetic_fits() -> dict:

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from saesweep.scaling import fit_scaling_laws, predict
+from saesweep.analysis.scaling import fit_scaling_laws, predict
 
 NS = [2**e for e in range(9, 17)]
 KS = [8, 16, 32, 64]

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from saesweep.token_tasks import FUNCTION_WORDS, TASKS, detect_scheme, label_tokens, label_window, token_texts
+from saesweep.evaluation.token_tasks import FUNCTION_WORDS, TASKS, detect_scheme, label_tokens, label_window, token_texts
 
 
 def on(labels, name):

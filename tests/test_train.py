@@ -16,15 +16,15 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_config
-from saesweep.activations import ActivationStore, extract
+from saesweep.data.activations import ActivationStore, extract
 from saesweep.cli import main as cli_main
-from saesweep.config import validate_config
-from saesweep.corpus import prepare_corpus
-from saesweep.errors import UserError
-from saesweep.export import load_sae
-from saesweep.files import read_json, write_json
-from saesweep.settings import activation_dir, corpus_dir, extraction_settings, train_settings
-from saesweep.train import CHECKPOINT, TrainingDiverged, train_cell
+from saesweep.core.config import validate_config
+from saesweep.data.corpus import prepare_corpus
+from saesweep.core.errors import UserError
+from saesweep.sae.export import load_sae
+from saesweep.core.files import read_json, write_json
+from saesweep.core.settings import activation_dir, corpus_dir, extraction_settings, train_settings
+from saesweep.train.trainer import CHECKPOINT, TrainingDiverged, train_cell
 
 TIMING_COLUMNS = ["tokens_per_s"]  # wall-clock: the only part of a log that may differ between runs
 
@@ -185,7 +185,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_143(uninterrupted, tmp_path, caps
 
 
 def test_checkpoint_of_other_settings_is_ignored(extracted, tmp_path, capsys) -> None:
-    from saesweep.train import Trainer
+    from saesweep.train.trainer import Trainer
 
     fresh = cell_settings(extracted, "topk-n64-k4-s0")
     other = cell_settings(extracted, "topk-n64-k4-s0", **{"train.lr.base": 1e-3})

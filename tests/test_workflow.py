@@ -15,7 +15,7 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import REPO, tiny_config, write_config
-from saesweep.scaling import predict
+from saesweep.analysis.scaling import predict
 
 pytestmark = pytest.mark.workflow
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]

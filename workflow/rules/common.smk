@@ -3,9 +3,9 @@ import json
 import sys
 from pathlib import Path
 
-from saesweep.config import check_sites_against_model, sweep_cells, validate_config
-from saesweep.errors import UserError
-from saesweep import settings as job
+from saesweep.core.config import check_sites_against_model, sweep_cells, validate_config
+from saesweep.core.errors import UserError
+from saesweep.core import settings as job
 
 try:
     validated = validate_config(config)

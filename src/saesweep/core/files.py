@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from saesweep.errors import UserError
+from saesweep.core.errors import UserError
 
 
 @contextlib.contextmanager

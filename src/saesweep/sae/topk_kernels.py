@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from saesweep.sae import TopKSAE, sparse_decode
+from saesweep.sae.topk import TopKSAE, sparse_decode
 
 
 @dataclass

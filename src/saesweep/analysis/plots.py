@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import LogLocator, ScalarFormatter
 
-from saesweep.scaling import find_group, predict
+from saesweep.analysis.scaling import find_group, predict
 
 LABELS = {
     "nmse": "normalised MSE",

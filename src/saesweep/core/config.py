@@ -20,7 +20,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from saesweep.errors import UserError
+from saesweep.core.errors import UserError
 
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
 CELL_PATTERN = re.compile(r"^(?P<arch>[a-z0-9]+)-n(?P<n>[0-9]+)-k(?P<k>[0-9]+)-s(?P<seed>[0-9]+)$")

@@ -21,12 +21,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from saesweep.activations import ActivationStore, resolve_device
-from saesweep.explain import explainability
-from saesweep.export import load_sae
-from saesweep.files import write_json
-from saesweep.lm import load_lm, spliced
-from saesweep.metrics import (
+from saesweep.data.activations import ActivationStore, resolve_device
+from saesweep.evaluation.explain import explainability
+from saesweep.sae.export import load_sae
+from saesweep.core.files import write_json
+from saesweep.data.lm import load_lm, spliced
+from saesweep.evaluation.metrics import (
     ReconstructionAccumulator,
     ablation_sparsity,
     best_latent_probe_loss,
@@ -36,9 +36,9 @@ from saesweep.metrics import (
     next_token_ce_sum,
     next_token_kl_sum,
 )
-from saesweep.provenance import provenance
-from saesweep.sae import TopKSAE
-from saesweep.token_tasks import label_tokens
+from saesweep.core.provenance import provenance
+from saesweep.sae.topk import TopKSAE
+from saesweep.evaluation.token_tasks import label_tokens
 
 
 def multi_k_values(k: int, n: int, factors: list[float]) -> list[int]:

@@ -30,12 +30,12 @@ import numpy as np
 import torch
 
 from saesweep import __version__
-from saesweep.corpus import read_split, token_windows
-from saesweep.errors import UserError
-from saesweep.files import atomic_path, read_json, sha256_file, write_json
-from saesweep.lm import capture_sites, load_lm
-from saesweep.progress import Progress
-from saesweep.provenance import provenance
+from saesweep.data.corpus import read_split, token_windows
+from saesweep.core.errors import UserError
+from saesweep.core.files import atomic_path, read_json, sha256_file, write_json
+from saesweep.data.lm import capture_sites, load_lm
+from saesweep.core.progress import Progress
+from saesweep.core.provenance import provenance
 
 STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32}
 

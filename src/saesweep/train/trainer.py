@@ -24,15 +24,15 @@ from typing import Any
 import pandas as pd
 import torch
 
-from saesweep.activations import ActivationStore, resolve_device
-from saesweep.errors import Interrupted, UserError
-from saesweep.export import save_sae
-from saesweep.files import atomic_path
-from saesweep.kernels import sparse_step
-from saesweep.loader import BatchStream
-from saesweep.progress import Progress
-from saesweep.provenance import provenance
-from saesweep.sae import TopKSAE
+from saesweep.data.activations import ActivationStore, resolve_device
+from saesweep.core.errors import Interrupted, UserError
+from saesweep.sae.export import save_sae
+from saesweep.core.files import atomic_path
+from saesweep.sae.topk_kernels import sparse_step
+from saesweep.data.loader import BatchStream
+from saesweep.core.progress import Progress
+from saesweep.core.provenance import provenance
+from saesweep.sae.topk import TopKSAE
 
 CHECKPOINT = "checkpoint.pt"
 

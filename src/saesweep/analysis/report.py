@@ -14,8 +14,8 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from saesweep.files import atomic_path
-from saesweep.provenance import provenance
+from saesweep.core.files import atomic_path
+from saesweep.core.provenance import provenance
 
 STYLE = (
     "body{font-family:sans-serif;font-size:13px;margin:1em}"

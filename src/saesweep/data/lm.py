@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from saesweep.config import parse_site
-from saesweep.errors import UserError
+from saesweep.core.config import parse_site
+from saesweep.core.errors import UserError
 
 BLOCK_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers")
 ATTENTION_NAMES = ("self_attn", "attn", "attention")

@@ -15,7 +15,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from saesweep.errors import UserError
+from saesweep.core.errors import UserError
 
 
 def download_pypi_wheel(requirement: str, folder: Path) -> Path:

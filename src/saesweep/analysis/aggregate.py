@@ -8,8 +8,8 @@ from typing import Any
 
 import pandas as pd
 
-from saesweep.errors import UserError
-from saesweep.files import atomic_path, read_json
+from saesweep.core.errors import UserError
+from saesweep.core.files import atomic_path, read_json
 
 KEY_COLUMNS = ["site", "arch", "n_latents", "k", "seed"]
 

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from saesweep.errors import UserError
-from saesweep.files import atomic_path, write_json
-from saesweep.resources import fetch_package_files
+from saesweep.core.errors import UserError
+from saesweep.core.files import atomic_path, write_json
+from saesweep.data.resources import fetch_package_files
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from saesweep.config import dead_window, learning_rate, parse_cell, token_budget
+from saesweep.core.config import dead_window, learning_rate, parse_cell, token_budget
 
 
 def run_dir(config: dict[str, Any]) -> str:

@@ -19,8 +19,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from saesweep.activations import ActivationStore
-from saesweep.errors import UserError
+from saesweep.data.activations import ActivationStore
+from saesweep.core.errors import UserError
 
 
 def seeded_generator(*parts: int) -> np.random.Generator:

@@ -8,9 +8,9 @@ from typing import Any
 
 from safetensors.torch import load_file, save_file
 
-from saesweep.errors import UserError
-from saesweep.files import atomic_path, read_json, write_json
-from saesweep.sae import TopKSAE
+from saesweep.core.errors import UserError
+from saesweep.core.files import atomic_path, read_json, write_json
+from saesweep.sae.topk import TopKSAE
 
 
 def save_sae(sae: TopKSAE, folder: Path, cfg: dict[str, Any]) -> None:

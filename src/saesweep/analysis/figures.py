@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from saesweep import plots
+from saesweep.analysis import plots
 
 
 def draw_all(cells_path: Path, logs_path: Path, fits_path: Path, folder: Path, title: str, metrics: list[str]) -> list[Path]:

@@ -1,0 +1,1 @@
+"""What every stage shares: the config and its checks, each job's settings, atomic files, errors, provenance, progress."""

@@ -1,0 +1,1 @@
+"""Evaluating one trained cell on held-out tokens: metric definitions, token tasks, explanations."""

@@ -1,0 +1,1 @@
+"""Training one cell: the loop, its schedule, dead-latent tracking, checkpoints and resume."""
