@@ -59,7 +59,7 @@ def bench_extraction(args: argparse.Namespace, scratch: Path) -> Path:
 def bench_loading(folder: Path, args: argparse.Namespace) -> None:
     """Print step tokens/s fed from shards and from memory, and their ratio."""
     store = ActivationStore(folder)
-    sae = TopKSAE(store.d, args.n, args.k)
+    sae = TopKSAE(store.d, args.n, {"k": args.k})
     sae.initialise(store.head(2048).sub(store.mean).div(store.scale), torch.Generator().manual_seed(0))
     memory = store.head(store.tokens).sub(store.mean).div(store.scale)
     budget = (store.tokens // args.train_batch) * args.train_batch

@@ -57,7 +57,7 @@ class Setup:
         generator = torch.Generator().manual_seed(self.seed)
         self.x = torch.randn(self.batch, self.d, generator=generator)  # E‖x‖² = d
         self.dead = torch.rand(self.n, generator=generator) < self.dead_fraction
-        self.sae = TopKSAE(self.d, self.n, self.k)
+        self.sae = TopKSAE(self.d, self.n, {"k": self.k})
         self.sae.initialise(self.x[:1024], generator)
 
 
@@ -95,9 +95,9 @@ def build_saesweep(step_fn) -> Callable[[Setup], Callable[[], object]]:
 
         def step() -> object:
             step_fn(sae, setup.x, setup.dead, setup.k_aux, setup.aux_coef)
-            sae.project_decoder_grad()
+            sae.before_optimizer_step()
             optimizer.step()
-            sae.normalise_decoder()
+            sae.after_optimizer_step()
 
         return step
 

@@ -88,7 +88,8 @@ def one_thread():
 
 
 def tiny_config(model: Path, corpus: Path, **overrides: Any) -> dict[str, Any]:
-    """A complete config for a 2 × 2 sweep on the tiny model, minutes → seconds."""
+    """A complete config for a 2 × 2 sweep on the tiny model, minutes → seconds; each
+    override sets (or, with None, removes) a dotted key."""
     config: dict[str, Any] = {
         "run": "tiny",
         "model": {"id": str(model), "dtype": "float32"},
@@ -109,10 +110,40 @@ def tiny_config(model: Path, corpus: Path, **overrides: Any) -> dict[str, Any]:
         *parents, last = dotted.split(".")
         for key in parents:
             node = node.setdefault(key, {})
-        node[last] = value
+        if value is None:
+            node.pop(last, None)
+        else:
+            node[last] = value
     return config
 
 
 def write_config(path: Path, config: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+TIMING_COLUMNS = ["tokens_per_s"]  # wall-clock: the only part of a training log that may differ between runs
+
+
+def read_log(folder: Path):
+    import pandas as pd
+
+    return pd.read_parquet(folder / "train_log.parquet")
+
+
+def assert_same_training(a: Path, b: Path) -> None:
+    """Two cell folders hold the same training: bit-identical weights and buffers, identical
+    logs (timing aside), the same number of tokens."""
+    import json
+
+    import pandas as pd
+    import torch
+    from safetensors.torch import load_file
+
+    left, right = load_file(str(a / "sae.safetensors")), load_file(str(b / "sae.safetensors"))
+    assert sorted(left) == sorted(right)
+    for name in left:
+        assert torch.equal(left[name], right[name]), name
+    pd.testing.assert_frame_equal(read_log(a).drop(columns=TIMING_COLUMNS), read_log(b).drop(columns=TIMING_COLUMNS))
+    tokens = [json.loads((folder / "cfg.json").read_text())["training"]["tokens"] for folder in (a, b)]
+    assert tokens[0] == tokens[1]

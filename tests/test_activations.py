@@ -19,12 +19,12 @@ import torch
 import saesweep.data.activations as activations_module
 from conftest import make_text, tiny_config
 from saesweep.data.activations import ActivationStore, extract
-from saesweep.core.config import validate_config
+from saesweep.plan.config import validate_config
 from saesweep.data.corpus import prepare_corpus
 from saesweep.core.errors import UserError
 from saesweep.core.files import read_json, sha256_file, write_json
 from saesweep.data.lm import decoder_blocks
-from saesweep.core.settings import corpus_dir, extraction_settings
+from saesweep.plan.settings import corpus_dir, extraction_settings
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -10,18 +10,17 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, tiny_config
-from saesweep.core.config import (
-    Cell,
+from saesweep.core.sites import parse_site
+from saesweep.plan.cells import Cell, make_cell, parse_cell, sweep_cells
+from saesweep.plan.config import (
     check_sites_against_model,
     dead_window,
     learning_rate,
     load_config,
-    parse_cell,
-    parse_site,
-    sweep_cells,
     token_budget,
     validate_config,
 )
+from saesweep.sae.registry import ARCHITECTURES
 from saesweep.core.errors import UserError
 
 SHIPPED = sorted((REPO / "config").glob("*.yaml"))
@@ -59,7 +58,7 @@ def test_defaults_are_filled_without_touching_given_values() -> None:
     assert config["activations"]["skip_positions"] == 1
     assert config["activations"]["context"] == 32  # given, kept
     assert config["model"]["prepend_bos"] is False and config["model"]["revision"] is None
-    assert config["sweep"]["arch"] == ["topk"] and config["sweep"]["seeds"] == [0]
+    assert config["sweep"]["seeds"] == [0]
     # a whole absent section gets its nested defaults
     train = config["train"]
     assert train["batch_size"] == 1024
@@ -67,7 +66,7 @@ def test_defaults_are_filled_without_touching_given_values() -> None:
     assert train["lr"]["base"] == pytest.approx(2e-4) and train["lr"]["n_ref"] == 16384
     assert train["auxk"] == {"enabled": True, "k_aux": 512, "coef": 0.03125}
     assert train["adam_eps"] == pytest.approx(6.25e-10)
-    assert config["evaluate"]["multi_k_factors"] == [0.5, 1, 2, 4]  # section given, missing keys filled
+    assert config["evaluate"]["k_transfer_factors"] == [0.5, 1, 2, 4]  # section given, missing keys filled
     assert config["scaling"]["bootstrap"] == 20
 
 
@@ -75,6 +74,11 @@ def test_defaults_are_filled_without_touching_given_values() -> None:
     ("overrides", "key"),
     [
         ({"sweep.k": [4, 64]}, "sweep.k"),  # k = n
+        ({"sweep.archs": {"batchtopk": {"k": [4, 300]}}}, "sweep.archs.batchtopk"),
+        ({"sweep.archs": {"topk": {"k": [4]}}}, "sweep.k"),  # both forms of TopK's grid
+        ({"sweep.archs": {"relu": {"l1_coef": [-0.1]}}}, "sweep.archs.relu.l1_coef"),
+        ({"sweep.archs": {"relu": {"l1_coef": ["a"]}}}, "sweep.archs.relu.l1_coef[0]"),
+        ({"sweep.archs": {"relu": {"l1_coef": []}}}, "sweep.archs.relu.l1_coef"),
         ({"sweep.k": [4, 300]}, "sweep.k"),  # k > every n
         ({"activations.sites": ["foo3"]}, "activations.sites[0]"),
         ({"activations.sites": ["resid1", "resid"]}, "activations.sites[1]"),
@@ -97,6 +101,15 @@ def test_defaults_are_filled_without_touching_given_values() -> None:
 def test_bad_values_name_their_key(overrides, key) -> None:
     message = error_of(base_config(**overrides))
     assert f"config key {key}:" in message, message
+
+
+def test_unknown_architectures_and_parameters_list_the_valid_ones() -> None:
+    message = error_of(base_config(**{"sweep.archs": {"resnet": {"k": [4]}}}))
+    assert "config key sweep.archs.resnet:" in message and "topk, multitopk" in message, message
+    message = error_of(base_config(**{"sweep.archs": {"relu": {"k": [4]}}}))
+    assert "config key sweep.archs.relu.k:" in message and "l1_coef" in message, message
+    message = error_of(base_config(**{"sweep.archs": {"jumprelu": {"bandwidth": [0.1]}}}))
+    assert "config key sweep.archs.jumprelu.l0_coef: required" in message, message
 
 
 def test_unknown_keys_are_named() -> None:
@@ -180,11 +193,39 @@ def test_cell_names_round_trip() -> None:
     assert len({cell.name for cell in cells}) == len(cells)
     for cell in cells:
         assert parse_cell(cell.name) == cell
-    assert Cell("topk", 16384, 32, 3).name == "topk-n16384-k32-s3"
-    assert parse_cell("topk-n16384-k32-s3") == Cell("topk", 16384, 32, 3)
-    for bad in ["topk-n16384-k32", "topk-n-k32-s0", "TopK-n16-k2-s0", "topk-n16-k2-s0/extra"]:
+    cell = make_cell("topk", 16384, {"k": 32}, 3)
+    assert cell.name == "topk-n16384-k32-s3" and cell.setting == "topk-k32" and cell.k == 32
+    assert parse_cell("topk-n16384-k32-s3") == cell
+    for bad in ["topk-n16384-k32", "topk-n-k32-s0", "TopK-n16-k2-s0", "topk-n16-k2-s0/extra",
+                "topk-n16-k2-lr1-s0", "topk-n16-k2.0-s0", "relu-n16-k2-s0", "foo-n16-k2-s0"]:
         with pytest.raises(UserError):
             parse_cell(bad)
+
+
+def test_cell_names_of_every_architecture_name_the_knob_and_only_non_defaults() -> None:
+    grids = {"topk": {"k": [4, 16]}, "multitopk": {"k": [4], "multiple": [4, 8]},
+             "batchtopk": {"k": [4]}, "relu": {"l1_coef": [0.1, 1e-05], "lr_factor": [1, 0.5]},
+             "jumprelu": {"l0_coef": [0.003]}, "gated": {"l1_coef": [0.25]}}
+    cells = sweep_cells(validate_config(base_config(**{"sweep.k": None, "sweep.archs": grids})))
+    names = [cell.name for cell in cells]
+    assert {cell.arch for cell in cells} == set(ARCHITECTURES)
+    assert len(set(names)) == len(names) == 2 * (2 + 2 + 1 + 4 + 1 + 1)
+    assert "multitopk-n64-k4-s0" in names and "multitopk-n64-k4-m8-s0" in names
+    assert "relu-n256-l1e-05-lr0.5-s0" in names and "relu-n64-l0.1-s0" in names
+    for cell in cells:
+        assert parse_cell(cell.name) == cell
+    # adding a grid value renames no existing cell
+    grids["relu"]["l1_coef"].append(0.3)
+    more = [cell.name for cell in sweep_cells(validate_config(base_config(**{"sweep.k": None, "sweep.archs": grids})))]
+    assert set(names) < set(more)
+
+
+def test_every_architecture_declares_distinct_tags_and_a_required_knob() -> None:
+    for name, cls in ARCHITECTURES.items():
+        tags = [parameter.tag for parameter in cls.all_arch_parameters()]
+        assert len(set(tags)) == len(tags) and "n" not in tags and "s" not in tags, name
+        assert cls.knob().default is None, name
+        assert cls.reference and cls.__doc__, name
 
 
 def test_site_names() -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from saesweep.evaluation.evaluate import Downstream, downstream_metrics, multi_k_values, reconstruction_metrics
+from saesweep.evaluation.evaluate import Downstream, downstream_metrics, k_transfer_values, reconstruction_metrics
 from saesweep.data.lm import load_lm
 from saesweep.sae.topk import TopKSAE
 
@@ -15,7 +15,7 @@ from saesweep.sae.topk import TopKSAE
 def exact_sae(d: int) -> TopKSAE:
     """n = 2d latents ±e_i with k = d: for every x exactly one of x_i, −x_i is positive,
     so the top d pre-activations are the positive parts and x̂ = x exactly."""
-    sae = TopKSAE(d, 2 * d, d)
+    sae = TopKSAE(d, 2 * d, {"k": d})
     with torch.no_grad():
         directions = torch.cat([torch.eye(d), -torch.eye(d)])
         sae.W_enc.copy_(directions)
@@ -62,11 +62,11 @@ def test_reconstruction_metrics_of_an_exact_sae() -> None:
     metrics = reconstruction_metrics(exact_sae(32), activations, batch_size=128, ks=[16, 32])
     assert metrics["nmse"] == pytest.approx(0, abs=1e-10)
     assert metrics["cosine_similarity"] == pytest.approx(1, abs=1e-6)
-    assert metrics["multi_k_nmse"]["32"] == pytest.approx(0, abs=1e-10)
-    assert 0 < metrics["multi_k_nmse"]["16"] < 1  # half the coordinates dropped
+    assert metrics["k_transfer_nmse"]["32"] == pytest.approx(0, abs=1e-10)
+    assert 0 < metrics["k_transfer_nmse"]["16"] < 1  # half the coordinates dropped
     assert metrics["l0"] <= 32
 
 
-def test_multi_k_values_are_distinct_and_within_bounds() -> None:
-    assert multi_k_values(32, 100, [0.5, 1, 2, 4]) == [16, 32, 64, 99]
-    assert multi_k_values(1, 8, [0.5, 1]) == [1]
+def test_k_transfer_values_are_distinct_and_within_bounds() -> None:
+    assert k_transfer_values(32, 100, [0.5, 1, 2, 4]) == [16, 32, 64, 99]
+    assert k_transfer_values(1, 8, [0.5, 1]) == [1]

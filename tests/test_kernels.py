@@ -8,7 +8,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from saesweep.sae import topk_kernels as kernels
-from saesweep.sae.topk_kernels import StepOutput, dense_reference_step, sparse_step
+from saesweep.sae.topk_kernels import SelectionStep, dense_reference_step, sparse_step
 from saesweep.sae.topk import TopKSAE
 
 PARAMETERS = ("W_enc", "b_enc", "W_dec", "b_pre")
@@ -26,7 +26,7 @@ def check_sparse_invariants():
 def make_sae(d: int, n: int, k: int, dtype: torch.dtype, seed: int = 0) -> TopKSAE:
     """An SAE with random (not tied) encoder, unit-norm decoder rows and non-zero biases."""
     generator = torch.Generator().manual_seed(seed)
-    sae = TopKSAE(d, n, k).to(dtype)
+    sae = TopKSAE(d, n, {"k": k}).to(dtype)
     with torch.no_grad():
         decoder = torch.randn(n, d, generator=generator, dtype=dtype)
         sae.W_dec.copy_(decoder / decoder.norm(dim=1, keepdim=True))
@@ -39,11 +39,11 @@ def make_sae(d: int, n: int, k: int, dtype: torch.dtype, seed: int = 0) -> TopKS
 def run(step, sae: TopKSAE, x, dead_mask, k_aux, aux_coef, project: bool = False):
     out = step(sae, x, dead_mask, k_aux, aux_coef)
     if project:
-        sae.project_decoder_grad()
+        sae.before_optimizer_step()
     return out, {name: getattr(sae, name).grad.clone() for name in PARAMETERS}
 
 
-def assert_same_step(sae, x, dead_mask, k_aux, aux_coef, rtol, atol, project=False) -> StepOutput:
+def assert_same_step(sae, x, dead_mask, k_aux, aux_coef, rtol, atol, project=False) -> SelectionStep:
     ref, ref_grads = run(dense_reference_step, sae, x, dead_mask, k_aux, aux_coef, project)
     out, grads = run(sparse_step, sae, x, dead_mask, k_aux, aux_coef, project)
     # Same selected set per row (the order within a row is unspecified, as for topk).
@@ -72,7 +72,7 @@ CASES = [  # d, n, k, dead fraction, k_aux
     (16, 64, 4, 0.0, 8),
     (16, 64, 4, 0.25, 8),
     (16, 64, 60, 0.25, 8),  # k close to n: the main and AuxK selections overlap
-    (16, 64, 64, 0.5, 8),  # k = n
+    (16, 64, 63, 0.5, 8),  # k = n − 1, the largest a cell may have
     (8, 48, 7, 0.1, 100),  # k_aux > number of dead latents
     (24, 256, 16, 0.05, 32),
     (16, 512, 8, 0.5, 16),  # an AuxK selection sparse among the dead latents

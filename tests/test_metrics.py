@@ -26,15 +26,15 @@ def test_fvu_is_around_the_mean_not_zero():
 
 def test_accumulator_matches_batch_functions_on_concatenation():
     g = _gen(1)
-    sae = TopKSAE(d=16, n=64, k=4)
+    sae = TopKSAE(16, 64, {"k": 4})
     sae.initialise(torch.randn(128, 16, generator=g), g)
     xs = [torch.randn(b, 16, generator=g) * 3 + 5 for b in (7, 50, 1, 33)]
     acc = M.ReconstructionAccumulator(n_latents=64)
     all_x, all_hat, all_idx, all_val = [], [], [], []
     with torch.no_grad():
         for x in xs:
-            idx, val = sae.encode(x)
-            x_hat = sae.decode(idx, val)
+            idx, val = sae.select(sae.pre_activations(x))
+            x_hat = sae.decode(sae.encode(x))
             acc.update(x, x_hat, idx, val)
             all_x.append(x), all_hat.append(x_hat), all_idx.append(idx), all_val.append(val)
     x, x_hat = torch.cat(all_x), torch.cat(all_hat)

@@ -13,20 +13,18 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import tiny_config
+from conftest import assert_same_training, read_log, tiny_config
 from saesweep.data.activations import ActivationStore, extract
 from saesweep.cli import main as cli_main
-from saesweep.core.config import validate_config
+from saesweep.plan.config import validate_config
 from saesweep.data.corpus import prepare_corpus
 from saesweep.core.errors import UserError
 from saesweep.sae.export import load_sae
 from saesweep.core.files import read_json, write_json
-from saesweep.core.settings import activation_dir, corpus_dir, extraction_settings, train_settings
+from saesweep.plan.settings import activation_dir, corpus_dir, extraction_settings, train_settings
 from saesweep.train.trainer import CHECKPOINT, TrainingDiverged, train_cell
 
-TIMING_COLUMNS = ["tokens_per_s"]  # wall-clock: the only part of a log that may differ between runs
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -57,20 +55,6 @@ def cell_settings(extracted, cell: str, threads: int = 1, **overrides) -> dict:
     return settings
 
 
-def read_log(folder: Path) -> pd.DataFrame:
-    return pd.read_parquet(folder / "train_log.parquet")
-
-
-def assert_same_training(a: Path, b: Path) -> None:
-    """Bit-identical weights and buffers, identical logs (timing aside)."""
-    left, right = load_file(str(a / "sae.safetensors")), load_file(str(b / "sae.safetensors"))
-    assert sorted(left) == sorted(right)
-    for name in left:
-        assert torch.equal(left[name], right[name]), name
-    pd.testing.assert_frame_equal(read_log(a).drop(columns=TIMING_COLUMNS), read_log(b).drop(columns=TIMING_COLUMNS))
-    assert read_json(a / "cfg.json", "cfg")["training"]["tokens"] == read_json(b / "cfg.json", "cfg")["training"]["tokens"]
-
-
 def test_loss_falls_and_outputs_are_complete(extracted, tmp_path) -> None:
     settings = cell_settings(extracted, "topk-n64-k4-s0", **{"train.log_every_tokens": 256})
     assert settings["tokens"] == 12000
@@ -80,7 +64,7 @@ def test_loss_falls_and_outputs_are_complete(extracted, tmp_path) -> None:
     assert log.nmse.tail(5).mean() < 0.75 * log.nmse.iloc[0], log.nmse.tolist()
     assert (tmp_path / "cell" / "sae.safetensors").exists() and not (tmp_path / "cell" / CHECKPOINT).exists()
     sae, cfg = load_sae(tmp_path / "cell")
-    assert (cfg["d"], cfg["n_latents"], cfg["k"]) == (32, 64, 4)
+    assert (cfg["arch"], cfg["d"], cfg["n_latents"], cfg["params"]["k"]) == ("topk", 32, 64, 4)
     assert cfg["training"]["tokens"] == 12000 and cfg["training"]["steps"] == -(-12000 // 256)
     store = ActivationStore(settings["activations"])
     assert torch.equal(sae.act_mean, store.mean) and sae.act_scale.item() == pytest.approx(store.scale)

@@ -16,7 +16,8 @@ from saesweep.core.errors import Interrupted, UserError
 
 
 def stage_check_config(args: argparse.Namespace) -> None:
-    from saesweep.core.config import load_config, sweep_cells
+    from saesweep.plan.cells import sweep_cells
+    from saesweep.plan.config import load_config
 
     config = load_config(args.config)
     cells = sweep_cells(config)

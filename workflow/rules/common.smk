@@ -3,9 +3,10 @@ import json
 import sys
 from pathlib import Path
 
-from saesweep.core.config import check_sites_against_model, sweep_cells, validate_config
+from saesweep.plan.cells import sweep_cells
+from saesweep.plan.config import check_sites_against_model, validate_config
 from saesweep.core.errors import UserError
-from saesweep.core import settings as job
+from saesweep.plan import settings as job
 
 try:
     validated = validate_config(config)
@@ -47,7 +48,7 @@ FIGURES = (
 
 wildcard_constraints:
     site=r"(resid|mlp|attn)[0-9]+",
-    cell=r"[a-z0-9]+-n[0-9]+-k[0-9]+-s[0-9]+",
+    cell=r"[a-z0-9]+-n[0-9]+(-[a-z]+[0-9][0-9.e+-]*)+-s[0-9]+",
     stage=r"train|eval",
 
 

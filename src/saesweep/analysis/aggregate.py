@@ -11,7 +11,7 @@ import pandas as pd
 from saesweep.core.errors import UserError
 from saesweep.core.files import atomic_path, read_json
 
-KEY_COLUMNS = ["site", "arch", "n_latents", "k", "seed"]
+KEY_COLUMNS = ["site", "arch", "setting", "n_latents", "seed"]
 
 
 def cell_row(cell_folder: Path, metrics_path: Path) -> dict[str, Any]:
@@ -57,7 +57,7 @@ def aggregate(run: str, metrics_paths: list[Path], table: Path, logs: Path) -> p
         row = {"run": run, **cell_row(folder, Path(path))}
         rows.append(row)
         log = pd.read_parquet(folder / "train_log.parquet")
-        log_frames.append(log.assign(**{key: row[key] for key in KEY_COLUMNS}))
+        log_frames.append(log.assign(**{key: row[key] for key in KEY_COLUMNS}, k=row.get("k")))
     if not rows:
         raise UserError("no cell to aggregate")
     cells = pd.DataFrame(rows).sort_values(KEY_COLUMNS, ignore_index=True)

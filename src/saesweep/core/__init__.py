@@ -1,1 +1,1 @@
-"""What every stage shares: the config and its checks, each job's settings, atomic files, errors, provenance, progress."""
+"""What every stage shares: site names, atomic files, errors, provenance, progress."""

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from saesweep.core.config import parse_site
+from saesweep.core.sites import parse_site
 from saesweep.core.errors import UserError
 
 BLOCK_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers")

@@ -1,7 +1,10 @@
-"""Evaluating one trained cell on held-out tokens only; the definitions live in ``metrics``.
+"""Evaluating one trained cell of any architecture on held-out tokens only, through the
+architecture interface; the definitions live in ``metrics``.
 
-- reconstruction (normalised MSE, cosine, L0, dead fraction, firing histogram) on the
-  first ``tokens`` held-out activations, and Multi-TopK: the same SAE at k' = f·k;
+- reconstruction (normalised MSE, cosine, measured L0, dead fraction, firing histogram) on
+  the first ``tokens`` held-out activations, and the k-transfer sweep: the same SAE
+  evaluated with k' = f·k active latents (architectures with ``k_override`` only: TopK and
+  Multi-TopK; for the others the metrics say why it does not apply);
 - downstream, on ``downstream_windows`` held-out windows: the site's output a at every
   kept position (from ``skip_positions`` on) replaced by the SAE reconstruction â
   (ΔLM loss, CE recovered against zero ablation, KL score), and by â + (a − â) as a
@@ -37,27 +40,29 @@ from saesweep.evaluation.metrics import (
     next_token_kl_sum,
 )
 from saesweep.core.provenance import provenance
-from saesweep.sae.topk import TopKSAE
+from saesweep.sae.base import SparseAutoencoder
 from saesweep.evaluation.token_tasks import label_tokens
 
 
-def multi_k_values(k: int, n: int, factors: list[float]) -> list[int]:
+def k_transfer_values(k: int, n: int, factors: list[float]) -> list[int]:
     """Distinct k' = round(f·k), clipped to 1 … n − 1, in increasing order."""
     return sorted({min(n - 1, max(1, round(f * k))) for f in factors})
 
 
 @torch.no_grad()
-def reconstruction_metrics(sae: TopKSAE, activations: torch.Tensor, batch_size: int, ks: list[int]) -> dict[str, Any]:
-    """Reconstruction metrics at the SAE's own k, and normalised MSE at every k' in ``ks``."""
+def reconstruction_metrics(
+    sae: SparseAutoencoder, activations: torch.Tensor, batch_size: int, ks: list[int]
+) -> dict[str, Any]:
+    """Reconstruction metrics of the SAE as trained, and normalised MSE at every k' in ``ks``."""
     own = ReconstructionAccumulator(n_latents=sae.n)
     others = {k: ReconstructionAccumulator() for k in ks}
     for start in range(0, len(activations), batch_size):
         x = sae.normalise(activations[start : start + batch_size])
         pre = sae.pre_activations(x)
-        indices, values = sae.select(pre)
-        own.update(x, sae.decode(indices, values), indices, values)
+        codes = sae.sparse_codes(pre)
+        own.update(x, sae.decode(codes), codes.col_indices(), codes.values())
         for k, accumulator in others.items():
-            accumulator.update(x, sae.decode(*sae.select(pre, k)))
+            accumulator.update(x, sae.decode(sae.sparse_codes(pre, k)))
     result = own.result()
     histogram = own.histogram()
     return {
@@ -71,7 +76,7 @@ def reconstruction_metrics(sae: TopKSAE, activations: torch.Tensor, batch_size: 
             "counts": histogram.counts.tolist(),
             "dead": int(histogram.n_dead),
         },
-        "multi_k_nmse": {str(k): accumulator.result()["normalised_mse"] for k, accumulator in others.items()},
+        "k_transfer_nmse": {str(k): accumulator.result()["normalised_mse"] for k, accumulator in others.items()},
     }
 
 
@@ -112,7 +117,7 @@ class Downstream:
         return ce / count, kl / kl_count
 
 
-def reconstructor(sae: TopKSAE, k: int | None = None, add_error: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+def reconstructor(sae: SparseAutoencoder, k: int | None = None, add_error: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
     """a ↦ â (the SAE's reconstruction in raw units), or a ↦ â + (a − â) with ``add_error``."""
 
     def replace(a: torch.Tensor) -> torch.Tensor:
@@ -126,7 +131,7 @@ def reconstructor(sae: TopKSAE, k: int | None = None, add_error: bool = False) -
     return replace
 
 
-def downstream_metrics(sae: TopKSAE, downstream: Downstream, ks: list[int]) -> dict[str, Any]:
+def downstream_metrics(sae: SparseAutoencoder, downstream: Downstream, ks: list[int]) -> dict[str, Any]:
     """ΔLM loss, CE recovered, KL score, the error-added check, and ΔLM at every k'."""
     ce_clean, _ = downstream.losses(None)
     ce_sae, kl_sae = downstream.losses(reconstructor(sae))
@@ -142,17 +147,17 @@ def downstream_metrics(sae: TopKSAE, downstream: Downstream, ks: list[int]) -> d
         "kl_sae": kl_sae,
         "kl_zero_ablation": kl_zero,
         "kl_score": kl_score(kl_sae, kl_zero),
-        "multi_k_delta_lm_loss": {
-            str(k): (ce_sae if k == sae.k else downstream.losses(reconstructor(sae, k))[0]) - ce_clean for k in ks
+        "k_transfer_delta_lm_loss": {
+            str(k): (ce_sae if k == getattr(sae, "k", None) else downstream.losses(reconstructor(sae, k))[0]) - ce_clean
+            for k in ks
         },
     }
 
 
 @torch.no_grad()
-def dense_codes(sae: TopKSAE, activations: torch.Tensor) -> torch.Tensor:
-    """Every latent's value for every row of ``activations``: (T, n), k non-zeros a row."""
-    indices, values = sae.encode(sae.normalise(activations))
-    return torch.zeros(len(activations), sae.n).scatter_(1, indices, values)
+def dense_codes(sae: SparseAutoencoder, activations: torch.Tensor) -> torch.Tensor:
+    """Every latent's value for every row of ``activations``: (T, n), mostly zeros."""
+    return sae.encode(sae.normalise(activations)).to_dense()
 
 
 def probe_candidates(codes: torch.Tensor, labels: torch.Tensor, count: int) -> torch.Tensor:
@@ -204,7 +209,7 @@ def explain_metrics(codes: torch.Tensor, windows: torch.Tensor) -> dict[str, Any
     }
 
 
-def ablation_metrics(sae: TopKSAE, downstream: Downstream, latents: torch.Tensor, windows: int) -> dict[str, Any]:
+def ablation_metrics(sae: SparseAutoencoder, downstream: Downstream, latents: torch.Tensor, windows: int) -> dict[str, Any]:
     """Mean over sampled latents of the ablation sparsity of the logit change when latent
     i is removed from the spliced reconstruction, on the first ``windows`` windows."""
     if len(latents) == 0:
@@ -216,9 +221,9 @@ def ablation_metrics(sae: TopKSAE, downstream: Downstream, latents: torch.Tensor
 
         def without_latent(a: torch.Tensor, latent: int = latent) -> torch.Tensor:
             flat = a.reshape(-1, a.shape[-1])
-            indices, values = sae.encode(sae.normalise(flat))
-            values = values.masked_fill(indices == latent, 0.0)
-            return sae.denormalise(sae.decode(indices, values)).reshape(a.shape)
+            codes = sae.encode(sae.normalise(flat)).to_dense()
+            codes[:, latent] = 0.0
+            return sae.denormalise(sae.decode(codes)).reshape(a.shape)
 
         delta = first.logits(0, without_latent) - base
         kept = delta[:, downstream.skip :].reshape(-1, delta.shape[-1])
@@ -236,7 +241,12 @@ def evaluate_cell(settings: dict[str, Any], cell_folder: Path, output: Path) -> 
     sae, cfg = load_sae(cell_folder)
     store = ActivationStore(settings["eval_activations"])
     activations = store.head(settings["tokens"])
-    ks = multi_k_values(sae.k, sae.n, settings["multi_k_factors"])
+    not_applicable: dict[str, str] = {}
+    if sae.k_override:
+        ks = k_transfer_values(sae.k, sae.n, settings["k_transfer_factors"])
+    else:
+        ks = []
+        not_applicable["k_transfer"] = f"{sae.name} cannot be evaluated with another number of active latents"
     metrics: dict[str, Any] = reconstruction_metrics(sae, activations, settings["batch_size"], ks)
 
     skip = store.manifest["skip_positions"]
@@ -257,8 +267,8 @@ def evaluate_cell(settings: dict[str, Any], cell_folder: Path, output: Path) -> 
     metrics.update(ablation_metrics(sae, downstream, latents[: settings["ablation_latents"]], settings["ablation_windows"]))
 
     metrics.update({
-        "site": cfg["site"], "arch": cfg["arch"], "n_latents": sae.n, "k": sae.k, "seed": cfg["seed"],
-        "multi_k": ks, "eval_tokens": len(activations), "downstream_tokens": int(downstream.mask.sum()),
+        "site": cfg["site"], "arch": cfg["arch"], "n_latents": sae.n, **cfg["params"], "seed": cfg["seed"],
+        "setting": settings["setting"], "not_applicable": not_applicable, "k_transfer": ks, "eval_tokens": len(activations), "downstream_tokens": int(downstream.mask.sum()),
         "eval_wall_time_s": time.perf_counter() - started, "provenance": provenance(settings),
     })
     write_json(output, metrics)

@@ -1,5 +1,6 @@
 """Saving and loading a trained SAE: ``sae.safetensors`` (weights and normalisation
-buffers) and ``cfg.json`` (sizes, recipe, provenance)."""
+buffers) and ``cfg.json`` (architecture, parameters, sizes, recipe, provenance). The
+architecture is found by its name in ``cfg.json``, so any registered one loads."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ from safetensors.torch import load_file, save_file
 
 from saesweep.core.errors import UserError
 from saesweep.core.files import atomic_path, read_json, write_json
-from saesweep.sae.topk import TopKSAE
+from saesweep.sae.base import SparseAutoencoder
+from saesweep.sae.registry import architecture, resolve_params
 
 
-def save_sae(sae: TopKSAE, folder: Path, cfg: dict[str, Any]) -> None:
+def save_sae(sae: SparseAutoencoder, folder: Path, cfg: dict[str, Any]) -> None:
     """Write weights, then the config (each atomically)."""
     tensors = {name: value.detach().cpu().contiguous() for name, value in sae.state_dict().items()}
     with atomic_path(Path(folder) / "sae.safetensors") as temporary:
@@ -21,10 +23,15 @@ def save_sae(sae: TopKSAE, folder: Path, cfg: dict[str, Any]) -> None:
     write_json(Path(folder) / "cfg.json", cfg)
 
 
-def load_sae(folder: Path, device: str = "cpu") -> tuple[TopKSAE, dict[str, Any]]:
+def load_sae(folder: Path, device: str = "cpu") -> tuple[SparseAutoencoder, dict[str, Any]]:
     """The SAE of a cell folder and its config."""
-    cfg = read_json(Path(folder) / "cfg.json", "SAE config")
-    sae = TopKSAE(cfg["d"], cfg["n_latents"], cfg["k"])
+    path = Path(folder) / "cfg.json"
+    cfg = read_json(path, "SAE config")
+    try:
+        arch, d, n, given = cfg["arch"], cfg["d"], cfg["n_latents"], cfg["params"]
+    except KeyError as missing:
+        raise UserError(f"SAE config {path} has no key {missing}") from None
+    sae = architecture(arch, f"SAE config {path}")(d, n, resolve_params(arch, given, f"SAE config {path}: params"))
     try:
         sae.load_state_dict(load_file(str(Path(folder) / "sae.safetensors")))
     except (OSError, RuntimeError) as error:

@@ -1,115 +1,89 @@
-"""The TopK sparse autoencoder (Gao et al. 2024) and its initialisation.
+"""TopK (Gao et al. 2024) and Multi-TopK (Gao et al. 2024, §5.3).
 
-    pre   = W_enc (x − b_pre) + b_enc                      (n pre-activations)
-    z     = ReLU(TopK_k(pre))                              (k non-zeros per token)
-    x̂     = W_dec z + b_pre
+    z = ReLU(TopK_k(pre))                                  (k non-zeros per token)
 
-Inputs x are activations already normalised with the extraction's statistics:
-x = (a − μ) / s, where μ is the mean activation and s² = E‖a − μ‖² / d, so that
-E‖x‖² = d. μ and s are stored with the SAE so raw activations can be encoded.
+TopK is trained on L_mse + α · L_aux (AuxK on dead latents, see ``base.AuxK``) with unit-norm
+decoder rows, the tied initialisation and b_pre at the geometric median — the recipe of
+openai/sparse_autoencoder. Multi-TopK trains the same SAE on
 
-Parameters are stored row-major per latent: ``W_enc`` and ``W_dec`` both have
-shape (n, d); row i of ``W_dec`` is latent i's decoder direction (unit norm).
+    L = L_mse(k) + L_mse(m·k) / 8 + α · L_aux,   m = 4,
+
+so that it stays good when evaluated with more active latents than k (a progressive code).
+Both may be evaluated at any k′ (``k_override``). Their training step is the sparse one of
+``topk_kernels``: only the encoder product is dense.
 """
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
-from torch import nn
+
+from saesweep.sae.base import Parameter, SparseAutoencoder, StepContext, StepOutput, rows_csr
+from saesweep.sae.topk_kernels import Wide, dense_reference_step, sparse_step
+
+K = Parameter("k", "k", None, "active latents per token", integer=True)
 
 
-class TopKSAE(nn.Module):
-    """A k-sparse autoencoder with n latents over d-dimensional inputs."""
+class TopKSAE(SparseAutoencoder):
+    """A k-sparse autoencoder."""
 
-    def __init__(self, d: int, n: int, k: int) -> None:
-        super().__init__()
-        if not 0 < k <= n:
-            raise ValueError(f"k must be in 1..n, got k={k}, n={n}")
-        self.d, self.n, self.k = d, n, k
-        self.W_enc = nn.Parameter(torch.empty(n, d))
-        self.b_enc = nn.Parameter(torch.zeros(n))
-        self.W_dec = nn.Parameter(torch.empty(n, d))
-        self.b_pre = nn.Parameter(torch.zeros(d))
-        self.register_buffer("act_mean", torch.zeros(d))
-        self.register_buffer("act_scale", torch.ones(()))
+    name: ClassVar[str] = "topk"
+    reference: ClassVar[str] = "Gao et al. 2024, Scaling and evaluating sparse autoencoders (openai/sparse_autoencoder)"
+    arch_parameters: ClassVar[tuple[Parameter, ...]] = (K,)
+    uses_auxk: ClassVar[bool] = True
+    k_override: ClassVar[bool] = True
+    example: ClassVar[dict[str, Any]] = {"k": 3}
 
-    @torch.no_grad()
-    def initialise(self, sample: torch.Tensor, generator: torch.Generator) -> None:
-        """Unit-norm random decoder rows, encoder = decoder (the transpose in matrix
-        form), b_enc = 0, b_pre = geometric median of ``sample`` (normalised inputs)."""
-        directions = torch.randn(self.n, self.d, generator=generator)
-        self.W_dec.copy_(directions / directions.norm(dim=1, keepdim=True))
-        self.W_enc.copy_(self.W_dec)
-        self.b_enc.zero_()
-        self.b_pre.copy_(geometric_median(sample.float()))
+    def __init__(self, d: int, n: int, params: dict[str, Any]) -> None:
+        super().__init__(d, n, params)
+        self.k = int(params["k"])
 
-    def set_normalisation(self, mean: torch.Tensor, scale: float) -> None:
-        """Store μ and s so that ``normalise`` maps raw activations a to (a − μ) / s."""
-        self.act_mean.copy_(mean)
-        self.act_scale.fill_(scale)
-
-    def normalise(self, activations: torch.Tensor) -> torch.Tensor:
-        """Raw activations a → (a − μ) / s."""
-        return (activations - self.act_mean) / self.act_scale
-
-    def denormalise(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised x → s·x + μ (the inverse of ``normalise``)."""
-        return x * self.act_scale + self.act_mean
-
-    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
-        """pre = (x − b_pre) W_encᵀ + b_enc, shape (B, n)."""
-        return torch.addmm(self.b_enc, x - self.b_pre, self.W_enc.t())
-
-    def encode(self, x: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k latents of each row: (indices (B, k) int64, values (B, k) ≥ 0).
-
-        ``k`` defaults to the SAE's own k; another value evaluates it as Multi-TopK does."""
-        return self.select(self.pre_activations(x), k)
+    def wide(self) -> Wide | None:
+        """Multi-TopK's second selection; None for plain TopK."""
+        return None
 
     def select(self, pre: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(indices, ReLU(values)) of the k largest pre-activations of each row."""
         values, indices = pre.topk(k or self.k, dim=1, sorted=False)
         return indices, values.relu()
 
-    def decode(self, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """x̂ = b_pre + Σ_j values_j · W_dec[indices_j], a gather of k rows per token."""
-        return sparse_decode(self.W_dec, indices, values) + self.b_pre
+    def activate(self, pre: torch.Tensor, k: int | None = None) -> torch.Tensor:
+        indices, values = self.select(pre, k)
+        return torch.zeros_like(pre).scatter_(1, indices, values)
 
-    def forward(self, x: torch.Tensor, k: int | None = None) -> torch.Tensor:
-        """Reconstruction x̂ of normalised inputs x."""
-        return self.decode(*self.encode(x, k))
+    def sparse_codes(self, pre: torch.Tensor, k: int | None = None) -> torch.Tensor:
+        """Top-k codes without a dense (B, n) code tensor."""
+        return rows_csr(*self.select(pre, k), self.n)
 
-    @torch.no_grad()
-    def normalise_decoder(self) -> None:
-        """Rescale every decoder row to unit norm."""
-        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+    def reference_step(self, x: torch.Tensor, context: StepContext) -> StepOutput:
+        """The loss and gradients by plain dense autograd (``topk_kernels.dense_reference_step``)."""
+        return self._report(dense_reference_step(self, x, *self._auxk(context), self.wide()), context)
 
-    @torch.no_grad()
-    def project_decoder_grad(self) -> None:
-        """Remove from each decoder row's gradient g its component along the row w:
-        g ← g − (g·w) w  (w unit norm), so a step changes directions, not norms."""
-        grad = self.W_dec.grad
-        if grad is not None:  # one batched dot product per row and an in-place update: no (n, d) temporary
-            parallel = torch.bmm(grad.unsqueeze(1), self.W_dec.unsqueeze(2)).view(-1, 1)
-            grad.addcmul_(parallel, self.W_dec, value=-1)
+    def training_step(self, x: torch.Tensor, context: StepContext) -> StepOutput:
+        """The sparse step (``topk_kernels.sparse_step``)."""
+        return self._report(sparse_step(self, x, *self._auxk(context), self.wide()), context)
+
+    def _auxk(self, context: StepContext) -> tuple[torch.Tensor | None, int, float]:
+        return context.dead_mask, context.k_aux, context.aux_coef
+
+    def _report(self, step: Any, context: StepContext) -> StepOutput:
+        parts = {"mse": step.mse_loss, "aux_loss": step.aux_loss}
+        if self.wide() is not None:
+            parts["wide_mse"] = step.wide_loss
+        return StepOutput(step.loss, parts, step.indices[step.values > context.fire_threshold])
 
 
-def sparse_decode(W_dec: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Σ_j values[b, j] · W_dec[indices[b, j]] for each row b: shape (B, d), without b_pre."""
-    return nn.functional.embedding_bag(
-        indices, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum"
+class MultiTopKSAE(TopKSAE):
+    """TopK trained at k and at m·k at once."""
+
+    name: ClassVar[str] = "multitopk"
+    reference: ClassVar[str] = "Gao et al. 2024, §5.3 (Multi-TopK: L(k) + L(4k)/8)"
+    arch_parameters: ClassVar[tuple[Parameter, ...]] = (
+        K,
+        Parameter("multiple", "m", 4, "the wide selection has multiple · k latents (paper: 4)", integer=True, minimum=1),
+        Parameter("wide_weight", "w", 0.125, "weight of the wide selection's loss (paper: 1/8)"),
     )
 
-
-def geometric_median(points: torch.Tensor, iterations: int = 100, tol: float = 1e-6) -> torch.Tensor:
-    """The point m minimising Σ_i ‖p_i − m‖, by Weiszfeld's iterations
-    m ← Σ_i w_i p_i / Σ_i w_i with w_i = 1 / max(‖p_i − m‖, ε), started at the mean."""
-    median = points.mean(dim=0)
-    for _ in range(iterations):
-        weights = 1.0 / (points - median).norm(dim=1).clamp_min(1e-8)
-        updated = (weights[:, None] * points).sum(dim=0) / weights.sum()
-        moved = (updated - median).norm()
-        median = updated
-        if moved <= tol * median.norm().clamp_min(1.0):
-            break
-    return median
+    def wide(self) -> Wide:
+        return Wide(min(self.n - 1, int(self.params["multiple"]) * self.k), float(self.params["wide_weight"]))

@@ -1,4 +1,4 @@
-"""The loss of one TopK SAE training step and its gradients.
+"""The loss of one TopK (or Multi-TopK) SAE training step and its gradients, fast.
 
 Shared definitions (B tokens, x normalised inputs of shape (B, d)):
 
@@ -15,41 +15,55 @@ AuxK (only when some latents are dead): with k_a = min(k_aux, number of dead lat
     L_aux  = ‖stopgrad(e) − ê‖²_F / V
     L      = L_mse + α · L_aux
 
+Multi-TopK (Gao et al. 2024, §5.3) adds a wide selection of k_w > k latents with weight w:
+    x̂_w    = b_pre + Σ_j ReLU(v_w,j) W_dec[I_w,j],  (I_w, v_w) = TopK_{k_w}(pre)
+    L      = L_mse + w · ‖x − x̂_w‖²_F / V + α · L_aux
+
 ``dense_reference_step`` computes these with plain autograd on dense tensors; it is the
 reference every faster implementation is tested against.
 """
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from saesweep.sae.topk import TopKSAE, sparse_decode
 
 
 @dataclass
-class StepOutput:
-    """What one step reports: the total loss and its parts (detached scalars), and the
-    selected latents (indices (B, k), ReLU'd values (B, k)) for dead-latent tracking."""
+class SelectionStep:
+    """What one step reports: the total loss and its parts (detached scalars; ``wide_loss``
+    is Multi-TopK's unweighted L_mse at k_w, 0 without it), and the selected latents
+    (indices (B, k), ReLU'd values (B, k)) for dead-latent tracking."""
 
     loss: torch.Tensor
     mse_loss: torch.Tensor
     aux_loss: torch.Tensor
+    wide_loss: torch.Tensor
     indices: torch.Tensor
     values: torch.Tensor
 
 
+@dataclass(frozen=True)
+class Wide:
+    """Multi-TopK's second selection: ``k`` latents, its loss weighted by ``weight``."""
+
+    k: int
+    weight: float
+
+
 def dense_reference_step(
-    sae: TopKSAE,
+    sae: nn.Module,
     x: torch.Tensor,
     dead_mask: torch.Tensor | None,
     k_aux: int,
     aux_coef: float,
-) -> StepOutput:
-    """Loss and gradients (written to each parameter's ``.grad``) by dense autograd."""
+    wide: Wide | None = None,
+) -> SelectionStep:
+    """Loss and gradients (written to each parameter's ``.grad``) by dense autograd, for an
+    SAE with ``k``, ``pre_activations``, ``W_dec`` and ``b_pre`` (TopK and Multi-TopK)."""
     sae.zero_grad(set_to_none=True)
     pre = sae.pre_activations(x)
     values, indices = pre.topk(sae.k, dim=1, sorted=False)
@@ -58,6 +72,11 @@ def dense_reference_step(
     error = x - reconstruction
     variance = (x - x.mean(dim=0)).pow(2).sum()
     mse_loss = error.pow(2).sum() / variance
+    wide_loss = torch.zeros((), dtype=x.dtype, device=x.device)
+    if wide is not None:
+        wide_values, wide_indices = pre.topk(wide.k, dim=1, sorted=False)
+        wide_latents = torch.zeros_like(pre).scatter(1, wide_indices, wide_values.relu())
+        wide_loss = (x - wide_latents @ sae.W_dec - sae.b_pre).pow(2).sum() / variance
     aux_loss = torch.zeros((), dtype=x.dtype, device=x.device)
     n_dead = 0 if dead_mask is None else int(dead_mask.sum())
     if n_dead > 0 and k_aux > 0 and aux_coef > 0:
@@ -66,19 +85,12 @@ def dense_reference_step(
         aux_latents = torch.zeros_like(pre).scatter(1, aux_indices, aux_values.relu())
         aux_reconstruction = aux_latents @ sae.W_dec
         aux_loss = (error.detach() - aux_reconstruction).pow(2).sum() / variance
-    loss = mse_loss + aux_coef * aux_loss
+    loss = mse_loss + aux_coef * aux_loss + (wide.weight * wide_loss if wide is not None else 0)
     loss.backward()
-    return StepOutput(
-        loss.detach(), mse_loss.detach(), aux_loss.detach(), indices, values.detach().relu()
+    return SelectionStep(
+        loss.detach(), mse_loss.detach(), aux_loss.detach(), wide_loss.detach(), indices, values.detach().relu()
     )
 
-
-# sparse_step builds CSR tensors with valid (sorted, unique) indices; torch's beta notice and
-# its note that invariant checks are off (enable them with
-# torch.sparse.check_sparse_tensor_invariants) are not actionable.
-warnings.filterwarnings(
-    "ignore", "Sparse (CSR tensor support is in beta|invariant checks are implicitly)", UserWarning
-)
 
 # When the AuxK selection holds at least this fraction of the dead latents, its decode and
 # gradients run as dense products over the (B, dead) codes: on 2 CPU cores a GEMM does about
@@ -93,12 +105,13 @@ _BLOCK_ROWS = 1024
 
 @torch.no_grad()
 def sparse_step(
-    sae: TopKSAE,
+    sae: nn.Module,
     x: torch.Tensor,
     dead_mask: torch.Tensor | None,
     k_aux: int,
     aux_coef: float,
-) -> StepOutput:
+    wide: Wide | None = None,
+) -> SelectionStep:
     """The loss and gradients of ``dense_reference_step``, written by hand: only the encoder
     product is dense; no autograd graph, no gradient w.r.t. x, no dense (B, n) gradient.
 
@@ -120,22 +133,25 @@ def sparse_step(
     are created otherwise; b_pre gets a new one, as every parameter does in the reference.
     Inside ``torch.autocast`` the encoder product, the step's one dense matmul, runs in the
     autocast dtype (e.g. bf16), as autocast would run it, and the selected pre-activations
-    are cast back; everything else runs in the parameters' dtype.
+    are cast back; everything else runs in the parameters' dtype. Multi-TopK's wide selection
+    (``wide``) is taken in the same pass (the top-k are the k largest of its top-k_w) and adds
+    its own G_wide = −2w e_w / V selection to the gradients.
     """
     device = x.device.type
     encoder_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
     with torch.autocast(device, enabled=False):
-        return _sparse_step(sae, x, dead_mask, k_aux, aux_coef, encoder_dtype)
+        return _sparse_step(sae, x, dead_mask, k_aux, aux_coef, wide, encoder_dtype)
 
 
 def _sparse_step(
-    sae: TopKSAE,
+    sae: nn.Module,
     x: torch.Tensor,
     dead_mask: torch.Tensor | None,
     k_aux: int,
     aux_coef: float,
+    wide: Wide | None,
     encoder_dtype: torch.dtype | None,
-) -> StepOutput:
+) -> SelectionStep:
     W_enc, b_enc, W_dec, b_pre = sae.W_enc, sae.b_enc, sae.W_dec, sae.b_pre
     dead = (
         dead_mask.nonzero().squeeze(1)
@@ -144,12 +160,17 @@ def _sparse_step(
     )
     k_a = min(k_aux, dead.numel())
     centred = x - b_pre
+    k_selected = sae.k if wide is None else wide.k
     if encoder_dtype is None or encoder_dtype == x.dtype:
-        values, indices, aux_values, aux_positions = _select(centred, W_enc, b_enc, sae.k, dead, k_a)
+        values, indices, aux_values, aux_positions = _select(centred, W_enc, b_enc, k_selected, dead, k_a)
     else:
         low = (t.to(encoder_dtype) for t in (centred, W_enc, b_enc))
-        values, indices, aux_values, aux_positions = _select(*low, sae.k, dead, k_a)
+        values, indices, aux_values, aux_positions = _select(*low, k_selected, dead, k_a)
         values, aux_values = values.to(x.dtype), aux_values.to(x.dtype)
+    if wide is not None:
+        wide_values, wide_indices = values, indices
+        values, positions = wide_values.topk(sae.k, dim=1, sorted=False)
+        indices = wide_indices.gather(1, positions)
 
     variance = (x - x.mean(dim=0)).pow(2).sum()
     latents = values.relu()
@@ -158,6 +179,14 @@ def _sparse_step(
     grad_main = error * (-2 / variance)
     grads = tuple(_grad_target(p) for p in (W_dec, W_enc, b_enc))
     _selection_grads(W_dec, centred, indices, values, grad_main, out=grads)
+    wide_loss = torch.zeros((), dtype=x.dtype, device=x.device)
+    if wide is not None:
+        wide_error = centred - sparse_decode(W_dec, wide_indices, wide_values.relu())
+        wide_loss = wide_error.pow(2).sum() / variance
+        grad_wide = wide_error * (-2 * wide.weight / variance)
+        for grad, wide_grad in zip(grads, _selection_grads(W_dec, centred, wide_indices, wide_values, grad_wide)):
+            grad += wide_grad
+        grad_main = grad_main + grad_wide
     aux_loss = torch.zeros((), dtype=x.dtype, device=x.device)
     if k_a > 0:
         dead_W_dec = W_dec[dead]
@@ -179,8 +208,15 @@ def _sparse_step(
 
     sae.W_dec.grad, sae.W_enc.grad, sae.b_enc.grad = grads
     sae.b_pre.grad = grad_main.sum(dim=0) - grads[2] @ W_enc
-    loss = mse_loss + aux_coef * aux_loss
-    return StepOutput(loss, mse_loss, aux_loss, indices, latents)
+    loss = mse_loss + aux_coef * aux_loss + (wide.weight * wide_loss if wide is not None else 0)
+    return SelectionStep(loss, mse_loss, aux_loss, wide_loss, indices, latents)
+
+
+def sparse_decode(W_dec: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Σ_j values[b, j] · W_dec[indices[b, j]] for each row b: shape (B, d), without b_pre."""
+    return nn.functional.embedding_bag(
+        indices, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum"
+    )
 
 
 def _select(

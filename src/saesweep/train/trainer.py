@@ -1,7 +1,9 @@
-"""Training one cell: the recipe of Gao et al. (2024) with checkpoints and resume.
+"""Training one cell of any architecture: the loop of Gao et al. (2024) with checkpoints
+and resume.
 
-Per step: loss and gradients (``kernels``), decoder-gradient projection, Adam, decoder
-renormalisation, dead-latent counters. Learning rate at token t with peak lr, warm-up
+Per step: the architecture's loss and gradients (``SparseAutoencoder.training_step``), its
+pre-step hook (decoder-gradient projection where decoder rows are unit norm), Adam, its
+post-step hook (decoder renormalisation), dead-latent counters. Learning rate at token t with peak lr, warm-up
 W and decay over the last fraction f of a budget T:
     lr(t) = lr · min(1, t / W) · decay(t),   decay(t) = 1 before (1 − f)·T, then falls
     linearly (or as a half cosine) to 0 at T.
@@ -28,11 +30,11 @@ from saesweep.data.activations import ActivationStore, resolve_device
 from saesweep.core.errors import Interrupted, UserError
 from saesweep.sae.export import save_sae
 from saesweep.core.files import atomic_path
-from saesweep.sae.topk_kernels import sparse_step
 from saesweep.data.loader import BatchStream
 from saesweep.core.progress import Progress
 from saesweep.core.provenance import provenance
-from saesweep.sae.topk import TopKSAE
+from saesweep.sae.base import StepContext
+from saesweep.sae.registry import build_sae
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -53,14 +55,14 @@ def lr_at(settings: dict[str, Any], tokens: int) -> float:
     return peak * factor
 
 
-def make_adam(parameters: Any, lr: float, eps: float) -> torch.optim.Adam:
+def make_adam(parameters: Any, lr: float, eps: float, betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Adam:
     """Adam with torch's fused kernel (one pass per tensor) where the device and dtype have
     one, else its default implementation: the same update either way."""
     parameters = list(parameters)
     try:
-        return torch.optim.Adam(parameters, lr=lr, eps=eps, fused=True)
+        return torch.optim.Adam(parameters, lr=lr, eps=eps, betas=betas, fused=True)
     except RuntimeError:
-        return torch.optim.Adam(parameters, lr=lr, eps=eps)
+        return torch.optim.Adam(parameters, lr=lr, eps=eps, betas=betas)
 
 
 class Trainer:
@@ -70,9 +72,9 @@ class Trainer:
         self.settings, self.folder = settings, Path(folder)
         self.device = resolve_device(settings["device"])
         self.store = ActivationStore(settings["activations"])
-        n, k = settings["n_latents"], settings["k"]
-        self.sae = TopKSAE(self.store.d, n, k).to(self.device)
-        self.optimizer = make_adam(self.sae.parameters(), settings["lr"], settings["adam_eps"])
+        n = settings["n_latents"]
+        self.sae = build_sae(settings["arch"], self.store.d, n, settings["params"]).to(self.device)
+        self.optimizer = make_adam(self.sae.parameters(), settings["lr"], settings["adam_eps"], self.sae.adam_betas)
         self.tokens_since_fired = torch.zeros(n, dtype=torch.long, device=self.device)
         self.tokens_seen = 0
         self.steps = 0
@@ -83,17 +85,18 @@ class Trainer:
             self.initialise()
 
     def initialise(self) -> None:
-        """Seeded init: decoder, encoder = decoder, b_pre = geometric median of a sample."""
+        """Seeded init (the architecture's ``initialise``, on the CPU so every device starts
+        from the same weights) from a sample of the training activations."""
         torch.manual_seed(self.settings["seed"])
         sample_size = min(self.settings["geometric_median_sample"], self.store.tokens)
         sample = next(iter(BatchStream(self.store, sample_size, self.settings["seed"] + 1, sample_size)))
         generator = torch.Generator().manual_seed(self.settings["seed"])
         with torch.no_grad():
             self.sae.set_normalisation(self.store.mean.to(self.device), self.store.scale)
-            cpu = TopKSAE(self.store.d, self.sae.n, self.sae.k)
+            cpu = build_sae(self.settings["arch"], self.store.d, self.sae.n, self.settings["params"])
             cpu.initialise(sample, generator)
-            for name in ("W_enc", "b_enc", "W_dec", "b_pre"):
-                getattr(self.sae, name).copy_(getattr(cpu, name))
+            for name, parameter in cpu.named_parameters():
+                self.sae.get_parameter(name).copy_(parameter)
 
     def checkpoint_state(self) -> dict[str, Any]:
         return {
@@ -145,23 +148,29 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         auxk = settings["auxk"]
-        dead = self.dead_mask() if auxk["enabled"] else None
+        context = StepContext(
+            dead_mask=self.dead_mask() if auxk["enabled"] else None,
+            k_aux=auxk["k_aux"],
+            aux_coef=auxk["coef"] if auxk["enabled"] else 0.0,
+            progress=self.tokens_seen / settings["tokens"],
+            fire_threshold=settings["dead"]["threshold"],
+        )
         with torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16, enabled=settings["autocast_bf16"]):
-            out = sparse_step(self.sae, x, dead, auxk["k_aux"], auxk["coef"])
+            out = self.sae.training_step(x, context)
         if not torch.isfinite(out.loss):
             raise TrainingDiverged(
                 f"cell {self.folder}: the loss became {out.loss.item()} at {self.tokens_seen} tokens; "
                 "lower train.lr.base or check the activations"
             )
-        self.sae.project_decoder_grad()
+        self.sae.before_optimizer_step()
         self.optimizer.step()
-        self.sae.normalise_decoder()
-        fired = out.indices[out.values > settings["dead"]["threshold"]]
+        self.sae.after_optimizer_step()
         self.tokens_since_fired += len(x)
-        self.tokens_since_fired[fired] = 0
+        self.tokens_since_fired[out.fired] = 0
         self.tokens_seen += len(x)
         self.steps += 1
-        return {"loss": out.loss.item(), "nmse": out.mse_loss.item(), "aux_loss": out.aux_loss.item(), "lr": lr}
+        parts = {("nmse" if name == "mse" else name): value.item() for name, value in out.parts.items()}
+        return {"loss": out.loss.item(), **parts, "lr": lr}
 
     def run(self) -> None:
         """Train to the budget, logging and checkpointing; then write the outputs."""
@@ -211,9 +220,9 @@ class Trainer:
             log.to_parquet(temporary, index=False)
         cfg = {
             "arch": settings["arch"],
+            "params": settings["params"],
             "d": self.store.d,
             "n_latents": settings["n_latents"],
-            "k": settings["k"],
             "seed": settings["seed"],
             "site": settings["site"],
             "model": self.store.manifest["model"],

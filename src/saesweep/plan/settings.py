@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from saesweep.core.config import dead_window, learning_rate, parse_cell, token_budget
+from saesweep.plan.cells import parse_cell
+from saesweep.plan.config import dead_window, learning_rate, token_budget
+from saesweep.sae.registry import architecture
 
 
 def run_dir(config: dict[str, Any]) -> str:
@@ -54,25 +56,27 @@ def extraction_settings(config: dict[str, Any], split: str, device: str = "auto"
 
 
 def train_settings(config: dict[str, Any], site: str, cell_name: str) -> dict[str, Any]:
-    """What ``saesweep train`` needs for one cell: the recipe resolved for its n and k."""
+    """What ``saesweep train`` needs for one cell: the recipe resolved for its architecture,
+    parameters and n (AuxK only where the architecture uses it)."""
     cell = parse_cell(cell_name)
     train = config["train"]
+    uses_auxk = architecture(cell.arch).uses_auxk
     return {
         "site": site,
         "arch": cell.arch,
+        "params": cell.parameters,
         "n_latents": cell.n_latents,
-        "k": cell.k,
         "seed": cell.seed,
         "activations": activation_dir(config, site, "train"),
         "on_exhausted": config["activations"]["on_exhausted"],
         "tokens": token_budget(train, cell.n_latents, cell.k),
         "batch_size": train["batch_size"],
-        "lr": learning_rate(train, cell.n_latents),
+        "lr": learning_rate(train, cell.n_latents) * cell.parameters["lr_factor"],
         "warmup_tokens": train["lr"]["warmup_tokens"],
         "decay": train["lr"]["decay"],
         "decay_fraction": train["lr"]["decay_fraction"],
         "adam_eps": train["adam_eps"],
-        "auxk": train["auxk"],
+        "auxk": {**train["auxk"], "enabled": train["auxk"]["enabled"] and uses_auxk},
         "dead": {"threshold": train["dead"]["threshold"], "window_tokens": dead_window(train, cell.n_latents, cell.k)},
         "geometric_median_sample": train["geometric_median_sample"],
         "checkpoint_every_tokens": train["checkpoint_every_tokens"],
@@ -88,6 +92,7 @@ def eval_settings(config: dict[str, Any], site: str, cell_name: str) -> dict[str
         **config["evaluate"],
         "site": site,
         "cell": cell_name,
+        "setting": parse_cell(cell_name).setting,
         "seed": parse_cell(cell_name).seed,
         "model": config["model"],
         "eval_activations": activation_dir(config, site, "eval"),

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import copy
 import math
-import re
-from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -21,10 +19,10 @@ import jsonschema
 import yaml
 
 from saesweep.core.errors import UserError
+from saesweep.core.sites import parse_site
+from saesweep.plan.cells import sweep_cells
 
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
-CELL_PATTERN = re.compile(r"^(?P<arch>[a-z0-9]+)-n(?P<n>[0-9]+)-k(?P<k>[0-9]+)-s(?P<seed>[0-9]+)$")
-SITE_PATTERN = re.compile(r"^(?P<kind>resid|mlp|attn)(?P<layer>[0-9]+)$")
 
 
 @cache
@@ -92,11 +90,7 @@ def check_cross_keys(config: dict[str, Any]) -> None:
             f"config key activations.skip_positions: {activations['skip_positions']} leaves no "
             f"position of a {activations['context']}-token window"
         )
-    sweep = config["sweep"]
-    for n in sweep["n_latents"]:
-        for k in sweep["k"]:
-            if k >= n:
-                raise UserError(f"config key sweep.k: k={k} must be smaller than every n_latents (got n_latents={n})")
+    sweep_cells(config)  # architectures, their parameters and every cell's feasibility
     budget = config["train"]["tokens"]
     if budget["max"] is not None and budget["max"] < budget["min"]:
         raise UserError("config key train.tokens.max: smaller than train.tokens.min")
@@ -113,64 +107,12 @@ def check_sites_against_model(config: dict[str, Any], n_layers: int) -> None:
             )
 
 
-@dataclass(frozen=True)
-class Site:
-    """A hook site: ``resid``/``mlp``/``attn`` output of block ``layer`` (from 0)."""
-
-    kind: str
-    layer: int
-
-
-def parse_site(name: str) -> Site:
-    """``resid8`` → Site("resid", 8); an unknown name lists the valid forms."""
-    match = SITE_PATTERN.match(name)
-    if match is None:
-        raise UserError(
-            f"site {name!r} is not a valid site name; use resid{{L}} (residual stream after "
-            "block L), mlp{L} (MLP output of block L) or attn{L} (attention output of block L)"
-        )
-    return Site(match["kind"], int(match["layer"]))
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One SAE of the sweep."""
-
-    arch: str
-    n_latents: int
-    k: int
-    seed: int
-
-    @property
-    def name(self) -> str:
-        """``{arch}-n{n_latents}-k{k}-s{seed}``, the cell's folder name."""
-        return f"{self.arch}-n{self.n_latents}-k{self.k}-s{self.seed}"
-
-
-def parse_cell(name: str) -> Cell:
-    """The inverse of ``Cell.name``."""
-    match = CELL_PATTERN.match(name)
-    if match is None:
-        raise UserError(f"cell {name!r} is not of the form {{arch}}-n{{n_latents}}-k{{k}}-s{{seed}}")
-    return Cell(match["arch"], int(match["n"]), int(match["k"]), int(match["seed"]))
-
-
-def sweep_cells(config: dict[str, Any]) -> list[Cell]:
-    """Every cell of the sweep: arch × n_latents × k × seeds."""
-    sweep = config["sweep"]
-    return [
-        Cell(arch, n, k, seed)
-        for arch in sweep["arch"]
-        for n in sweep["n_latents"]
-        for k in sweep["k"]
-        for seed in sweep["seeds"]
-    ]
-
-
-def token_budget(train: dict[str, Any], n_latents: int, k: int) -> int:
+def token_budget(train: dict[str, Any], n_latents: int, k: int | None) -> int:
     """Training tokens of a cell:
-    base · (n / n_ref)^n_exponent · (k_ref / k)^k_exponent, clipped to [min, max]."""
+    base · (n / n_ref)^n_exponent · (k_ref / k)^k_exponent, clipped to [min, max];
+    a cell without k (ReLU, JumpReLU, Gated) uses k = k_ref."""
     rule = train["tokens"]
+    k = rule["k_ref"] if k is None else k
     tokens = rule["base"] * (n_latents / rule["n_ref"]) ** rule["n_exponent"] * (rule["k_ref"] / k) ** rule["k_exponent"]
     tokens = max(rule["min"], tokens)
     if rule["max"] is not None:
@@ -183,9 +125,10 @@ def learning_rate(train: dict[str, Any], n_latents: int) -> float:
     return train["lr"]["base"] / math.sqrt(n_latents / train["lr"]["n_ref"])
 
 
-def dead_window(train: dict[str, Any], n_latents: int, k: int) -> int:
+def dead_window(train: dict[str, Any], n_latents: int, k: int | None) -> int:
     """Tokens without a firing after which a latent counts as dead:
     max(min_tokens, factor · n / k), n / k being the mean gap between firings of a
-    latent if all latents fired equally often."""
+    latent if all latents fired equally often; a cell without k uses k = train.tokens.k_ref."""
     dead = train["dead"]
+    k = train["tokens"]["k_ref"] if k is None else k
     return int(max(dead["min_tokens"], dead["factor"] * n_latents / k))

@@ -1,0 +1,129 @@
+"""The sweep's cells and their folder names.
+
+A cell is (architecture, its parameters, n, seed); its folder name says all of them:
+
+    {arch}-n{n_latents}-{knob tag}{value}[-{tag}{value} …]-s{seed}
+
+e.g. ``topk-n4096-k32-s0`` or ``relu-n4096-l0.3-s0``. The sparsity knob is always named;
+any other parameter only when it differs from its default, so adding a value to a grid,
+or a new grid axis whose values include the default, renames no existing cell. Values are
+written as the shortest text that reads back to the same number.
+
+``sweep.archs`` maps each architecture to its grid (every parameter a list of values; the
+cells are their product); ``sweep.k`` is shorthand for ``archs: {topk: {k: …}}``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from saesweep.core.errors import UserError
+from saesweep.sae.registry import architecture, resolve_params
+
+CELL_PATTERN = re.compile(r"^[a-z0-9]+-n[0-9]+(-[a-z]+[0-9][0-9.e+-]*)+-s[0-9]+$")
+SEPARATOR = re.compile(r"-(?=[a-z])")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One SAE of the sweep."""
+
+    arch: str
+    n_latents: int
+    params: tuple[tuple[str, int | float], ...]
+    """Every parameter of the architecture, in its declared order."""
+    seed: int
+
+    @property
+    def parameters(self) -> dict[str, int | float]:
+        return dict(self.params)
+
+    @property
+    def k(self) -> int | None:
+        """The cell's k when its architecture has one (TopK, Multi-TopK, BatchTopK), else None."""
+        return self.parameters.get("k")
+
+    @property
+    def setting(self) -> str:
+        """The name without n and seed (``topk-k32``): the cells of one curve over n."""
+        arch, _n, *params, _seed = SEPARATOR.split(self.name)
+        return "-".join([arch, *params])
+
+    @property
+    def name(self) -> str:
+        """The folder name (see the module docstring)."""
+        declared = architecture(self.arch).all_arch_parameters()
+        values = self.parameters
+        parts = [
+            f"{parameter.tag}{format_value(values[parameter.name])}"
+            for index, parameter in enumerate(declared)
+            if index == 0 or values[parameter.name] != parameter.default
+        ]
+        return "-".join([self.arch, f"n{self.n_latents}", *parts, f"s{self.seed}"])
+
+
+def format_value(value: int | float) -> str:
+    """3 → ``3``, 0.25 → ``0.25``, 1e-05 → ``1e-05``: reads back with float() exactly."""
+    text = repr(float(value)) if isinstance(value, float) else str(value)
+    return text[:-2] if text.endswith(".0") else text
+
+
+def make_cell(arch: str, n_latents: int, given: dict[str, Any], seed: int, key: str = "cell") -> Cell:
+    """A cell with every parameter resolved (given values checked, defaults filled)."""
+    params = resolve_params(arch, given, key)
+    return Cell(arch, n_latents, tuple(params.items()), seed)
+
+
+def parse_cell(name: str) -> Cell:
+    """The inverse of ``Cell.name``."""
+    if CELL_PATTERN.match(name) is None:
+        raise UserError(f"cell {name!r} is not of the form {{arch}}-n{{n_latents}}-{{parameters}}-s{{seed}}")
+    arch, n_part, *param_parts, seed_part = SEPARATOR.split(name)
+    by_tag = {parameter.tag: parameter for parameter in architecture(arch, f"cell {name!r}").all_arch_parameters()}
+    given: dict[str, Any] = {}
+    for part in param_parts:
+        tag = re.match(r"[a-z]+", part).group()
+        if tag not in by_tag:
+            raise UserError(f"cell {name!r}: {arch} has no parameter tagged {tag!r}; tags: {', '.join(by_tag)}")
+        try:
+            given[by_tag[tag].name] = float(part[len(tag):])
+        except ValueError:
+            raise UserError(f"cell {name!r}: {part!r} is not a tag and a number") from None
+    cell = make_cell(arch, int(n_part[1:]), given, int(seed_part[1:]), f"cell {name!r}")
+    if cell.name != name:
+        raise UserError(f"cell {name!r} is not written canonically; its name is {cell.name!r}")
+    return cell
+
+
+def arch_grids(sweep: dict[str, Any]) -> dict[str, dict[str, list[Any]]]:
+    """``sweep.archs``, with ``sweep.k`` as TopK's grid when given."""
+    grids = {arch: dict(grid) for arch, grid in sweep.get("archs", {}).items()}
+    if "k" in sweep:
+        if "topk" in grids:
+            raise UserError("config key sweep.k: give TopK's k either as sweep.k or in sweep.archs.topk, not both")
+        grids = {"topk": {"k": sweep["k"]}, **grids}
+    if not grids:
+        raise UserError("config key sweep.archs: no architecture; give sweep.archs (or sweep.k for TopK)")
+    return grids
+
+
+def sweep_cells(config: dict[str, Any]) -> list[Cell]:
+    """Every cell of the sweep: for each architecture, its grid × n_latents × seeds. Unknown
+    architectures or parameters, bad values and impossible cells (k ≥ n) name their key."""
+    sweep = config["sweep"]
+    cells = []
+    for arch, grid in arch_grids(sweep).items():
+        key = "config key " + ("sweep.k" if arch == "topk" and "k" in sweep else f"sweep.archs.{arch}")
+        names = list(grid)
+        for values in itertools.product(*(grid[name] for name in names)):
+            for n in sweep["n_latents"]:
+                for seed in sweep["seeds"]:
+                    cell = make_cell(arch, n, dict(zip(names, values)), seed, key)
+                    problem = architecture(arch).problem(n, cell.parameters)
+                    if problem:
+                        raise UserError(f"{key}: {problem}")
+                    cells.append(cell)
+    return cells

@@ -1,0 +1,317 @@
+"""The interface every SAE architecture implements (Benchopt's "solver").
+
+Every architecture shares the affine maps and the input normalisation:
+
+    x     = (a − μ) / s                              (raw site activations a → inputs x)
+    pre   = W_enc (x − b_pre) + b_enc                (n pre-activations)
+    z     = f(pre)                                   (the architecture's activation; sparse)
+    x̂     = W_dec z + b_pre = Σ_i z_i W_dec[i] + b_pre
+
+μ is the mean activation and s² = E‖a − μ‖² / d, so that E‖x‖² = d; both are stored with
+the SAE so raw activations can be encoded. ``W_enc`` and ``W_dec`` have shape (n, d): row
+i of ``W_dec`` is latent i's decoder direction. Every training loss starts from the
+batch's normalised MSE
+
+    L_mse = ‖x − x̂‖²_F / V,   V = ‖x − mean_batch(x)‖²_F,
+
+and adds the architecture's own terms. An architecture declares its parameters (one of
+them its sparsity knob), defines ``activate`` (and optionally a faster ``encode`` or
+``training_step``), and says which constraints the recipe keeps (unit-norm decoder rows,
+AuxK). Training, evaluation and export only ever call this interface.
+
+Codes are a sparse CSR tensor of shape (B, n): the non-zero z_i of each row. Entries
+that are stored but zero (a TopK value clipped by ReLU) do not count as firing.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+# Codes are sparse CSR tensors built with valid (sorted, unique) indices; torch's notice that
+# CSR support is in beta and that invariant checks are off is not actionable.
+warnings.filterwarnings(
+    "ignore", "Sparse (CSR tensor support is in beta|invariant checks are implicitly)", UserWarning
+)
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One parameter of an architecture, settable per cell in ``sweep.archs.{arch}``."""
+
+    name: str
+    """The config key, e.g. ``k`` or ``l1_coef``."""
+    tag: str
+    """Its short name in a cell's folder name, e.g. ``k`` in ``topk-n4096-k32-s0``: lower-case letters."""
+    default: int | float | None
+    """The value a cell takes when the sweep does not set it; ``None``: the sweep must set it."""
+    doc: str
+    """What it means and where its default comes from."""
+    integer: bool = False
+    """Whole numbers only (e.g. k)."""
+    minimum: float = 0.0
+    """The lower bound of valid values …"""
+    minimum_allowed: bool = False
+    """… which is itself valid when True (else values must exceed it)."""
+
+    def check(self, value: Any) -> str | None:
+        """Why ``value`` is not valid for this parameter, or None."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"{value!r} is not a number"
+        if self.integer and not float(value).is_integer():
+            return f"{value!r} is not a whole number"
+        below = value < self.minimum if self.minimum_allowed else value <= self.minimum
+        if not math.isfinite(value) or below:
+            return f"{value!r} must be {'at least' if self.minimum_allowed else 'larger than'} {self.minimum:g}"
+        return None
+
+
+LR_FACTOR = Parameter(
+    "lr_factor", "lr", 1.0,
+    "multiplies the learning-rate rule train.lr for this architecture (to tune each recipe's lr "
+    "on the same budget)",
+)
+
+
+@dataclass
+class StepContext:
+    """What the trainer tells a training step besides the batch."""
+
+    dead_mask: torch.Tensor | None
+    """(n,) bool: latents that have not fired within the dead window; None when AuxK is off."""
+    k_aux: int
+    """AuxK: latents of the auxiliary reconstruction (capped by the number of dead latents)."""
+    aux_coef: float
+    """AuxK: α, the weight of the auxiliary loss."""
+    progress: float
+    """Tokens seen / the cell's budget, in [0, 1] (for penalty warm-ups)."""
+    fire_threshold: float
+    """A latent fires on a token when its value exceeds this."""
+
+
+@dataclass
+class StepOutput:
+    """What one training step reports: the total loss and its named parts (detached
+    scalars, ``mse`` always among them), and the latents that fired in the batch."""
+
+    loss: torch.Tensor
+    parts: dict[str, torch.Tensor]
+    fired: torch.Tensor
+    """Indices of latents that fired on some token of the batch (repeats allowed)."""
+
+
+class SparseAutoencoder(nn.Module):
+    """An SAE with n latents over d-dimensional inputs; subclasses are the architectures."""
+
+    name: ClassVar[str]
+    """Registry name, used in configs and folder names (lower-case letters and digits)."""
+    reference: ClassVar[str]
+    """The paper or implementation the equations and defaults come from."""
+    arch_parameters: ClassVar[tuple[Parameter, ...]]
+    """The architecture's parameters, sparsity knob first (``LR_FACTOR`` is added to every one)."""
+    unit_norm_decoder: ClassVar[bool] = True
+    """Decoder rows kept at unit norm: the gradient's radial part is removed before each step
+    and the rows renormalised after it."""
+    uses_auxk: ClassVar[bool] = False
+    """Whether the AuxK loss (train.auxk) applies to this architecture."""
+    decoder_init_norm: ClassVar[float] = 1.0
+    """Norm of the random decoder rows at initialisation."""
+    adam_betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
+    """Adam's (β₁, β₂) in this recipe."""
+    k_override: ClassVar[bool] = False
+    """Whether ``encode(x, k=…)`` can use another number of active latents than trained with."""
+    example: ClassVar[dict[str, Any]]
+    """Parameters for the standard tests' planted dictionary (64 unit directions in d = 32,
+    3 active per token with magnitudes in [1, 2]), a setting that reaches L0 ≈ 3 there."""
+
+    def __init__(self, d: int, n: int, params: dict[str, Any]) -> None:
+        super().__init__()
+        self.d, self.n = d, n
+        problem = self.problem(n, params)
+        if problem:
+            raise ValueError(problem)
+        self.params = dict(params)
+        self.W_enc = nn.Parameter(torch.empty(n, d))
+        self.b_enc = nn.Parameter(torch.zeros(n))
+        self.W_dec = nn.Parameter(torch.empty(n, d))
+        self.b_pre = nn.Parameter(torch.zeros(d))
+        self.register_buffer("act_mean", torch.zeros(d))
+        self.register_buffer("act_scale", torch.ones(()))
+
+    @classmethod
+    def all_arch_parameters(cls) -> tuple[Parameter, ...]:
+        """The architecture's parameters and the shared ones, knob first."""
+        return (*cls.arch_parameters, LR_FACTOR)
+
+    @classmethod
+    def problem(cls, n: int, params: dict[str, Any]) -> str | None:
+        """Why a cell with n latents and ``params`` cannot exist (e.g. k ≥ n), or None."""
+        k = params.get("k")
+        if k is not None and not 0 < k < n:
+            return f"k={k} must be smaller than n_latents (got n_latents={n})"
+        return None
+
+    @classmethod
+    def knob(cls) -> Parameter:
+        """The sparsity parameter (the first declared)."""
+        return cls.arch_parameters[0]
+
+    # --- initialisation and normalisation -------------------------------------------------
+
+    @torch.no_grad()
+    def initialise(self, sample: torch.Tensor, generator: torch.Generator) -> None:
+        """Random decoder rows of norm ``decoder_init_norm``, encoder = decoder (the transpose
+        in matrix form: the tied initialisation), b_enc = 0, b_pre = geometric median of
+        ``sample`` (normalised inputs)."""
+        directions = torch.randn(self.n, self.d, generator=generator)
+        self.W_dec.copy_(self.decoder_init_norm * directions / directions.norm(dim=1, keepdim=True))
+        self.W_enc.copy_(self.W_dec)
+        self.b_enc.zero_()
+        self.b_pre.copy_(geometric_median(sample.float()))
+
+    def set_normalisation(self, mean: torch.Tensor, scale: float) -> None:
+        """Store μ and s so that ``normalise`` maps raw activations a to (a − μ) / s."""
+        self.act_mean.copy_(mean)
+        self.act_scale.fill_(scale)
+
+    def normalise(self, activations: torch.Tensor) -> torch.Tensor:
+        """Raw activations a → (a − μ) / s."""
+        return (activations - self.act_mean) / self.act_scale
+
+    def denormalise(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised x → s·x + μ (the inverse of ``normalise``)."""
+        return x * self.act_scale + self.act_mean
+
+    # --- the forward maps -----------------------------------------------------------------
+
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """pre = (x − b_pre) W_encᵀ + b_enc, shape (B, n)."""
+        return torch.addmm(self.b_enc, x - self.b_pre, self.W_enc.t())
+
+    def activate(self, pre: torch.Tensor, k: int | None = None) -> torch.Tensor:
+        """z = f(pre) at inference, dense (B, n); ``k`` only where ``k_override``."""
+        raise NotImplementedError
+
+    def sparse_codes(self, pre: torch.Tensor, k: int | None = None) -> torch.Tensor:
+        """z = f(pre) as sparse CSR (B, n)."""
+        return self.activate(pre, k).to_sparse_csr()
+
+    def encode(self, x: torch.Tensor, k: int | None = None) -> torch.Tensor:
+        """The codes of normalised inputs x at inference: sparse CSR (B, n)."""
+        return self.sparse_codes(self.pre_activations(x), k)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """x̂ = codes W_dec + b_pre, for sparse CSR or dense codes (B, n)."""
+        product = torch.sparse.mm(codes, self.W_dec) if codes.layout != torch.strided else codes @ self.W_dec
+        return product + self.b_pre
+
+    def forward(self, x: torch.Tensor, k: int | None = None) -> torch.Tensor:
+        """Reconstruction x̂ of normalised inputs x."""
+        return self.decode(self.encode(x, k))
+
+    # --- training ---------------------------------------------------------------------------
+
+    def training_loss(self, x: torch.Tensor, context: StepContext) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """(total loss, its named parts, dense training codes z (B, n)) as an autograd graph:
+        the architecture's equations written plainly."""
+        raise NotImplementedError
+
+    def reference_step(self, x: torch.Tensor, context: StepContext) -> StepOutput:
+        """Loss and gradients (written to each parameter's ``.grad``) of one batch by plain
+        autograd of ``training_loss``: the reference every faster step is tested against."""
+        self.zero_grad(set_to_none=True)
+        loss, parts, codes = self.training_loss(x, context)
+        loss.backward()
+        fired = codes.detach().gt(context.fire_threshold).any(dim=0).nonzero().squeeze(1)
+        return StepOutput(loss.detach(), {name: part.detach() for name, part in parts.items()}, fired)
+
+    def training_step(self, x: torch.Tensor, context: StepContext) -> StepOutput:
+        """The step the trainer runs: ``reference_step`` unless the architecture has a faster one."""
+        return self.reference_step(x, context)
+
+    @torch.no_grad()
+    def before_optimizer_step(self) -> None:
+        """With unit-norm decoder rows, remove from each row's gradient g its component
+        along the row w: g ← g − (g·w) w, so a step changes directions, not norms."""
+        grad = self.W_dec.grad
+        if self.unit_norm_decoder and grad is not None:
+            # one batched dot product per row and an in-place update: no (n, d) temporary
+            parallel = torch.bmm(grad.unsqueeze(1), self.W_dec.unsqueeze(2)).view(-1, 1)
+            grad.addcmul_(parallel, self.W_dec, value=-1)
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """With unit-norm decoder rows, rescale every row to unit norm."""
+        if self.unit_norm_decoder:
+            self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+
+@dataclass
+class AuxK:
+    """The AuxK loss of Gao et al. (2024) on dense pre-activations: with
+    k_a = min(k_aux, number of dead latents),
+
+        z_a    = ReLU(TopK_{k_a}(pre restricted to dead latents))
+        L_aux  = ‖stopgrad(e) − z_a W_dec‖²_F / V,    e = x − x̂,
+
+    added to the loss with weight α. Zero when no latent is dead."""
+
+    context: StepContext
+    variance: torch.Tensor = field(repr=False)
+
+    def loss(self, sae: SparseAutoencoder, pre: torch.Tensor, error: torch.Tensor) -> torch.Tensor:
+        dead = self.context.dead_mask
+        n_dead = 0 if dead is None else int(dead.sum())
+        if n_dead == 0 or self.context.k_aux <= 0 or self.context.aux_coef <= 0:
+            return torch.zeros((), dtype=pre.dtype, device=pre.device)
+        dead_pre = pre.masked_fill(~dead, float("-inf"))
+        values, indices = dead_pre.topk(min(self.context.k_aux, n_dead), dim=1, sorted=False)
+        codes = torch.zeros_like(pre).scatter(1, indices, values.relu())
+        return (error.detach() - codes @ sae.W_dec).pow(2).sum() / self.variance
+
+
+def batch_variance(x: torch.Tensor) -> torch.Tensor:
+    """V = ‖x − mean_batch(x)‖²_F, the normaliser of every training loss."""
+    return (x - x.mean(dim=0)).pow(2).sum()
+
+
+def rms_norm(variance: torch.Tensor, batch: int) -> torch.Tensor:
+    """√(V / B): the root-mean-square norm of the batch's centred inputs, the unit in which
+    penalties on code magnitudes are measured (so their coefficients do not depend on d)."""
+    return (variance / batch).sqrt()
+
+
+def dense_topk(pre: torch.Tensor, k: int) -> torch.Tensor:
+    """ReLU(TopK_k(pre)) as a dense (B, n) tensor: the k largest entries of each row kept."""
+    values, indices = pre.topk(k, dim=1, sorted=False)
+    return torch.zeros_like(pre).scatter(1, indices, values.relu())
+
+
+def rows_csr(indices: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:
+    """Codes with exactly m entries per row, (indices (B, m), values (B, m)), as a sparse CSR
+    (B, n) tensor with each row's columns sorted."""
+    batch, m = indices.shape
+    order = indices.argsort(dim=1)
+    crow = torch.arange(0, batch * m + 1, m, device=indices.device)
+    return torch.sparse_csr_tensor(
+        crow, indices.gather(1, order).flatten(), values.gather(1, order).flatten(), (batch, n)
+    )
+
+
+def geometric_median(points: torch.Tensor, iterations: int = 100, tol: float = 1e-6) -> torch.Tensor:
+    """The point m minimising Σ_i ‖p_i − m‖, by Weiszfeld's iterations
+    m ← Σ_i w_i p_i / Σ_i w_i with w_i = 1 / max(‖p_i − m‖, ε), started at the mean."""
+    median = points.mean(dim=0)
+    for _ in range(iterations):
+        weights = 1.0 / (points - median).norm(dim=1).clamp_min(1e-8)
+        updated = (weights[:, None] * points).sum(dim=0) / weights.sum()
+        moved = (updated - median).norm()
+        median = updated
+        if moved <= tol * median.norm().clamp_min(1.0):
+            break
+    return median

@@ -1,0 +1,72 @@
+"""BatchTopK (Bussmann, Leask & Nanda 2024, "BatchTopK Sparse Autoencoders").
+
+Training keeps the k·B largest entries of ReLU(pre) over the whole batch (B, n), so tokens
+share a budget of k active latents on average:
+
+    z_train = ReLU(pre) ⊙ 1[pre is among the k·B largest entries of the batch]
+    L       = L_mse + α · L_aux                          (AuxK as for TopK)
+
+Inference must not depend on the batch: a single threshold θ replaces the batch selection,
+
+    z = ReLU(pre) ⊙ 1[pre > θ],
+
+with θ estimated during training as an exponential moving average of the smallest selected
+value of each batch: θ ← (1 − r) θ + r · min(z_train[z_train > 0]), r = 0.01 (SAELens'
+rate; bartbussmann/BatchTopK and dictionary_learning use the same estimator with other
+rates). The first batch sets θ directly.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from saesweep.sae.base import AuxK, Parameter, SparseAutoencoder, StepContext, batch_variance
+
+
+class BatchTopKSAE(SparseAutoencoder):
+    """Top k·B over the batch in training, a fixed threshold at inference."""
+
+    name: ClassVar[str] = "batchtopk"
+    reference: ClassVar[str] = "Bussmann et al. 2024, BatchTopK Sparse Autoencoders"
+    arch_parameters: ClassVar[tuple[Parameter, ...]] = (
+        Parameter("k", "k", None, "mean active latents per token in training", integer=True),
+        Parameter("threshold_rate", "r", 0.01, "rate r of the threshold's moving average (SAELens: 0.01)"),
+    )
+    uses_auxk: ClassVar[bool] = True
+    example: ClassVar[dict[str, Any]] = {"k": 3}
+
+    def __init__(self, d: int, n: int, params: dict[str, Any]) -> None:
+        super().__init__(d, n, params)
+        self.k = int(params["k"])
+        self.register_buffer("threshold", torch.tensor(float("nan")))
+
+    def activate(self, pre: torch.Tensor, k: int | None = None) -> torch.Tensor:
+        """z = ReLU(pre) ⊙ 1[pre > θ] (θ = 0 before any training step)."""
+        threshold = self.threshold.nan_to_num(0.0).clamp_min(0.0)
+        return pre.relu() * (pre > threshold)
+
+    def batch_select(self, pre: torch.Tensor) -> torch.Tensor:
+        """ReLU(pre) with all but the k·B largest entries of the batch set to 0 (dense)."""
+        flat = pre.relu().flatten()
+        values, indices = flat.topk(min(self.k * pre.shape[0], flat.numel()), sorted=False)
+        return torch.zeros_like(flat).scatter(0, indices, values).view_as(pre)
+
+    def training_loss(self, x: torch.Tensor, context: StepContext):
+        """The module docstring's loss; also moves θ towards this batch's smallest selected
+        value (a side effect of training, under no_grad)."""
+        pre = self.pre_activations(x)
+        codes = self.batch_select(pre)
+        error = x - (codes @ self.W_dec + self.b_pre)
+        variance = batch_variance(x)
+        mse = error.pow(2).sum() / variance
+        aux = AuxK(context, variance).loss(self, pre, error)
+        with torch.no_grad():
+            selected = codes[codes > 0]
+            if selected.numel():
+                smallest = selected.min()
+                rate = float(self.params["threshold_rate"])
+                first = torch.isnan(self.threshold)
+                self.threshold.copy_(torch.where(first, smallest, (1 - rate) * self.threshold + rate * smallest))
+        return mse + context.aux_coef * aux, {"mse": mse, "aux_loss": aux}, codes
