@@ -4,10 +4,12 @@ run's configuration with provenance."""
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 import yaml
 
 from saesweep.core.provenance import settings_hash
@@ -36,6 +38,9 @@ def test_fit_table_has_one_row_per_law() -> None:
     assert f"b = {entry['params']['b']:.4g} [{lo:.4g}, {hi:.4g}]" in power["parameters (95% CI)"]
     assert power["held-out check"].startswith("n=4096 predicted from smaller n: k=8: ")
     assert power["held-out check"].endswith("inside the interval") and not power["flagged"]
+    assert power["status"] == "ok" and power["premise"].startswith("fall over n = 512…4096: ")
+    # 4 cells leave the law with floor no residual degree of freedom for AICc
+    assert power["AICc comparison"] == "not possible: floor_n: AICc undefined for 4 cells and 3 parameters"
     floor_k = nmse[(nmse["law"] == "floor_k") & (nmse["at"] == "n=512")].iloc[0]
     assert floor_k["status"] == "skipped" and "need at least 4" in floor_k["reason"]
     absent = table[table["metric"] == "absent_metric"]
@@ -51,6 +56,36 @@ def test_flagged_prediction_is_marked(tmp_path: Path) -> None:
     assert page.count("<tr class='flagged'>") == 1 and page.count("OUTSIDE the interval") == 1
     csv = pd.read_csv(tmp_path / "fits.csv")
     assert list(csv.loc[csv["flagged"] == True, "at"]) == ["k=32"]  # noqa: E712 (a CSV column of True/False/NaN)
+
+
+def test_contradicted_laws_and_the_aicc_comparison_are_marked(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    ns = [2**e for e in range(9, 15)]
+    grid = pd.MultiIndex.from_product([ns, [32]], names=["n_latents", "k"]).to_frame(index=False)
+    noise = np.exp(rng.normal(0, 0.01, len(grid)))
+    falling = grid.assign(site="falls", nmse=2.0 * grid["n_latents"] ** -0.3 * noise)
+    rising = grid.assign(site="rises", nmse=(0.1 + 1e-3 * grid["n_latents"] ** 0.5) * noise)
+    cells = pd.concat([falling, rising]).assign(arch="topk", seed=0)
+    fits = fit_scaling_laws(cells, ["nmse"], bootstrap=0)
+    write_fit_table(fits, tmp_path / "fits.csv", tmp_path / "fits.html")
+    csv = pd.read_csv(tmp_path / "fits.csv")
+    by_n = csv[csv["law"].isin(["power_n", "floor_n"])].set_index(["site", "law"])
+    assert list(by_n["status"]) == ["ok", "ok", "contradicted", "contradicted"]
+    assert by_n.loc[("rises", "floor_n"), "reason"].startswith("the fitted loss rises with n")
+    assert by_n.loc[("rises", "floor_n"), "premise"].startswith("fall over n = 512…16384: -")
+    assert by_n.loc[("falls", "power_n"), "premise"].startswith("fall over n = 512…16384: ")
+    # pure power-law data: the pure law is preferred, on both rows of the pair
+    comparison = fits["groups"][0]["metrics"]["nmse"]["vs_n"]["32"]["comparison"]
+    assert by_n.loc[("falls", "power_n"), "AICc comparison"] == f"preferred (ΔAICc = {comparison['delta']:.1f})"
+    floor_view = f"power_n preferred (ΔAICc = {comparison['delta']:.1f})"
+    assert by_n.loc[("falls", "floor_n"), "AICc comparison"] == floor_view
+    assert by_n.loc[("falls", "power_n"), "AICc"] == pytest.approx(comparison["aicc"]["power"])
+    page = (tmp_path / "fits.html").read_text()
+    rows = re.findall(r"<tr class='([^']*)'><td>(\w+)</td><td>topk</td><td>nmse</td><td>(\w+)</td>", page)
+    marked = {(site, law) for kind, site, law in rows if "contradicted" in kind.split()}
+    assert {("rises", "power_n"), ("rises", "floor_n")} <= marked
+    assert not {("falls", "power_n"), ("falls", "floor_n")} & marked
+    assert "tr.contradicted td{" in page and "<i>contradicted</i>" in page
 
 
 def test_run_config_carries_provenance(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from saesweep.analysis.scaling import fit_scaling_laws, predict
+from saesweep.analysis.scaling import AICC_WEAK, MIN_FALL, fit_scaling_laws, predict
 
 NS = [2**e for e in range(9, 17)]
 KS = [8, 16, 32, 64]
@@ -74,8 +74,10 @@ def test_floor_law_recovered_within_bootstrap_interval(floor_fits: dict) -> None
         assert entry["bootstrap"]["succeeded"] >= 0.9 * entry["bootstrap"]["requested"]
         assert entry["validation"]["status"] == "ok" and not entry["validation"]["flagged"]
         assert abs(entry["validation"]["max_abs_rel_error"]) < 0.03
-        # the pure power law cannot bend towards the floor: it fits worse
-        assert metric_fits(floor_fits)["vs_n"][str(k)]["power"]["huber_loss"] > entry["huber_loss"]
+        # the pure power law cannot bend towards the floor: it fits worse, and AICc says so
+        pair = metric_fits(floor_fits)["vs_n"][str(k)]
+        assert pair["power"]["huber_loss"] > entry["huber_loss"]
+        assert pair["comparison"]["preferred"] == "floor" and not pair["comparison"]["weak"]
 
 
 def test_law_over_k_finds_no_k_dependence(floor_fits: dict) -> None:
@@ -84,6 +86,11 @@ def test_law_over_k_finds_no_k_dependence(floor_fits: dict) -> None:
     assert abs(entry["params"]["b"]) < 0.02
     assert entry["ci95"]["b"][0] <= 0.0 <= entry["ci95"]["b"][1]
     assert "validation" not in entry
+    # a law in k that does not fall with k contradicts its premise; so does the joint law
+    assert entry["status"] == "contradicted" and "with k" in entry["reason"] and not entry["premise"]["holds"]
+    joint = metric_fits(floor_fits)["joint"]
+    assert joint["status"] == "contradicted" and "with k" in joint["reason"] and "with n" not in joint["reason"]
+    assert not joint["premise"]["falls_with"]["n"]["rises"] and joint["premise"]["falls_with"]["n"]["fall"] > 1.0
 
 
 def test_joint_law_recovers_gpt4_parameters() -> None:
@@ -98,6 +105,93 @@ def test_joint_law_recovers_gpt4_parameters() -> None:
     nn, kk = np.meshgrid(ns, ks)
     np.testing.assert_allclose(predict(entry, nn, kk), joint_law(nn, kk), rtol=0.01)
     assert not entry["validation"]["flagged"]
+    assert entry["premise"]["holds"] and set(entry["premise"]["falls_with"]) == {"n", "k"}
+    assert entry["premise"]["falls_with"]["k"]["range"] == [ks[0], ks[-1]]
+
+
+def test_joint_law_rising_with_k_is_contradicted() -> None:
+    cells = make_cells(lambda n, k: 2.0 * n**-0.3 * k**0.2 + 0.01, seeds=1, noise=0.005)
+    entry = metric_fits(fit_scaling_laws(cells, ["nmse"], bootstrap=0))["joint"]
+    assert entry["status"] == "contradicted" and "rises with k" in entry["reason"]
+    assert "with n" not in entry["reason"]  # it does fall with n
+    assert entry["premise"]["falls_with"]["k"]["rises"] and not entry["premise"]["falls_with"]["n"]["rises"]
+    assert "validation" in entry and "params" in entry  # still a complete fit, only not ok
+
+
+# Six n spanning a factor 1024: enough for the floor (the power term falls below c by the largest n).
+WIDE_NS = [2**e for e in range(9, 20, 2)]
+
+
+def one_law_pair(law: Callable[[np.ndarray, np.ndarray], np.ndarray], bootstrap: int = 0, **kwargs: object) -> dict:
+    """The vs_n {"power", "floor", "comparison"} of ``law`` planted at WIDE_NS and k = 32."""
+    cells = make_cells(law, ns=kwargs.pop("ns", WIDE_NS), ks=[32], **kwargs)
+    return metric_fits(fit_scaling_laws(cells, ["nmse"], bootstrap=bootstrap, seed=0))["vs_n"]["32"]
+
+
+def test_rising_data_contradict_the_premise() -> None:
+    """The reported case: data that rise with n, fitted as a power law 'falling' towards a floor
+    with a vanishing coefficient (a ≈ 0, b < 0), must not come out ok."""
+    laws = one_law_pair(lambda n, k: 0.1 + 1e-3 * n**0.5)
+    for form in ("power", "floor"):
+        entry = laws[form]
+        assert entry["status"] == "contradicted", form
+        assert entry["params"]["b"] < 0 and f"b = {entry['params']['b']:.3g} ≤ 0" in entry["reason"]
+        assert entry["reason"].startswith("the fitted loss rises with n")
+        assert entry["premise"]["falls_with"]["n"]["rises"] and entry["premise"]["falls_with"]["n"]["fall"] < 0
+        assert not entry["premise"]["holds"]
+        assert np.all(np.diff(predict(entry, n=np.array(WIDE_NS))) > 0)  # still drawable: it rises
+
+
+def test_planted_floor_law_is_ok_recovered_and_preferred() -> None:
+    truth = {"a": 2.0, "b": 0.3, "c": 0.05}
+    laws = one_law_pair(lambda n, k: truth["a"] * n ** -truth["b"] + truth["c"], bootstrap=40)
+    entry = laws["floor"]
+    assert entry["status"] == "ok" and "reason" not in entry and entry["premise"]["holds"]
+    for name, value in truth.items():
+        lo, hi = entry["ci95"][name]
+        assert lo <= value <= hi, (name, entry["ci95"][name])
+    assert entry["premise"]["falls_with"]["n"]["fall"] > MIN_FALL
+    assert entry["premise"]["power_share"] > MIN_FALL
+    comparison = laws["comparison"]
+    assert comparison["aicc"] == {"power": laws["power"]["aicc"], "floor": entry["aicc"]}
+    assert comparison["preferred"] == "floor" and comparison["delta"] < -AICC_WEAK and not comparison["weak"]
+    m, p = entry["n_cells"], 3
+    expected = m * np.log(entry["rss_log"] / m) + 2 * p + 2 * p * (p + 1) / (m - p - 1)
+    assert entry["aicc"] == pytest.approx(expected)
+
+
+def test_pure_power_law_is_preferred_to_a_floor() -> None:
+    laws = one_law_pair(lambda n, k: 2.0 * n**-0.3)
+    assert laws["power"]["status"] == "ok" and laws["floor"]["status"] == "ok"
+    # the floor law fits at least as closely (c → 0), but its extra parameter is not needed
+    assert laws["floor"]["rss_log"] <= laws["power"]["rss_log"] * 1.05
+    assert laws["comparison"]["preferred"] == "power" and laws["comparison"]["delta"] > AICC_WEAK
+
+
+def test_constant_data_have_a_negligible_power_term() -> None:
+    """On flat data the law with floor degenerates either way: a → 0 (a vanishing power term) or
+    c → 0 with b → 0 (a power term that is itself a constant); both are flagged, whatever the
+    sign noise gives b."""
+    reasons = []
+    for draw in range(6):
+        laws = one_law_pair(lambda n, k: np.full_like(n, 0.2), rng_seed=draw)
+        for form in ("power", "floor"):
+            entry = laws[form]
+            assert entry["status"] == "contradicted", (draw, form, entry["params"])
+            reasons.append(entry["reason"])
+        assert laws["comparison"]["preferred"] == "power"  # no floor needed either
+    negligible = [r for r in reasons if "power term is negligible" in r]
+    assert negligible and all(f"more than {MIN_FALL:.0%} required" in r for r in negligible)
+    assert all(r in negligible or r.startswith("the fitted loss rises with n") for r in reasons)
+
+
+def test_comparison_needs_a_residual_degree_of_freedom() -> None:
+    laws = one_law_pair(lambda n, k: 2.0 * n**-0.3 + 0.05, ns=[512, 1024, 2048, 4096])
+    assert laws["floor"]["status"] == "ok" and laws["floor"]["aicc"] is None  # m − p − 1 = 0
+    assert laws["power"]["aicc"] is not None
+    comparison = laws["comparison"]
+    assert comparison["preferred"] is None and comparison["delta"] is None
+    assert comparison["reason"] == "floor_n: AICc undefined for 4 cells and 3 parameters"
 
 
 def test_held_out_check_flags_a_broken_trend() -> None:
@@ -145,6 +239,8 @@ def test_too_few_points_are_skipped_with_a_reason() -> None:
     assert "params" not in by_n["floor"]
     assert by_n["floor"]["formula"] == "L(n) = a * n^(-b) + c"
     assert by_n["power"]["validation"]["status"] == "skipped"  # 2 n left after holding one out
+    assert by_n["comparison"]["preferred"] is None
+    assert by_n["comparison"]["reason"] == "power_n: AICc undefined for 3 cells and 2 parameters; floor_n skipped"
     assert fits["vs_k"]["512"]["power"]["status"] == "skipped"  # a single k
     assert fits["joint"]["status"] == "skipped" and "2 distinct" in fits["joint"]["reason"]
     with pytest.raises(ValueError, match="not fitted"):

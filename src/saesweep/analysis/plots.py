@@ -122,6 +122,14 @@ def _colours(values: list, cmap: str = "viridis") -> dict:
     return {v: colormap(i / max(len(values) - 1, 1) * 0.9) for i, v in enumerate(values)}
 
 
+def _law_to_draw(laws: dict) -> dict | None:
+    """The fitted law of a {"power", "floor", "comparison"} pair to draw: the one AICc prefers,
+    else (no comparison possible) the law with floor, else the pure law; None if neither was fitted."""
+    fitted = {form: laws[form] for form in ("floor", "power") if "params" in laws.get(form, {})}
+    preferred = laws.get("comparison", {}).get("preferred")
+    return fitted.get(preferred) or next(iter(fitted.values()), None)
+
+
 def _plot_1d(cells: pd.DataFrame, fits: dict, metric: str, stem: str | Path, title: str, x: str) -> list[Path]:
     """Metric against x ∈ {"n", "k"}, one colour per value of the other variable, with the fitted law."""
     xcol, other, section = ("n_latents", "k", "vs_n") if x == "n" else ("k", "n_latents", "vs_k")
@@ -155,23 +163,21 @@ def _plot_1d(cells: pd.DataFrame, fits: dict, metric: str, stem: str | Path, tit
                 capsize=2,
             )
             laws = mfit.get(section, {}).get(str(value), {}) if mfit["status"] == "ok" else {}
-            fitted = [laws[form] for form in ("floor", "power") if form in laws and laws[form]["status"] == "ok"]
-            if "floor" in laws and laws["floor"]["status"] != "ok":
+            if laws.get("floor", {}).get("status") == "skipped":
                 notes.append(f"{name}: fit skipped (law with floor): {laws['floor']['reason']}")
-            if not fitted:
+            entry = _law_to_draw(laws)
+            if entry is None:
                 ax.plot([], [], "o", color=colour, label=f"{name} (no fit)")
                 continue
-            entry = fitted[0]
             p = entry["params"]
             grid = np.asarray(entry["band"]["x"])
             floor = f" + {p['c']:.2g}" if "c" in p else " (no floor)"
-            ax.plot(
-                grid,
-                predict(entry, **{x: grid}),
-                "-",
-                color=colour,
-                label=f"{name}: {p['a']:.3g}·{x}^−{p['b']:.3g}{floor}",
-            )
+            label = f"{name}: {p['a']:.3g}·{x}^{'−' if p['b'] >= 0 else '+'}{abs(p['b']):.3g}{floor}"
+            if entry["status"] == "contradicted":
+                ax.plot(grid, predict(entry, **{x: grid}), ":", color=colour, lw=1.2, label=f"{label}: contradicted")
+                notes.append(f"{name}: {entry['law']} contradicted (dotted, no band): {entry['reason']}")
+                continue
+            ax.plot(grid, predict(entry, **{x: grid}), "-", color=colour, label=label)
             band = [np.asarray(entry["band"][side], dtype=float) for side in ("lo", "hi")]
             ax.fill_between(grid, *band, color=colour, alpha=0.2, lw=0)
             validation = entry.get("validation", {})
@@ -200,22 +206,27 @@ def _plot_1d(cells: pd.DataFrame, fits: dict, metric: str, stem: str | Path, tit
 
 
 def plot_metric_vs_n(cells: pd.DataFrame, fits: dict, metric: str, stem: str | Path, title: str) -> list[Path]:
-    """Log-log metric against n, one colour per k: seed means (± std), law a·n^−b + c and its band.
+    """Log-log metric against n, one colour per k: seed means (± std), a fitted law and its band.
 
-    Where the law with floor was skipped the pure power law a·n^−b is drawn instead (and noted).
+    The law drawn at each k is the one AICc prefers, a·n^−b + c or a·n^−b; where no comparison is
+    possible, the law with floor, else (skipped, and noted) the pure law.  A law that contradicts
+    its premise (the loss falls with n) is dotted, without band, and its reason noted.
     """
     return _plot_1d(cells, fits, metric, stem, title, "n")
 
 
 def plot_metric_vs_k(cells: pd.DataFrame, fits: dict, metric: str, stem: str | Path, title: str) -> list[Path]:
-    """Log-log metric against k, one colour per n: seed means (± std), law a·k^−b + c (else a·k^−b), its band."""
+    """Log-log metric against k, one colour per n: seed means (± std), a fitted law and its band,
+    chosen and marked as in ``plot_metric_vs_n``."""
     return _plot_1d(cells, fits, metric, stem, title, "k")
 
 
 def plot_joint_contours(cells: pd.DataFrame, fits: dict, metric: str, stem: str | Path, title: str) -> list[Path]:
     """Filled contours of the joint law L(n, k), observed cells on top in the same colours.
 
-    The contours span the observed n and k ranges widened by a factor MARGIN each side.
+    The contours span the observed n and k ranges widened by a factor MARGIN each side.  A joint
+    law that contradicts its premise (the loss falls with n and with k) is not drawn: only the
+    observed cells are, with the law and the reason in a note.
     """
     groups = _groups(cells)
     fig, axes = _figure(groups, title)
@@ -233,7 +244,8 @@ def plot_joint_contours(cells: pd.DataFrame, fits: dict, metric: str, stem: str 
         n_grid = np.geomspace(rows["n_latents"].min() / MARGIN, rows["n_latents"].max() * MARGIN, 80)
         k_grid = np.geomspace(rows["k"].min() / MARGIN, rows["k"].max() * MARGIN, 80)
         label = _label(metric, log=True) + "\nfill: joint fit, circles: observed (seed mean)"
-        if entry is not None and entry["status"] == "ok":
+        drawn = entry is not None and entry["status"] == "ok"
+        if drawn:
             nn, kk = np.meshgrid(n_grid, k_grid)
             z = predict(entry, nn, kk)
             lo, hi = min(lo, z.min()), max(hi, z.max())
@@ -242,6 +254,9 @@ def plot_joint_contours(cells: pd.DataFrame, fits: dict, metric: str, stem: str 
             lines = ax.contour(nn, kk, z, levels=levels[1:-1:2], colors="white", linewidths=0.6)
             ax.clabel(lines, fmt="%.3g", fontsize=7)
             fig.colorbar(filled, ax=ax, label=label, ticks=levels[::2], format="%.3g")
+        if entry is not None and entry["status"] == "contradicted":
+            notes.append(f"joint fit contradicted (not drawn): {entry['reason']}")
+        if entry is not None and "params" in entry:
             p = entry["params"]
             notes.append(
                 f"fit: exp({p['alpha']:.3g} {p['beta_k']:+.3g}·ln k {p['beta_n']:+.3g}·ln n "
@@ -266,7 +281,7 @@ def plot_joint_contours(cells: pd.DataFrame, fits: dict, metric: str, stem: str 
             s=40,
             zorder=3,
         )
-        if entry is None or entry["status"] != "ok":
+        if not drawn:
             fig.colorbar(points, ax=ax, label=label.replace("fill: joint fit, ", ""), format="%.3g")
         ax.set_xscale("log")
         ax.set_yscale("log")

@@ -20,12 +20,13 @@ from saesweep.core.provenance import provenance
 STYLE = (
     "body{font-family:sans-serif;font-size:13px;margin:1em}"
     "table{border-collapse:collapse}th,td{border:1px solid #ccc;padding:3px 6px;text-align:left;"
-    "vertical-align:top}th{background:#f0f0f0}tr.flagged td{background:#fde8e8}"
-    "tr.skipped td{color:#777}pre{background:#f6f6f6;padding:.8em}"
+    "vertical-align:top}th{background:#f0f0f0}"
+    "tr.skipped td{color:#777}tr.contradicted td{background:#fff4d6;font-style:italic}"
+    "tr.flagged td{background:#fde8e8}pre{background:#f6f6f6;padding:.8em}"
 )
 FIT_COLUMNS = [
-    "site", "arch", "metric", "law", "at", "status", "parameters (95% CI)", "cells",
-    "held-out check", "flagged", "formula", "reason",
+    "site", "arch", "metric", "law", "at", "status", "parameters (95% CI)", "cells", "premise",
+    "AICc", "AICc comparison", "held-out check", "flagged", "formula", "reason",
 ]
 
 
@@ -57,20 +58,46 @@ def _held_out(entry: dict) -> tuple[str, bool | None]:
     return f"n={validation['holdout_n']} predicted from smaller n: {cells}; {verdict}", validation["flagged"]
 
 
-def _law_row(site: str, arch: str, metric: str, at: str, entry: dict) -> dict[str, Any]:
+def _premise(entry: dict) -> str:
+    """The measured fall of a fitted law over each of its variables' observed range, in words."""
+    joint = len(entry["premise"]["falls_with"]) > 1
+    parts = []
+    for variable, check in entry["premise"]["falls_with"].items():
+        lo, hi = check["range"]
+        fall = "n/a" if check["fall"] is None else f"{check['fall']:.1%}"
+        rises = ", rises in part" if check["rises"] and check["fall"] is not None and check["fall"] > 0 else ""
+        parts.append(f"{'least ' if joint else ''}fall over {variable} = {lo}…{hi}: {fall}{rises}")
+    return "; ".join(parts)
+
+
+def _comparison(laws: dict, form: str) -> str:
+    """The AICc comparison of a pure law and its law with floor, as seen from the row of ``form``."""
+    comparison = laws["comparison"]
+    if comparison["preferred"] is None:
+        return f"not possible: {comparison['reason']}"
+    strength = f"ΔAICc = {abs(comparison['delta']):.1f}{', weak' if comparison['weak'] else ''}"
+    if comparison["preferred"] == form:
+        return f"preferred ({strength})"
+    return f"{laws[comparison['preferred']]['law']} preferred ({strength})"
+
+
+def _law_row(site: str, arch: str, metric: str, at: str, entry: dict, comparison: str = "") -> dict[str, Any]:
     row = {"site": site, "arch": arch, "metric": metric, "law": entry.get("law", ""), "at": at}
     row.update(status=entry["status"], formula=entry.get("formula", ""), reason=entry.get("reason", ""))
-    if entry["status"] == "ok":
+    row["AICc comparison"] = comparison
+    if "params" in entry:
         check, flagged = _held_out(entry)
         row.update({"parameters (95% CI)": _parameters(entry), "cells": entry["n_cells"]})
+        row.update({"premise": _premise(entry), "AICc": entry["aicc"]})
         row.update({"held-out check": check, "flagged": flagged})
     return row
 
 
 def fit_table(fits: dict) -> pd.DataFrame:
     """One row per law of a ``fit_scaling_laws`` result: L(n) at each k, L(k) at each n (pure
-    power law and law with floor) and the joint L(n, k), per (site, arch) group and metric;
-    a metric that could not be fitted at all is one row with its reason."""
+    power law and law with floor, each with the pair's AICc comparison) and the joint L(n, k),
+    per (site, arch) group and metric; a metric that could not be fitted at all is one row with
+    its reason."""
     rows = []
     for group in fits["groups"]:
         site, arch = group["site"], group["arch"]
@@ -81,9 +108,10 @@ def fit_table(fits: dict) -> pd.DataFrame:
             for section, variable in (("vs_n", "k"), ("vs_k", "n")):
                 for value, laws in fitted[section].items():
                     for form in ("power", "floor"):
-                        rows.append(_law_row(site, arch, metric, f"{variable}={value}", laws[form]))
+                        at = f"{variable}={value}"
+                        rows.append(_law_row(site, arch, metric, at, laws[form], _comparison(laws, form)))
             rows.append(_law_row(site, arch, metric, "all cells", fitted["joint"]))
-    return pd.DataFrame(rows, columns=FIT_COLUMNS).astype({"cells": "Int64"})
+    return pd.DataFrame(rows, columns=FIT_COLUMNS).astype({"cells": "Int64", "AICc": float})
 
 
 def _page(title: str, body: str) -> str:
@@ -93,18 +121,29 @@ def _page(title: str, body: str) -> str:
     )
 
 
+def _marks(row: pd.Series) -> dict[str, bool]:
+    """The CSS classes of a fit-table row: a skipped law, one contradicting its premise, a flagged
+    held-out check (a contradicted law may be flagged as well)."""
+    return {
+        "skipped": row.get("status") == "skipped",
+        "contradicted": row.get("status") == "contradicted",
+        "flagged": row.get("flagged") is True,
+    }
+
+
 def _html_table(table: pd.DataFrame) -> str:
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in table.columns)
     body = []
     for _, row in table.iterrows():
-        kind = "flagged" if row.get("flagged") is True else ("skipped" if row.get("status") == "skipped" else "")
+        kinds = [name for name, marked in _marks(row).items() if marked]
         cells = "".join(f"<td>{'' if pd.isna(v) else html.escape(str(v))}</td>" for v in row)
-        body.append(f"<tr class='{kind}'>{cells}</tr>")
+        body.append(f"<tr class='{' '.join(kinds)}'>{cells}</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
 def write_fit_table(fits: dict, csv_path: Path, html_path: Path) -> None:
-    """``fit_table(fits)`` as CSV and as an HTML page (flagged held-out checks in red)."""
+    """``fit_table(fits)`` as CSV and as an HTML page (flagged held-out checks in red, laws that
+    contradict their premise in amber italics)."""
     table = fit_table(fits)
     with atomic_path(csv_path) as temporary:
         table.to_csv(temporary, index=False)
@@ -112,7 +151,12 @@ def write_fit_table(fits: dict, csv_path: Path, html_path: Path) -> None:
         f"<p>Intervals: the wider of a bootstrap over cells ({fits['bootstrap']} replicates, seed "
         f"{fits['seed']}) and the linearised least-squares interval with a t quantile. "
         "A law over n is refitted without the largest n and asked to predict it; a prediction "
-        "outside its 95% interval is flagged (red row).</p>"
+        "outside its 95% interval is flagged (red row). Every law claims that the loss falls with its "
+        f"variable(s) by more than {fits['min_fall']:.0%} over the observed range; a fit that rises "
+        "or falls less is <i>contradicted</i> (amber italic row, reason given) and is not a scaling law. "
+        "Where a pure power law and a law with floor are fitted to the same cells, the one with the "
+        "lower AICc (small-sample corrected AIC of the log residuals) is preferred; "
+        f"a difference of at most {fits['aicc_weak']:g} is weak evidence.</p>"
     )
     with atomic_path(html_path) as temporary:
         temporary.write_text(_page("Fitted scaling laws", note + _html_table(table)), encoding="utf-8")

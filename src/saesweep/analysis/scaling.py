@@ -30,6 +30,35 @@ and the linearised one, θ̂ ± t_{m−p}(0.975) · s · √((JᵀJ)⁺_ii) (see
 through exp for log parameters); the band of a 1-D law is likewise the union of the bootstrap
 band and log L̂(x) ± t_{m−p}(0.975) · s · √(jᵀ (JᵀJ)⁺ j).
 
+Premises: every law claims that the loss falls with its variable(s), measurably, over the
+observed range.  The fit is free (b is not constrained, so a contradiction shows instead of
+being pinned at b = 0); afterwards L̂ is evaluated on a log grid of BAND_POINTS values
+spanning the fitted cells' range of each variable (BAND_POINTS × BAND_POINTS in (n, k) for
+the joint law, which is checked along n at each grid k and along k at each grid n):
+
+    1. L̂ never rises between two neighbouring grid points (for the 1-D laws: b ≥ 0), and
+    2. L̂ falls measurably along every grid line: L̂(x_min) / L̂(x_max) − 1 > MIN_FALL
+       (for a pure power law: (x_max/x_min)^b − 1 > MIN_FALL, so with 1, b > 0).
+
+A law failing either check keeps its parameters but gets ``"status": "contradicted"`` and a
+``reason`` in words.  For a law with floor, check 2 implies that the power term is not
+negligible against the floor, a·x_min^(−b) > MIN_FALL·c (since L̂(x_min) − L̂(x_max) <
+a·x_min^(−b) and L̂(x_max) > c), and it also catches the other way a floor law degenerates on
+flat data (c → 0, b → 0, so a·x^(−b) is itself a constant).
+
+Model comparison (1-D laws): where the pure law and the law with floor are both fitted to the
+same cells, the data's preference is decided by AICc (small-sample corrected AIC) of the log
+residuals r_i = log L̂(x_i) − log y_i at the fitted optimum, with m cells and p parameters:
+
+    AICc = m·ln(RSS/m) + 2p + 2p(p + 1)/(m − p − 1),   RSS = Σ r_i²,
+
+i.e. a Gaussian likelihood for the log residuals (the Huber objective with δ = 1e-3 is nearly
+least absolute deviations, so this is an approximation shared by both laws).  The law with the
+lower AICc is preferred (the pure law on a tie: fewer parameters); |ΔAICc| ≤ AICC_WEAK is
+conventionally weak evidence either way (Burnham & Anderson 2002).  With m − p − 1 ≤ 0, or
+RSS = 0, a law's AICc is undefined and no comparison is made.  The comparison ignores the
+premises: a preferred law may still be ``contradicted``.
+
 Validation (laws over n only): refit on all cells but those at the largest n, predict
 that n, and compare with the observation.  The prediction interval is the linearised one
 of nonlinear least squares, in log space: with the refit's m cells, p parameters, log
@@ -57,6 +86,17 @@ from scipy.stats import t as student_t
 HUBER_DELTA = 1e-3
 FLOOR_FRACTIONS = (0.01, 0.5, 0.9)
 BAND_POINTS = 32
+# The smallest relative fall L̂(x_min)/L̂(x_max) − 1 over the observed range for which a law is
+# said to fall (premise check 2).  A law that changes by at most 5 % across the whole observed
+# range is a constant at the precision of a sweep, whose cells are single training runs with
+# hyperparameters shared across n and k: its power term adds at most 5 % to the floor, so its
+# exponent is not measured but traded against a and c, and it says nothing about scaling.
+# 5 % is several times the seed-to-seed scatter the intervals are tested against (1 %), so a
+# real fall of that size still stands out of the noise; a range with a weaker trend needs more
+# data, not a law.
+MIN_FALL = 0.05
+# |ΔAICc| at or below which a preference between two laws is conventionally weak.
+AICC_WEAK = 2.0
 
 
 @dataclass(frozen=True)
@@ -233,6 +273,66 @@ def _num(x: float) -> float | None:
     return float(x) if np.isfinite(x) else None
 
 
+def _premise(law: Law, theta: np.ndarray, nk: np.ndarray) -> tuple[dict, str | None]:
+    """The premise checks of the module docstring for a fit ``theta`` to cells ``nk``: the
+    ``premise`` record of its entry and, when a check fails, the reason in words (else None)."""
+    ranges = {"n": (int(nk[:, 0].min()), int(nk[:, 0].max())), "k": (int(nk[:, 1].min()), int(nk[:, 1].max()))}
+    nn, kk = np.meshgrid(*(np.geomspace(*ranges[v], BAND_POINTS) for v in ("n", "k")))  # rows: k, columns: n
+    log_l = _log_predict(theta, *_design(law, nn.ravel(), kk.ravel()))[0].reshape(nn.shape)
+    variables = law.x.split(",")
+    statement = f"L falls with {' and with '.join(variables)}, by more than {MIN_FALL:.0%} over the observed range"
+    record: dict = {"statement": statement, "falls_with": {}}
+    reasons = []
+    for v in variables:
+        lines = log_l if v == "n" else log_l.T  # each row: L̂ along v at one value of the other variable
+        rises = bool(np.any(np.diff(lines, axis=1) > 0))
+        fall = float(np.expm1(lines[:, 0] - lines[:, -1]).min())
+        record["falls_with"][v] = {"rises": rises, "fall": _num(fall), "range": list(ranges[v])}
+        where = f"over {v} = {ranges[v][0]}…{ranges[v][1]}"
+        if rises:
+            slope = f" (b = {theta[1]:.3g} ≤ 0)" if law.x != "n,k" else " somewhere"
+            reasons.append(f"the fitted loss rises with {v}{slope} {where}")
+        elif not fall > MIN_FALL:
+            reasons.append(
+                f"the fitted loss falls with {v} by only {fall:.1%} {where} (more than {MIN_FALL:.0%} required): "
+                "its power term is negligible there"
+            )
+    if law.floor and law.x != "n,k":
+        a, b, c = _to_public(law, theta)
+        with np.errstate(divide="ignore", over="ignore"):
+            share = a * ranges[law.x][0] ** -b / c
+        record["power_share"] = _num(share)
+        if reasons and not share > MIN_FALL:
+            reasons[-1] += f" (a·{law.x}^(−b) at {law.x} = {ranges[law.x][0]} is {share:.1%} of the floor c)"
+    record["holds"] = not reasons
+    return record, "; ".join(reasons) or None
+
+
+def _aicc(residuals: np.ndarray, p: int) -> float | None:
+    """AICc = m·ln(RSS/m) + 2p + 2p(p + 1)/(m − p − 1) of m log residuals; None where undefined
+    (m − p − 1 ≤ 0 or RSS = 0)."""
+    m, rss = len(residuals), float((residuals**2).sum())
+    if m - p - 1 <= 0 or rss <= 0:
+        return None
+    return float(m * np.log(rss / m) + 2 * p + 2 * p * (p + 1) / (m - p - 1))
+
+
+def _compare(power: dict, floor: dict) -> dict:
+    """AICc comparison of the pure law and the law with floor fitted to the same cells."""
+    out: dict = {"criterion": "AICc", "aicc": {"power": power.get("aicc"), "floor": floor.get("aicc")}}
+    missing = [
+        f"{e['law']} skipped"
+        if e["status"] == "skipped"
+        else f"{e['law']}: AICc undefined for {e['n_cells']} cells and {len(e['param_names'])} parameters"
+        for e in (power, floor)
+        if e.get("aicc") is None
+    ]
+    if missing:
+        return out | {"preferred": None, "delta": None, "weak": None, "reason": "; ".join(missing)}
+    delta = floor["aicc"] - power["aicc"]
+    return out | {"preferred": "floor" if delta < 0 else "power", "delta": delta, "weak": bool(abs(delta) <= AICC_WEAK)}
+
+
 def _skipped(law: Law, reason: str) -> dict:
     return {
         "status": "skipped",
@@ -314,7 +414,12 @@ def _fit_entry(
         "huber_loss": fit.loss,
         "converged": fit.converged,
         "max_abs_log_residual": float(np.abs(fit.residuals).max()),
+        "rss_log": float((fit.residuals**2).sum()),
+        "aicc": _aicc(fit.residuals, len(fit.theta)),
     }
+    entry["premise"], contradiction = _premise(law, fit.theta, nk)
+    if contradiction:
+        entry.update(status="contradicted", reason=contradiction)
     linearised = _linearise(fit, *_design(law, nk[:, 0], nk[:, 1]))
     half = linearised.half_width(np.eye(len(fit.theta)), 0.95)
     with np.errstate(over="ignore"):  # an unidentified parameter's interval may be unbounded
@@ -355,18 +460,16 @@ def _fit_metric(group: pd.DataFrame, metric: str, bootstrap: int, seed: int, sit
     def fit(name: str, subset: pd.DataFrame, fixed: dict[str, int]) -> dict:
         return _fit_entry(LAWS[name], subset, metric, fixed, _rng(seed, site, arch, metric, name, fixed), bootstrap)
 
+    def pair(variable: str, subset: pd.DataFrame, fixed: dict[str, int]) -> dict:
+        power, floor = fit(f"power_{variable}", subset, fixed), fit(f"floor_{variable}", subset, fixed)
+        return {"power": power, "floor": floor, "comparison": _compare(power, floor)}
+
     return {
         "status": "ok",
         "n_dropped_nonpositive": int((g[metric] <= 0).sum()),
         "n_dropped_missing": int(g[metric].isna().sum()),
-        "vs_n": {
-            str(k): {"power": fit("power_n", s, {"k": int(k)}), "floor": fit("floor_n", s, {"k": int(k)})}
-            for k, s in g.groupby("k")
-        },
-        "vs_k": {
-            str(n): {"power": fit("power_k", s, {"n": int(n)}), "floor": fit("floor_k", s, {"n": int(n)})}
-            for n, s in g.groupby("n_latents")
-        },
+        "vs_n": {str(k): pair("n", s, {"k": int(k)}) for k, s in g.groupby("k")},
+        "vs_k": {str(n): pair("k", s, {"n": int(n)}) for n, s in g.groupby("n_latents")},
         "joint": fit("joint", g, {}),
     }
 
@@ -376,31 +479,43 @@ def fit_scaling_laws(cells: pd.DataFrame, metrics: Sequence[str], bootstrap: int
 
     Returns a JSON-serialisable dict (non-finite numbers become None)::
 
-        {"huber_delta": 1e-3, "bootstrap": B, "seed": s, "metrics": [...],
-         "groups": [{"site": str, "arch": str, "metrics": {metric: M}}]}
+        {"huber_delta": 1e-3, "min_fall": MIN_FALL, "aicc_weak": AICC_WEAK, "bootstrap": B, "seed": s,
+         "metrics": [...], "groups": [{"site": str, "arch": str, "metrics": {metric: M}}]}
 
     M is {"status": "skipped", "reason": str} (metric column absent) or::
 
         {"status": "ok", "n_dropped_nonpositive": int, "n_dropped_missing": int,
-         "vs_n":  {str(k): {"power": E, "floor": E}},   # laws L(n) at each k
-         "vs_k":  {str(n): {"power": E, "floor": E}},   # laws L(k) at each n
-         "joint": E}                                     # L(n, k)
+         "vs_n":  {str(k): {"power": E, "floor": E, "comparison": C}},   # laws L(n) at each k
+         "vs_k":  {str(n): {"power": E, "floor": E, "comparison": C}},   # laws L(k) at each n
+         "joint": E}                                                     # L(n, k)
 
-    A law entry E always has "status", "law" (a key of LAWS), "formula", "param_names",
-    "x" ("n", "k" or "n,k").  Skipped entries add "reason"; fitted ones ("status": "ok") add
+    A law entry E always has "status" ("ok", "contradicted" or "skipped"), "law" (a key of
+    LAWS), "formula", "param_names", "x" ("n", "k" or "n,k").  Skipped entries add "reason";
+    fitted ones ("ok", or "contradicted" with a "reason": see Premises) add
     "fixed" ({"k": 32} / {"n": 4096} / {}), "params" {name: value}, "ci95" {name: [lo, hi]}
     (see Uncertainty) and "std" {name: s} (bootstrap; None without ≥ 2 successful replicates), "bootstrap"
     {"requested", "succeeded"}, "n_cells", "n_obs", "n_dropped_nonpositive",
     "n_dropped_missing", "huber_loss" (Σ Huber_δ(r)/δ at the optimum), "converged" (L-BFGS's own
-    success flag; it often stops on a line-search warning at a good optimum), "max_abs_log_residual";
+    success flag; it often stops on a line-search warning at a good optimum), "max_abs_log_residual",
+    "rss_log" (Σ r² of the log residuals), "aicc" (None where undefined), "premise"
+    {"statement", "holds", "falls_with": {variable: {"rises", "fall", "range": [lo, hi]}}}
+    ("fall": the smallest L̂(x_min)/L̂(x_max) − 1 over the grid lines; laws with floor over one
+    variable add "power_share" = a·x_min^(−b)/c);
     1-D laws add "band" {"x": grid over the observed range, "lo", "hi"}: the 95 % band of L
     (see Uncertainty; None where unbounded); laws over n add "validation": {"status": "skipped", "reason"} or
     {"status": "ok", "holdout_n", "n_train_cells", "cells": [{"n", "k", "observed",
     "predicted", "rel_error", "interval": [lo, hi], "within_interval"}],
     "max_abs_rel_error", "within_interval", "flagged"}.
+
+    A comparison C (see Model comparison) is {"criterion": "AICc", "aicc": {"power", "floor"},
+    "preferred": "power" | "floor", "delta": AICc(floor) − AICc(power), "weak": |delta| ≤ AICC_WEAK}
+    or, where either AICc is undefined, {"criterion", "aicc", "preferred": None, "delta": None,
+    "weak": None, "reason": str}.
     """
     out: dict = {
         "huber_delta": HUBER_DELTA,
+        "min_fall": MIN_FALL,
+        "aicc_weak": AICC_WEAK,
         "bootstrap": bootstrap,
         "seed": seed,
         "metrics": list(metrics),
@@ -418,8 +533,9 @@ def find_group(fits: dict, site: str, arch: str) -> dict | None:
 
 
 def predict(law_entry: dict, n: np.ndarray | float | None = None, k: np.ndarray | float | None = None) -> np.ndarray:
-    """Evaluate a fitted law entry at n and/or k (broadcast); the other variable may be omitted."""
-    if law_entry.get("status") != "ok":
+    """Evaluate a fitted law entry (``ok`` or ``contradicted``) at n and/or k (broadcast); the other
+    variable may be omitted."""
+    if "params" not in law_entry:
         raise ValueError(f"law {law_entry.get('law')} was not fitted: {law_entry.get('reason')}")
     law = LAWS[law_entry["law"]]
     n_arr, k_arr = np.broadcast_arrays(
