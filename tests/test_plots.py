@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from saesweep.analysis import plots
+from saesweep.analysis.aggregate import with_curves
 from saesweep.analysis.scaling import fit_scaling_laws
 
 TITLE = "gpt2-small · run test"
@@ -24,7 +25,7 @@ def cells() -> pd.DataFrame:
     ).to_frame(index=False)
     n, k = grid["n_latents"].to_numpy(float), grid["k"].to_numpy(float)
     nmse = (2.0 * n**-0.3 + 0.05) * k**-0.1 * np.exp(rng.normal(0, 0.01, len(grid)))
-    return grid.assign(
+    return with_curves(grid).assign(
         arch="topk",
         tokens=10**7,
         nmse=nmse,
@@ -62,7 +63,7 @@ def test_metric_vs_n(cells: pd.DataFrame, fits: dict, tmp_path: Path) -> None:
         "normalised MSE (log scale)",
         "resid.6 · topk",
         "resid.9 · topk",
-        "k=8",
+        "k8",
         "fitted law (band: 95% interval)",
     )
     assert "4096" in text  # log axis labelled at the sweep's own n
@@ -94,24 +95,24 @@ def test_non_positive_values_are_noted(cells: pd.DataFrame, fits: dict, tmp_path
 
 
 def test_dead_fraction_and_frontier(cells: pd.DataFrame, tmp_path: Path) -> None:
-    check_written(plots.plot_dead_fraction(cells, tmp_path / "dead", TITLE), "dead latents (fraction of n)", "k=32")
+    check_written(plots.plot_dead_fraction(cells, tmp_path / "dead", TITLE), "dead latents (fraction of n)", "k32")
     check_written(
         plots.plot_frontier(cells, tmp_path / "frontier", TITLE),
         "normalised MSE (log scale)",
         "ΔLM loss (nats/token)",
-        "k=16",
+        "k16",
     )
 
 
 def test_training_curves(cells: pd.DataFrame, tmp_path: Path) -> None:
     steps = pd.DataFrame({"tokens": np.linspace(1e5, 1e7, 10).astype(int)})
-    logs = cells[["site", "arch", "n_latents", "k", "seed", "nmse"]].merge(steps, how="cross")
+    logs = cells[["site", "arch", "curve", "sparsity", "n_latents", "k", "seed", "nmse"]].merge(steps, how="cross")
     logs = logs.assign(nmse=logs["nmse"] * (1 + 1e6 / logs["tokens"]), loss=1.0, dead_fraction=0.0, lr=1e-4)
     check_written(
         plots.plot_training_curves(logs, tmp_path / "train", TITLE),
         "training tokens",
         "normalised MSE (log scale)",
-        "k=8",
+        "k8",
     )
 
 
@@ -122,31 +123,45 @@ def test_all_non_positive_values_fall_back_to_a_linear_axis(cells: pd.DataFrame,
     check_written(paths, "no positive value: linear scale")
 
 
-def with_multi_topk(cells: pd.DataFrame) -> pd.DataFrame:
-    """Cells with Multi-TopK columns at k′ ∈ {k/2, k, 2k, 4k}: error lowest at the training k."""
+def with_k_transfer(cells: pd.DataFrame) -> pd.DataFrame:
+    """Cells with k-transfer columns at k′ ∈ {k/2, k, 2k, 4k}: error lowest at the training k."""
     out = cells.copy()
     for k_test in (4, 8, 16, 32, 64, 128):
         ratio = np.log2(k_test / out["k"])
-        out[f"multi_k_nmse_{k_test}"] = np.where(ratio.between(-1, 2), out["nmse"] * (1 + ratio**2), np.nan)
+        out[f"k_transfer_nmse_{k_test}"] = np.where(ratio.between(-1, 2), out["nmse"] * (1 + ratio**2), np.nan)
     return out
 
 
-def test_multi_topk_columns_are_ordered_by_test_k(cells: pd.DataFrame) -> None:
-    columns = plots.multi_topk_columns(with_multi_topk(cells).assign(multi_k_nmse_x=0.0), "nmse")
+def test_k_transfer_columns_are_ordered_by_test_k(cells: pd.DataFrame) -> None:
+    columns = plots.k_transfer_columns(with_k_transfer(cells).assign(k_transfer_nmse_x=0.0), "nmse")
     assert list(columns) == [4, 8, 16, 32, 64, 128]
-    assert columns[16] == "multi_k_nmse_16"
+    assert columns[16] == "k_transfer_nmse_16"
 
 
-def test_multi_topk(cells: pd.DataFrame, tmp_path: Path) -> None:
+def test_k_transfer(cells: pd.DataFrame, tmp_path: Path) -> None:
     check_written(
-        plots.plot_multi_topk(with_multi_topk(cells), tmp_path / "multi", TITLE),
+        plots.plot_k_transfer(with_k_transfer(cells), tmp_path / "multi", TITLE),
         "latents kept at test time k′ (log scale)",
         "normalised MSE (log scale)",
         "trained at k=16",
         "k′ = k",
     )
-    text = check_written(plots.plot_multi_topk(cells, tmp_path / "none", TITLE))
-    assert "no multi_k_nmse_* columns in the table" in text
+    text = check_written(plots.plot_k_transfer(cells, tmp_path / "none", TITLE))
+    assert "no k_transfer_nmse_* columns in the table" in text
+
+
+def test_sparsity_frontier_draws_every_architecture_against_measured_l0(cells: pd.DataFrame, tmp_path: Path) -> None:
+    topk = cells[cells["site"] == "resid.6"].assign(l0=cells["k"].astype(float))
+    relu = topk.drop_duplicates(["n_latents", "k", "seed"]).assign(
+        arch="relu", k=np.nan, curve=lambda t: "l" + (1 / t["sparsity"]).round(3).astype(str),
+        l0=lambda t: 1.5 * t["l0"], nmse=lambda t: 1.3 * t["nmse"],
+    )
+    text = check_written(
+        plots.plot_sparsity_frontier(pd.concat([topk, relu]), tmp_path / "frontier", TITLE),
+        "measured L0 (active latents per token) (log scale)",
+        "n=512", "n=8192", "topk", "relu", "k16", "l0.125",
+    )
+    assert "resid.9" not in text
 
 
 def test_interpretability(cells: pd.DataFrame, tmp_path: Path) -> None:

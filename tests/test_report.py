@@ -31,9 +31,9 @@ def test_fit_table_has_one_row_per_law() -> None:
     nmse = table[table["metric"] == "nmse"]
     # L(n) at k ∈ {8, 32} and L(k) at 4 values of n, each as pure power law and with floor, plus the joint law
     assert len(nmse) == 2 * 2 + 4 * 2 + 1
-    assert set(nmse["at"]) == {"k=8", "k=32", "n=512", "n=1024", "n=2048", "n=4096", "all cells"}
-    power = nmse[(nmse["law"] == "power_n") & (nmse["at"] == "k=8")].iloc[0]
-    entry = fits["groups"][0]["metrics"]["nmse"]["vs_n"]["8"]["power"]
+    assert set(nmse["at"]) == {"k8", "k32", "n=512", "n=1024", "n=2048", "n=4096", "all cells"}
+    power = nmse[(nmse["law"] == "power_n") & (nmse["at"] == "k8")].iloc[0]
+    entry = fits["groups"][0]["metrics"]["nmse"]["vs_n"]["k8"]["power"]
     lo, hi = entry["ci95"]["b"]
     assert f"b = {entry['params']['b']:.4g} [{lo:.4g}, {hi:.4g}]" in power["parameters (95% CI)"]
     assert power["held-out check"].startswith("n=4096 predicted from smaller n: k=8: ")
@@ -49,13 +49,13 @@ def test_fit_table_has_one_row_per_law() -> None:
 
 def test_flagged_prediction_is_marked(tmp_path: Path) -> None:
     fits = copy.deepcopy(synthetic_fits())
-    validation = fits["groups"][0]["metrics"]["nmse"]["vs_n"]["32"]["power"]["validation"]
+    validation = fits["groups"][0]["metrics"]["nmse"]["vs_n"]["k32"]["power"]["validation"]
     validation.update(within_interval=False, flagged=True)
     write_fit_table(fits, tmp_path / "fits.csv", tmp_path / "fits.html")
     page = (tmp_path / "fits.html").read_text()
     assert page.count("<tr class='flagged'>") == 1 and page.count("OUTSIDE the interval") == 1
     csv = pd.read_csv(tmp_path / "fits.csv")
-    assert list(csv.loc[csv["flagged"] == True, "at"]) == ["k=32"]  # noqa: E712 (a CSV column of True/False/NaN)
+    assert list(csv.loc[csv["flagged"] == True, "at"]) == ["k32"]  # noqa: E712 (a CSV column of True/False/NaN)
 
 
 def test_contradicted_laws_and_the_aicc_comparison_are_marked(tmp_path: Path) -> None:
@@ -75,7 +75,7 @@ def test_contradicted_laws_and_the_aicc_comparison_are_marked(tmp_path: Path) ->
     assert by_n.loc[("rises", "floor_n"), "premise"].startswith("fall over n = 512…16384: -")
     assert by_n.loc[("falls", "power_n"), "premise"].startswith("fall over n = 512…16384: ")
     # pure power-law data: the pure law is preferred, on both rows of the pair
-    comparison = fits["groups"][0]["metrics"]["nmse"]["vs_n"]["32"]["comparison"]
+    comparison = fits["groups"][0]["metrics"]["nmse"]["vs_n"]["k32"]["comparison"]
     assert by_n.loc[("falls", "power_n"), "AICc comparison"] == f"preferred (ΔAICc = {comparison['delta']:.1f})"
     floor_view = f"power_n preferred (ΔAICc = {comparison['delta']:.1f})"
     assert by_n.loc[("falls", "floor_n"), "AICc comparison"] == floor_view

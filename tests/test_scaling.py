@@ -64,7 +64,7 @@ def metric_fits(fits: dict, metric: str = "nmse") -> dict:
 
 def test_floor_law_recovered_within_bootstrap_interval(floor_fits: dict) -> None:
     for k in KS:
-        entry = metric_fits(floor_fits)["vs_n"][str(k)]["floor"]
+        entry = metric_fits(floor_fits)["vs_n"][f"k{k}"]["floor"]
         assert entry["status"] == "ok" and entry["formula"] == "L(n) = a * n^(-b) + c"
         assert entry["param_names"] == ["a", "b", "c"]
         lo, hi = entry["ci95"]["b"]
@@ -75,7 +75,7 @@ def test_floor_law_recovered_within_bootstrap_interval(floor_fits: dict) -> None
         assert entry["validation"]["status"] == "ok" and not entry["validation"]["flagged"]
         assert abs(entry["validation"]["max_abs_rel_error"]) < 0.03
         # the pure power law cannot bend towards the floor: it fits worse, and AICc says so
-        pair = metric_fits(floor_fits)["vs_n"][str(k)]
+        pair = metric_fits(floor_fits)["vs_n"][f"k{k}"]
         assert pair["power"]["huber_loss"] > entry["huber_loss"]
         assert pair["comparison"]["preferred"] == "floor" and not pair["comparison"]["weak"]
 
@@ -125,7 +125,7 @@ WIDE_NS = [2**e for e in range(9, 20, 2)]
 def one_law_pair(law: Callable[[np.ndarray, np.ndarray], np.ndarray], bootstrap: int = 0, **kwargs: object) -> dict:
     """The vs_n {"power", "floor", "comparison"} of ``law`` planted at WIDE_NS and k = 32."""
     cells = make_cells(law, ns=kwargs.pop("ns", WIDE_NS), ks=[32], **kwargs)
-    return metric_fits(fit_scaling_laws(cells, ["nmse"], bootstrap=bootstrap, seed=0))["vs_n"]["32"]
+    return metric_fits(fit_scaling_laws(cells, ["nmse"], bootstrap=bootstrap, seed=0))["vs_n"]["k32"]
 
 
 def test_rising_data_contradict_the_premise() -> None:
@@ -199,7 +199,7 @@ def test_held_out_check_flags_a_broken_trend() -> None:
     cells.loc[cells["n_latents"] == NS[-1], "nmse"] *= 1.5
     fits = metric_fits(fit_scaling_laws(cells, ["nmse"], bootstrap=30, seed=0))
     for k in KS:
-        validation = fits["vs_n"][str(k)]["floor"]["validation"]
+        validation = fits["vs_n"][f"k{k}"]["floor"]["validation"]
         assert validation["holdout_n"] == NS[-1] and validation["n_train_cells"] == len(NS) - 1
         (cell,) = validation["cells"]
         assert cell["rel_error"] == pytest.approx(1 / 1.5 - 1, abs=0.05)
@@ -217,7 +217,7 @@ def test_held_out_check_is_honest_with_few_cells() -> None:
     inside, caught, covered = [], [], []
     for draw in range(40):
         cells = make_cells(lambda n, k: 2.0 * n**-0.3, ns=ns, ks=[32], seeds=1, noise=0.02, rng_seed=draw)
-        power = metric_fits(fit_scaling_laws(cells, ["nmse"], bootstrap=10, seed=0))["vs_n"]["32"]["power"]
+        power = metric_fits(fit_scaling_laws(cells, ["nmse"], bootstrap=10, seed=0))["vs_n"]["k32"]["power"]
         validation = power["validation"]
         assert validation["n_train_cells"] == 3
         inside.append(validation["within_interval"])
@@ -225,7 +225,7 @@ def test_held_out_check_is_honest_with_few_cells() -> None:
         assert lo < power["params"]["b"] < hi  # never a zero-width interval
         covered.append(lo <= 0.3 <= hi)
         cells.loc[cells["n_latents"] == ns[-1], "nmse"] *= 1.5
-        broken = metric_fits(fit_scaling_laws(cells, ["nmse"], bootstrap=0))["vs_n"]["32"]["power"]["validation"]
+        broken = metric_fits(fit_scaling_laws(cells, ["nmse"], bootstrap=0))["vs_n"]["k32"]["power"]["validation"]
         caught.append(broken["flagged"])
     assert np.mean(inside) >= 0.85 and np.mean(caught) >= 0.6, (np.mean(inside), np.mean(caught))
     assert np.mean(covered) >= 0.85, np.mean(covered)  # the exponent's 95 % interval covers the truth
@@ -233,7 +233,7 @@ def test_held_out_check_is_honest_with_few_cells() -> None:
 
 def test_too_few_points_are_skipped_with_a_reason() -> None:
     fits = metric_fits(fit_scaling_laws(make_cells(floor_law, ns=[512, 1024, 2048], ks=[32]), ["nmse"], bootstrap=5))
-    by_n = fits["vs_n"]["32"]
+    by_n = fits["vs_n"]["k32"]
     assert by_n["power"]["status"] == "ok"
     assert by_n["floor"]["status"] == "skipped" and "need at least 4" in by_n["floor"]["reason"]
     assert "params" not in by_n["floor"]
@@ -255,11 +255,11 @@ def test_non_positive_values_are_dropped_and_counted() -> None:
     )
     fits = metric_fits(fit_scaling_laws(cells, ["delta_lm_loss", "absent"], bootstrap=10), "delta_lm_loss")
     assert fits["n_dropped_nonpositive"] == 3 + 2 * (len(NS) - 2)
-    entry = fits["vs_n"]["8"]["floor"]
+    entry = fits["vs_n"]["k8"]["floor"]
     assert entry["status"] == "ok" and entry["n_dropped_nonpositive"] == 3
     assert entry["n_cells"] == len(NS) and entry["n_obs"] == 2 * len(NS) - 3
     assert all(np.isfinite(v) for v in entry["params"].values())
-    skipped = fits["vs_n"]["64"]["power"]
+    skipped = fits["vs_n"]["k64"]["power"]
     assert skipped["status"] == "skipped" and "non-positive" in skipped["reason"]
 
 
@@ -285,8 +285,18 @@ def test_output_is_json_and_deterministic() -> None:
 
 
 def test_predict_broadcasts(floor_fits: dict) -> None:
-    entry = metric_fits(floor_fits)["vs_n"]["32"]["floor"]
+    entry = metric_fits(floor_fits)["vs_n"]["k32"]["floor"]
     p = entry["params"]
     n = np.array([[512.0], [4096.0]])
     np.testing.assert_allclose(predict(entry, n=n), p["a"] * n ** -p["b"] + p["c"])
     assert predict(entry, n=n, k=np.array([8, 16, 32])).shape == (2, 3)
+
+
+def test_an_architecture_without_k_gets_laws_in_n_per_curve_and_none_in_k() -> None:
+    cells = make_cells(floor_law, ks=[8]).assign(arch="relu", k=np.nan, curve="l0.3", sparsity=0.3)
+    fits = metric_fits(fit_scaling_laws(cells, ["nmse"], bootstrap=0))
+    assert set(fits["vs_n"]) == {"l0.3"} and fits["vs_k"] == {}
+    floor = fits["vs_n"]["l0.3"]["floor"]
+    assert floor["status"] == "ok" and floor["fixed"] == {"setting": "l0.3"}
+    assert all("k" not in cell for cell in floor["validation"]["cells"])
+    assert fits["joint"]["status"] == "skipped" and "no k" in fits["joint"]["reason"]

@@ -40,7 +40,8 @@ def sweep(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, tiny_corpu
     config = tiny_config(
         tiny_model,
         tiny_corpus,
-        **{"sweep.n_latents": [64, 128, 256], "train.tokens.base": 24000, "train.batch_size": 128},
+        **{"sweep.n_latents": [64, 128, 256], "sweep.archs": {"relu": {"l1_coef": [0.1, 1.0]}},
+           "train.tokens.base": 24000, "train.batch_size": 128},
     )
     write_config(workdir / "config.yaml", config)
     snakemake(workdir)
@@ -48,10 +49,18 @@ def sweep(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, tiny_corpu
 
 
 def test_cells_table_has_every_cell_with_valid_metrics(sweep: Path) -> None:
-    cells = pd.read_parquet(sweep / "results/tiny/scaling/cells.parquet")
+    table = pd.read_parquet(sweep / "results/tiny/scaling/cells.parquet")
+    relu, cells = table[table.arch == "relu"], table[table.arch == "topk"]
     assert sorted(zip(cells.n_latents, cells.k)) == [(n, k) for n in (64, 128, 256) for k in (4, 16)]
-    assert cells.nmse.between(0, 1).all(), cells.nmse
+    assert sorted(zip(relu.n_latents, relu.l1_coef)) == [(n, c) for n in (64, 128, 256) for c in (0.1, 1.0)]
+    assert relu.k.isna().all() and relu.curve.isin(["l0.1", "l1"]).all() and relu.sparsity.eq(relu.l1_coef).all()
+    assert table.nmse.between(0, 1.5).all(), table.nmse
     assert (cells.l0 <= cells.k + 1e-9).all()
+    # L0 is measured: a larger L1 penalty gives fewer active latents
+    by_penalty = relu.set_index(["n_latents", "l1_coef"]).l0
+    assert all(by_penalty[(n, 1.0)] < by_penalty[(n, 0.1)] for n in (64, 128, 256))
+    assert relu.k_transfer_nmse_4.isna().all() if "k_transfer_nmse_4" in relu else True
+    assert relu.not_applicable_k_transfer.str.contains("relu").all()
     assert cells.dead_fraction.between(0, 1).all()
     assert cells.ce_clean.gt(0).all() and cells.kl_sae.ge(0).all()
     assert cells.delta_lm_loss_error_added.abs().max() < 1e-3
@@ -72,26 +81,29 @@ def test_training_loss_falls_and_weights_have_the_cell_shapes(sweep: Path) -> No
     assert weights["W_enc"].shape == (256, 32) and weights["W_dec"].shape == (256, 32)
     assert weights["W_dec"].norm(dim=1).sub(1).abs().max() < 1e-5
     cfg = json.loads((cell / "cfg.json").read_text())
-    assert cfg["provenance"]["settings_hash"] and cfg["k"] == 16
+    assert cfg["provenance"]["settings_hash"] and cfg["params"]["k"] == 16
     assert not (cell / "checkpoint.pt").exists()
 
 
 def test_fits_and_figures_exist_with_content(sweep: Path) -> None:
     fits = json.loads((sweep / "results/tiny/scaling/fits.json").read_text())
     assert fits["metrics"] == ["nmse", "delta_lm_loss"]
-    nmse = fits["groups"][0]["metrics"]["nmse"]
-    assert set(nmse["vs_n"]) == {"4", "16"}
+    groups = {group["arch"]: group["metrics"]["nmse"] for group in fits["groups"]}
+    nmse = groups["topk"]
+    assert set(nmse["vs_n"]) == {"k4", "k16"} and set(groups["relu"]["vs_n"]) == {"l0.1", "l1"}
+    assert groups["relu"]["joint"]["status"] == "skipped" and groups["relu"]["vs_k"] == {}
     cells = pd.read_parquet(sweep / "results/tiny/scaling/cells.parquet")
     for k in (4, 16):
-        power = nmse["vs_n"][str(k)]["power"]
-        assert power["status"] == "ok"
-        observed = cells[cells.k == k].sort_values("n_latents")
+        power = nmse["vs_n"][f"k{k}"]["power"]
+        assert power["status"] in ("ok", "contradicted")
+        observed = cells[(cells.arch == "topk") & (cells.k == k)].sort_values("n_latents")
         log_observed = np.log(observed.nmse.to_numpy())
         log_fitted = np.log(predict(power, n=observed.n_latents.to_numpy().astype(float)))
         # the law a·n^(−b) contains every constant (b = 0): it fits at least as well as one
         constant = np.abs(log_observed - np.median(log_observed)).sum()
         assert np.abs(log_fitted - log_observed).sum() <= constant + 1e-6
-    for name in ("nmse_vs_n", "delta_lm_loss_vs_n", "training_curves", "frontier", "multi_topk", "multi_topk_delta_lm_loss", "interpretability"):
+    for name in ("nmse_vs_n", "delta_lm_loss_vs_n", "training_curves", "frontier", "k_transfer",
+                 "k_transfer_delta_lm_loss", "sparsity_frontier", "interpretability"):
         assert (sweep / f"results/tiny/scaling/figures/{name}.png").stat().st_size > 10_000
         assert (sweep / f"results/tiny/scaling/figures/{name}.svg").exists()
 
@@ -103,7 +115,10 @@ def test_report_has_every_figure_the_fit_table_and_the_run_config(sweep: Path) -
     assert set(fit_rows["metric"]) == {"nmse", "delta_lm_loss"} and "power_n" in set(fit_rows["law"])
     snakemake(sweep, "--report", "report.html")
     page = (sweep / "report.html").read_text()
-    for name in ("fits.html", "run_config.html", "multi_topk.png", "interpretability.png", "nmse_joint.png"):
+    comparison = pd.read_csv(sweep / "results/tiny/scaling/architectures.csv")
+    assert set(comparison["arch"]) <= {"topk", "relu"} and set(comparison["metric"]) <= {"nmse", "delta_lm_loss"}
+    for name in ("fits.html", "run_config.html", "architectures.html", "k_transfer.png", "sparsity_frontier.png",
+                 "interpretability.png", "nmse_joint.png"):
         assert f"filename={name}" in page, name
 
 

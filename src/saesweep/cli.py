@@ -100,6 +100,13 @@ def stage_plot(args: argparse.Namespace) -> None:
     draw_all(Path(args.cells), Path(args.logs), Path(args.fits), Path(args.out_dir), args.title, args.metrics)
 
 
+def stage_compare(args: argparse.Namespace) -> None:
+    from saesweep.analysis.compare import write_comparison
+
+    table = write_comparison(Path(args.cells), Path(args.csv), Path(args.html))
+    print(f"{args.csv}: {len(table)} rows", file=sys.stderr)
+
+
 def stage_report_tables(args: argparse.Namespace) -> None:
     from saesweep.core.files import read_json
     from saesweep.analysis.report import write_fit_table, write_run_config
@@ -160,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--metrics", nargs="+", required=True)
     sub.add_argument("--title", required=True)
     sub.add_argument("--out-dir", required=True)
+    sub = stage("compare", stage_compare, "compare the architectures at matched L0 (CSV and HTML)")
+    sub.add_argument("--cells", required=True)
+    sub.add_argument("--csv", required=True)
+    sub.add_argument("--html", required=True)
     sub = stage("report-tables", stage_report_tables, "the fit table and the run's configuration for the report")
     sub.add_argument("--fits", required=True)
     sub.add_argument("--config-json", required=True, help="the validated config, as JSON")

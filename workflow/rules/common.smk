@@ -37,12 +37,16 @@ FIGURES = (
         for view in (
             "dead_fraction",
             "frontier",
-            "multi_topk",
+            "sparsity_frontier",
+            "k_transfer",
             "interpretability",
             "training_curves",
         )
     }
-    | {"multi_topk_delta_lm_loss": "multi_topk"}
+    | {
+        "k_transfer_delta_lm_loss": "k_transfer",
+        "sparsity_frontier_delta_lm_loss": "sparsity_frontier",
+    }
 )
 
 
@@ -61,6 +65,8 @@ def final_targets():
         f"{RUN}/report/fits.html",
         f"{RUN}/run_config.yaml",
         f"{RUN}/report/run_config.html",
+        f"{RUN}/scaling/architectures.csv",
+        f"{RUN}/report/architectures.html",
         *[
             f"{RUN}/scaling/figures/{name}.{ext}"
             for name in FIGURES

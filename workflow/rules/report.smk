@@ -1,4 +1,5 @@
-# The report's tables: every fitted law, and the run's configuration with its provenance.
+# The report's tables: every fitted law, the run's configuration with its provenance, and the
+# architectures compared at matched L0.
 
 
 rule report_tables:
@@ -28,3 +29,22 @@ rule report_tables:
         "saesweep report-tables --fits {input:q} --config-json {params.config:q} "
         "--fits-csv {output.fits_csv:q} --fits-html {output.fits_html:q} "
         "--config-yaml {output.config_yaml:q} --config-html {output.config_html:q} > {log} 2>&1"
+
+
+rule compare_architectures:
+    input:
+        rules.aggregate.output.table,
+    output:
+        csv=f"{RUN}/scaling/architectures.csv",
+        html=report(
+            f"{RUN}/report/architectures.html",
+            caption="../report/architectures.rst",
+            category="Architectures",
+        ),
+    log:
+        f"{RUN}/logs/compare_architectures.log",
+    localrule: True
+    conda:
+        "../../envs/saesweep.yaml"
+    shell:
+        "saesweep compare --cells {input:q} --csv {output.csv:q} --html {output.html:q} > {log} 2>&1"

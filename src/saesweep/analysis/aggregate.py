@@ -16,7 +16,9 @@ KEY_COLUMNS = ["site", "arch", "setting", "n_latents", "seed"]
 
 def cell_row(cell_folder: Path, metrics_path: Path) -> dict[str, Any]:
     """The scalar metrics of ``metrics.json`` (nested dicts flattened with ``_``, lists
-    left out), the training facts of ``cfg.json`` and the provenance."""
+    left out), the training facts of ``cfg.json`` and the provenance; ``curve`` is the cell's
+    setting without its architecture (``k32``, ``l0.3``: the cells of one line over n) and
+    ``sparsity`` the value of its architecture's sparsity knob."""
     metrics = read_json(metrics_path, "cell metrics")
     cfg = read_json(cell_folder / "cfg.json", "SAE config")
     row: dict[str, Any] = {}
@@ -31,6 +33,8 @@ def cell_row(cell_folder: Path, metrics_path: Path) -> dict[str, Any]:
     flatten("", {key: value for key, value in metrics.items() if key not in {"firing_histogram", "provenance"}})
     training = cfg["training"]
     row.update({
+        "curve": metrics["setting"].split("-", 1)[1],
+        "sparsity": metrics[metrics["sparsity_parameter"]],
         "tokens": training["tokens"],
         "steps": training["steps"],
         "train_wall_time_s": training["wall_time_s"],
@@ -57,7 +61,7 @@ def aggregate(run: str, metrics_paths: list[Path], table: Path, logs: Path) -> p
         row = {"run": run, **cell_row(folder, Path(path))}
         rows.append(row)
         log = pd.read_parquet(folder / "train_log.parquet")
-        log_frames.append(log.assign(**{key: row[key] for key in KEY_COLUMNS}, k=row.get("k")))
+        log_frames.append(log.assign(**{key: row[key] for key in KEY_COLUMNS}, curve=row["curve"], sparsity=row["sparsity"]))
     if not rows:
         raise UserError("no cell to aggregate")
     cells = pd.DataFrame(rows).sort_values(KEY_COLUMNS, ignore_index=True)
@@ -68,6 +72,15 @@ def aggregate(run: str, metrics_paths: list[Path], table: Path, logs: Path) -> p
         cells.to_csv(temporary, index=False)
     write_table(pd.concat(log_frames, ignore_index=True), Path(logs))
     return cells
+
+
+def with_curves(cells: pd.DataFrame) -> pd.DataFrame:
+    """``cells`` with the ``curve`` and ``sparsity`` columns, derived from k (curve ``k32``)
+    for a table written before architectures other than TopK existed (e.g. merged with
+    ``saesweep merge``), where every cell is TopK."""
+    if "curve" in cells.columns:
+        return cells
+    return cells.assign(curve="k" + cells["k"].astype("int64").astype(str), sparsity=cells["k"])
 
 
 def write_table(frame: pd.DataFrame, path: Path) -> None:

@@ -8,14 +8,16 @@ from pathlib import Path
 import pandas as pd
 
 from saesweep.analysis import plots
+from saesweep.analysis.aggregate import with_curves
 
 
 def draw_all(cells_path: Path, logs_path: Path, fits_path: Path, folder: Path, title: str, metrics: list[str]) -> list[Path]:
     """Write ``{metric}_vs_n``, ``{metric}_vs_k``, ``{metric}_joint`` for each fitted
-    metric, and ``dead_fraction``, ``frontier``, ``multi_topk`` (normalised MSE),
-    ``multi_topk_delta_lm_loss``, ``interpretability`` and ``training_curves`` (PNG and SVG)."""
-    cells = pd.read_parquet(cells_path)
-    logs = pd.read_parquet(logs_path)
+    metric, and ``dead_fraction``, ``frontier``, ``sparsity_frontier`` and
+    ``sparsity_frontier_delta_lm_loss`` (architectures against measured L0), ``k_transfer``
+    and ``k_transfer_delta_lm_loss``, ``interpretability`` and ``training_curves`` (PNG and SVG)."""
+    cells = with_curves(pd.read_parquet(cells_path))
+    logs = with_curves(pd.read_parquet(logs_path))
     fits = json.loads(Path(fits_path).read_text())
     folder.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
@@ -25,8 +27,10 @@ def draw_all(cells_path: Path, logs_path: Path, fits_path: Path, folder: Path, t
         written += plots.plot_joint_contours(cells, fits, metric, folder / f"{metric}_joint", title)
     written += plots.plot_dead_fraction(cells, folder / "dead_fraction", title)
     written += plots.plot_frontier(cells, folder / "frontier", title)
-    written += plots.plot_multi_topk(cells, folder / "multi_topk", title)
-    written += plots.plot_multi_topk(cells, folder / "multi_topk_delta_lm_loss", title, "delta_lm_loss")
+    written += plots.plot_sparsity_frontier(cells, folder / "sparsity_frontier", title)
+    written += plots.plot_sparsity_frontier(cells, folder / "sparsity_frontier_delta_lm_loss", title, "delta_lm_loss")
+    written += plots.plot_k_transfer(cells, folder / "k_transfer", title)
+    written += plots.plot_k_transfer(cells, folder / "k_transfer_delta_lm_loss", title, "delta_lm_loss")
     written += plots.plot_interpretability(cells, folder / "interpretability", title)
     written += plots.plot_training_curves(logs, folder / "training_curves", title)
     return written

@@ -33,6 +33,7 @@ LABELS = {
     "loss": "training loss",
     "n_latents": "number of latents n",
     "k": "active latents per token k",
+    "l0": "measured L0 (active latents per token)",
     "tokens": "training tokens",
     "k_test": "latents kept at test time k′",
     "probe_loss": "probe loss (nats, mean over tasks)",
@@ -75,6 +76,18 @@ def _groups(df: pd.DataFrame) -> list[tuple[str, str]]:
 
 def _rows(df: pd.DataFrame, site: str, arch: str) -> pd.DataFrame:
     return df[(df["site"].astype(str) == site) & (df["arch"].astype(str) == arch)]
+
+
+def _curves(rows: pd.DataFrame) -> list[str]:
+    """The rows' curves (a setting without n and seed: ``k32``, ``l0.3``), ordered by the
+    value of the sparsity knob."""
+    return list(dict.fromkeys(rows.sort_values(["sparsity", "curve"])["curve"]))
+
+
+def _k_only(rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows whose setting is k alone (curve ``k32``): the cells a law in k is fitted to."""
+    with_k = rows[rows["k"].notna()]
+    return with_k[with_k["curve"] == "k" + with_k["k"].astype("int64").astype(str)]
 
 
 def _note(ax: Axes, lines: list[str] | str) -> None:
@@ -132,11 +145,11 @@ def _law_to_draw(laws: dict) -> dict | None:
 
 def _plot_1d(cells: pd.DataFrame, fits: dict, metric: str, stem: str | Path, title: str, x: str) -> list[Path]:
     """Metric against x ∈ {"n", "k"}, one colour per value of the other variable, with the fitted law."""
-    xcol, other, section = ("n_latents", "k", "vs_n") if x == "n" else ("k", "n_latents", "vs_k")
+    xcol, other, section = ("n_latents", "curve", "vs_n") if x == "n" else ("k", "n_latents", "vs_k")
     groups = _groups(cells)
     fig, axes = _figure(groups, title)
     for ax, (site, arch) in zip(axes, groups):
-        rows = _rows(cells, site, arch)
+        rows = _rows(cells, site, arch) if x == "n" else _k_only(_rows(cells, site, arch))
         group_fits = find_group(fits, site, arch) or {}
         mfit = group_fits.get(metric, {"status": "skipped", "reason": f"no fit for {metric}"})
         notes = [] if mfit["status"] == "ok" else [f"fit skipped: {mfit['reason']}"]
@@ -147,12 +160,14 @@ def _plot_1d(cells: pd.DataFrame, fits: dict, metric: str, stem: str | Path, tit
             positive = rows[rows[metric].notna()]
         elif len(positive) < len(rows):
             notes.append(f"{len(rows) - len(positive)} non-positive/missing value(s) not shown")
-        values = sorted(rows[other].unique())
+        values = _curves(rows) if x == "n" else sorted(rows[other].unique())
         colours = _colours(values)
+        if rows.empty:
+            notes.append(f"{arch} has no k: no law in k")
         for value in values:
             stats = _seed_stats(positive[positive[other] == value], [xcol], metric)
             colour = colours[value]
-            name = f"{'k' if other == 'k' else 'n'}={value}"
+            name = value if x == "n" else f"n={value}"
             ax.errorbar(
                 stats[xcol],
                 stats["mean"],
@@ -232,6 +247,10 @@ def plot_joint_contours(cells: pd.DataFrame, fits: dict, metric: str, stem: str 
     fig, axes = _figure(groups, title)
     for ax, (site, arch) in zip(axes, groups):
         rows = _rows(cells, site, arch)
+        rows = _k_only(rows)
+        if rows.empty:
+            _note(ax, f"{arch} has no k: no joint law in n and k")
+            continue
         stats = _seed_stats(rows[rows[metric] > 0], ["n_latents", "k"], metric)
         entry = ((find_group(fits, site, arch) or {}).get(metric) or {}).get("joint")
         notes = (
@@ -295,11 +314,14 @@ def plot_joint_contours(cells: pd.DataFrame, fits: dict, metric: str, stem: str 
     return _save(fig, stem)
 
 
-def _lines_per_k(ax: Axes, rows: pd.DataFrame, metric: str) -> None:
-    """``metric`` against n (log scale), one line per k: seed means ± std (std with ≥ 2 seeds)."""
-    stats = _seed_stats(rows[rows[metric].notna()], ["k", "n_latents"], metric)
-    colours = _colours(sorted(stats["k"].unique()))
-    for k, s in stats.groupby("k"):
+def _lines_per_curve(ax: Axes, rows: pd.DataFrame, metric: str) -> None:
+    """``metric`` against n (log scale), one line per curve (``k32``, ``l0.3``): seed means
+    ± std (std with ≥ 2 seeds)."""
+    stats = _seed_stats(rows[rows[metric].notna()], ["curve", "n_latents"], metric)
+    curves = [curve for curve in _curves(rows) if curve in set(stats["curve"])]
+    colours = _colours(curves)
+    for curve in curves:
+        s = stats[stats["curve"] == curve]
         ax.errorbar(
             s["n_latents"],
             s["mean"],
@@ -307,8 +329,8 @@ def _lines_per_k(ax: Axes, rows: pd.DataFrame, metric: str) -> None:
             fmt="o-",
             ms=4,
             capsize=2,
-            color=colours[k],
-            label=f"k={k}",
+            color=colours[curve],
+            label=curve,
         )
     ax.set_xscale("log")
     _integer_ticks(ax, sorted(rows["n_latents"].unique()))
@@ -323,7 +345,7 @@ def plot_dead_fraction(cells: pd.DataFrame, stem: str | Path, title: str) -> lis
     groups = _groups(cells)
     fig, axes = _figure(groups, title)
     for ax, (site, arch) in zip(axes, groups):
-        _lines_per_k(ax, _rows(cells, site, arch), "dead_fraction")
+        _lines_per_curve(ax, _rows(cells, site, arch), "dead_fraction")
         ax.set_ylim(-0.02, 1.02)
     return _save(fig, stem)
 
@@ -341,7 +363,7 @@ def plot_interpretability(cells: pd.DataFrame, stem: str | Path, title: str) -> 
         for ax, metric in zip(axes, INTERPRETABILITY):
             ax.set_title(f"{site} · {arch}", fontsize=10)
             if metric in rows and rows[metric].notna().any():
-                _lines_per_k(ax, rows, metric)
+                _lines_per_curve(ax, rows, metric)
             else:
                 ax.set_xlabel(_label("n_latents", log=True))
                 ax.set_ylabel(_label(metric))
@@ -351,21 +373,24 @@ def plot_interpretability(cells: pd.DataFrame, stem: str | Path, title: str) -> 
     return _save(fig, stem)
 
 
-def multi_topk_columns(cells: pd.DataFrame, metric: str) -> dict[int, str]:
-    """Test-time k′ → column ``multi_k_{metric}_{k′}`` of the table, in increasing k′."""
-    prefix = f"multi_k_{metric}_"
+def k_transfer_columns(cells: pd.DataFrame, metric: str) -> dict[int, str]:
+    """Test-time k′ → column ``k_transfer_{metric}_{k′}`` of the table, in increasing k′."""
+    prefix = f"k_transfer_{metric}_"
     found = {int(c[len(prefix):]): c for c in cells.columns if c.startswith(prefix) and c[len(prefix):].isdigit()}
     return dict(sorted(found.items()))
 
 
-def plot_multi_topk(cells: pd.DataFrame, stem: str | Path, title: str, metric: str = "nmse") -> list[Path]:
-    """Multi-TopK: ``metric`` of each trained SAE evaluated keeping k′ latents per token, against k′
-    (log-log); colour: n, line style: the training k, whose own point is a larger marker."""
-    groups = _groups(cells)
+def plot_k_transfer(cells: pd.DataFrame, stem: str | Path, title: str, metric: str = "nmse") -> list[Path]:
+    """The k-transfer sweep: ``metric`` of each trained SAE evaluated keeping k′ latents per
+    token, against k′ (log-log), one panel per architecture that allows it (TopK beside
+    Multi-TopK: Gao et al. 2024, Fig. 10); colour: n, line style: the training k, whose own
+    point is a larger marker."""
+    columns = k_transfer_columns(cells, metric)
+    transferable = cells[cells[list(columns.values())].notna().any(axis=1)] if columns else cells.iloc[:0]
+    groups = _groups(transferable) or _groups(cells)[:1]
     fig, axes = _figure(groups, title)
-    columns = multi_topk_columns(cells, metric)
     for ax, (site, arch) in zip(axes, groups):
-        rows = _rows(cells, site, arch)
+        rows = _k_only(_rows(transferable, site, arch))
         norm = _n_norm(cells)
         cmap = mpl.colormaps["viridis"]
         ks = sorted(rows["k"].unique())
@@ -390,7 +415,7 @@ def plot_multi_topk(cells: pd.DataFrame, stem: str | Path, title: str, metric: s
         ax.set_ylabel(_label(metric, log=True))
         ax.grid(True, which="both", alpha=0.25)
         if not columns:
-            _note(ax, f"no multi_k_{metric}_* columns in the table")
+            _note(ax, f"no k_transfer_{metric}_* columns in the table: no TopK or Multi-TopK cell")
     return _save(fig, stem)
 
 
@@ -420,9 +445,9 @@ def plot_frontier(cells: pd.DataFrame, stem: str | Path, title: str) -> list[Pat
         rows = _rows(cells, site, arch)
         shown = rows[rows["nmse"] > 0]
         norm = _n_norm(cells)
-        ks = sorted(rows["k"].unique())
+        ks = _curves(rows)
         for i, k in enumerate(ks):
-            s = shown[shown["k"] == k]
+            s = shown[shown["curve"] == k]
             points = ax.scatter(
                 s["nmse"],
                 s["delta_lm_loss"],
@@ -438,7 +463,7 @@ def plot_frontier(cells: pd.DataFrame, stem: str | Path, title: str) -> list[Pat
             fig.colorbar(points, ax=ax, label=_label("n_latents", log=True))
         ax.legend(
             handles=[
-                Line2D([], [], ls="", marker=MARKERS[i % len(MARKERS)], color="grey", label=f"k={k}")
+                Line2D([], [], ls="", marker=MARKERS[i % len(MARKERS)], color="grey", label=k)
                 for i, k in enumerate(ks)
             ],
             fontsize=8,
@@ -454,7 +479,7 @@ def plot_frontier(cells: pd.DataFrame, stem: str | Path, title: str) -> list[Pat
 
 
 def plot_training_curves(train_logs: pd.DataFrame, stem: str | Path, title: str) -> list[Path]:
-    """Normalised MSE against training tokens for every cell (colour: n, line style: k)."""
+    """Normalised MSE against training tokens for every cell (colour: n, line style: curve)."""
     groups = _groups(train_logs)
     fig, axes = _figure(groups, title)
     for ax, (site, arch) in zip(axes, groups):
@@ -462,12 +487,45 @@ def plot_training_curves(train_logs: pd.DataFrame, stem: str | Path, title: str)
         rows = rows[rows["nmse"] > 0]
         norm = _n_norm(train_logs)
         cmap = mpl.colormaps["viridis"]
-        ks = sorted(rows["k"].unique())
-        for (n, k, _seed), s in rows.sort_values("tokens").groupby(["n_latents", "k", "seed"]):
+        ks = _curves(rows)
+        for (n, k, _seed), s in rows.sort_values("tokens").groupby(["n_latents", "curve", "seed"]):
             ax.plot(s["tokens"], s["nmse"], color=cmap(norm(n)), ls=LINESTYLES[ks.index(k) % len(LINESTYLES)], lw=1)
-        _n_colour_k_style_key(fig, ax, norm, ks)
+        _n_colour_k_style_key(fig, ax, norm, ks, "{}")
         ax.set_yscale("log")
         ax.set_xlabel(_label("tokens"))
         ax.set_ylabel(_label("nmse", log=True))
         ax.grid(True, which="both", alpha=0.25)
+    return _save(fig, stem)
+
+
+def plot_sparsity_frontier(cells: pd.DataFrame, stem: str | Path, title: str, metric: str = "nmse") -> list[Path]:
+    """Architectures side by side (Gao et al. 2024, Fig. 2): ``metric`` against measured L0,
+    log-log, one panel per (site, n), one line per architecture through its settings (seed
+    means ± std), each point labelled with its curve (``k32``, ``l0.3``)."""
+    shown = cells[(cells[metric] > 0) & (cells["l0"] > 0)]
+    panels = [(str(site), f"n={n}") for site, n in shown[["site", "n_latents"]].drop_duplicates().sort_values(["site", "n_latents"]).to_numpy()]
+    fig, axes = _figure(panels, title)
+    archs = sorted(cells["arch"].unique())
+    colours = dict(zip(archs, mpl.colormaps["tab10"].colors))
+    for ax, (site, n_label) in zip(axes, panels):
+        rows = shown[(shown["site"] == site) & (shown["n_latents"] == int(n_label[2:]))]
+        for index, arch in enumerate(archs):
+            stats = rows[rows["arch"] == arch].groupby("curve")[["l0", metric]].agg(["mean", "std", "count"])
+            if stats.empty:
+                continue
+            stats = stats.sort_values(("l0", "mean"))
+            ax.errorbar(
+                stats[("l0", "mean")], stats[(metric, "mean")],
+                yerr=stats[(metric, "std")].where(stats[(metric, "count")] > 1),
+                fmt=MARKERS[index % len(MARKERS)] + "-", ms=5, capsize=2, color=colours[arch], label=arch,
+            )
+            for curve, point in stats.iterrows():
+                ax.annotate(curve, (point[("l0", "mean")], point[(metric, "mean")]), fontsize=6,
+                            xytext=(3, 3), textcoords="offset points", color=colours[arch])
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(_label("l0", log=True))
+        ax.set_ylabel(_label(metric, log=True))
+        ax.grid(True, which="both", alpha=0.25)
+        ax.legend(fontsize=8, title="architecture", title_fontsize=8)
     return _save(fig, stem)

@@ -50,7 +50,7 @@ def _held_out(entry: dict) -> tuple[str, bool | None]:
     if validation["status"] != "ok":
         return f"skipped: {validation['reason']}", None
     cells = ", ".join(
-        f"k={c['k']}: {c['predicted']:.3g} vs {c['observed']:.3g} observed ({c['rel_error']:+.1%})"
+        f"{'k=' + str(c['k']) if 'k' in c else 'n=' + str(c['n'])}: {c['predicted']:.3g} vs {c['observed']:.3g} observed ({c['rel_error']:+.1%})"
         for c in validation["cells"]
         if c["predicted"] is not None
     )
@@ -105,10 +105,10 @@ def fit_table(fits: dict) -> pd.DataFrame:
             if fitted["status"] != "ok":
                 rows.append({"site": site, "arch": arch, "metric": metric, "status": "skipped", "reason": fitted["reason"]})
                 continue
-            for section, variable in (("vs_n", "k"), ("vs_k", "n")):
+            for section, prefix in (("vs_n", ""), ("vs_k", "n=")):
                 for value, laws in fitted[section].items():
                     for form in ("power", "floor"):
-                        at = f"{variable}={value}"
+                        at = f"{prefix}{value}"  # vs_n: the curve (k32, l0.3); vs_k: the n
                         rows.append(_law_row(site, arch, metric, at, laws[form], _comparison(laws, form)))
             rows.append(_law_row(site, arch, metric, "all cells", fitted["joint"]))
     return pd.DataFrame(rows, columns=FIT_COLUMNS).astype({"cells": "Int64", "AICc": float})

@@ -83,6 +83,8 @@ import pandas as pd
 from scipy.optimize import minimize
 from scipy.stats import t as student_t
 
+from saesweep.analysis.aggregate import with_curves
+
 HUBER_DELTA = 1e-3
 FLOOR_FRACTIONS = (0.01, 0.5, 0.9)
 BAND_POINTS = 32
@@ -464,13 +466,31 @@ def _fit_metric(group: pd.DataFrame, metric: str, bootstrap: int, seed: int, sit
         power, floor = fit(f"power_{variable}", subset, fixed), fit(f"floor_{variable}", subset, fixed)
         return {"power": power, "floor": floor, "comparison": _compare(power, floor)}
 
+    # The laws in k use the cells whose setting is k alone (curve "k32", not "k32-m8").
+    k_only = g[g["k"].notna()]
+    k_only = k_only[k_only["curve"] == "k" + k_only["k"].astype("int64").astype(str)]
+
+    def curve_pair(curve: str, rows: pd.DataFrame) -> dict:
+        """The laws in n of one curve; a curve without k is fitted with k = 1 standing in (the
+        laws in n do not use it) and its held-out cells are reported without it."""
+        if curve in set(k_only["curve"]):
+            return pair("n", rows, {"k": int(rows["k"].iloc[0])})
+        laws = pair("n", rows.assign(k=1), {"setting": curve})
+        for form in ("power", "floor"):
+            for cell in laws[form].get("validation", {}).get("cells", []):
+                cell.pop("k")
+        return laws
+
     return {
         "status": "ok",
         "n_dropped_nonpositive": int((g[metric] <= 0).sum()),
         "n_dropped_missing": int(g[metric].isna().sum()),
-        "vs_n": {str(k): pair("n", s, {"k": int(k)}) for k, s in g.groupby("k")},
-        "vs_k": {str(n): pair("k", s, {"n": int(n)}) for n, s in g.groupby("n_latents")},
-        "joint": fit("joint", g, {}),
+        "vs_n": {
+            curve: curve_pair(curve, s)
+            for curve, s in g.sort_values(["sparsity", "curve"]).groupby("curve", sort=False)
+        },
+        "vs_k": {str(n): pair("k", s, {"n": int(n)}) for n, s in k_only.groupby("n_latents")},
+        "joint": fit("joint", k_only, {}) if len(k_only) else _skipped(LAWS["joint"], f"{arch} cells have no k"),
     }
 
 
@@ -485,7 +505,7 @@ def fit_scaling_laws(cells: pd.DataFrame, metrics: Sequence[str], bootstrap: int
     M is {"status": "skipped", "reason": str} (metric column absent) or::
 
         {"status": "ok", "n_dropped_nonpositive": int, "n_dropped_missing": int,
-         "vs_n":  {str(k): {"power": E, "floor": E, "comparison": C}},   # laws L(n) at each k
+         "vs_n":  {curve: {"power": E, "floor": E, "comparison": C}},    # laws L(n) per curve (k32, l0.3)
          "vs_k":  {str(n): {"power": E, "floor": E, "comparison": C}},   # laws L(k) at each n
          "joint": E}                                                     # L(n, k)
 
@@ -521,7 +541,7 @@ def fit_scaling_laws(cells: pd.DataFrame, metrics: Sequence[str], bootstrap: int
         "metrics": list(metrics),
         "groups": [],
     }
-    for (site, arch), group in cells.groupby(["site", "arch"], sort=True):
+    for (site, arch), group in with_curves(cells).groupby(["site", "arch"], sort=True):
         fits = {m: _fit_metric(group, m, bootstrap, seed, str(site), str(arch)) for m in metrics}
         out["groups"].append({"site": str(site), "arch": str(arch), "metrics": fits})
     return out

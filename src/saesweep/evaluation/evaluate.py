@@ -268,7 +268,8 @@ def evaluate_cell(settings: dict[str, Any], cell_folder: Path, output: Path) -> 
 
     metrics.update({
         "site": cfg["site"], "arch": cfg["arch"], "n_latents": sae.n, **cfg["params"], "seed": cfg["seed"],
-        "setting": settings["setting"], "not_applicable": not_applicable, "k_transfer": ks, "eval_tokens": len(activations), "downstream_tokens": int(downstream.mask.sum()),
+        "setting": settings["setting"], "sparsity_parameter": sae.knob().name,
+        "not_applicable": not_applicable, "k_transfer": ks, "eval_tokens": len(activations), "downstream_tokens": int(downstream.mask.sum()),
         "eval_wall_time_s": time.perf_counter() - started, "provenance": provenance(settings),
     })
     write_json(output, metrics)
