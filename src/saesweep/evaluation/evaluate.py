@@ -149,7 +149,7 @@ def downstream_metrics(sae: SparseAutoencoder, downstream: Downstream, ks: list[
         "kl_score": kl_score(kl_sae, kl_zero),
         "k_transfer_delta_lm_loss": {
             str(k): (ce_sae if k == getattr(sae, "k", None) else downstream.losses(reconstructor(sae, k))[0]) - ce_clean
-            for k in ks
+            for k in ks  # ks is empty unless the architecture has a k to vary
         },
     }
 

@@ -1,13 +1,14 @@
-"""Metric definitions for evaluating TopK SAEs: pure functions, one formula each.
+"""Metric definitions for evaluating SAEs: pure functions, one formula each.
 
 Tensors go in; Python floats (or small tensors) come out. Large sums accumulate in
 float64. A ratio whose denominator is zero is returned as ``nan`` (a plain float, no
 warning or exception): callers can test it with ``math.isnan``.
 
 Notation: x (N, d) are the (normalised) inputs of the SAE, x̂ its reconstructions,
-x̄ the per-dimension mean of the evaluated x, z the latent codes. Top-k codes come
-as ``(indices (N, k) int64, values (N, k))`` as returned by ``TopKSAE.encode``; a dense
-code matrix (N, n) may be given instead as ``values`` with ``indices=None``.
+x̄ the per-dimension mean of the evaluated x, z the latent codes. Sparse codes come as
+``(indices, values)`` of their stored entries (e.g. a CSR code tensor's column indices and
+values, or top-k pairs (N, k)); a dense code matrix (N, n) may be given instead as
+``values`` with ``indices=None``.
 Cross-entropies and entropies are in nats.
 """
 
@@ -154,8 +155,9 @@ class ReconstructionAccumulator:
         indices: torch.Tensor | None = None,
         values: torch.Tensor | None = None,
     ) -> None:
-        """Add a batch: x, x̂ of shape (B, d); optional codes (indices, values) as from
-        ``TopKSAE.encode`` (or ``values`` dense (B, n) with ``indices=None``)."""
+        """Add a batch: x, x̂ of shape (B, d); optional codes: the (indices, values) of their
+        stored entries, e.g. of the CSR codes of ``SparseAutoencoder.encode`` (or ``values``
+        dense (B, n) with ``indices=None``)."""
         if x.shape != x_hat.shape or x.dim() != 2:
             raise ValueError(f"x and x_hat must both be (B, d), got {tuple(x.shape)}, {tuple(x_hat.shape)}")
         b = x.shape[0]

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import torch
 
 from saesweep.sae.base import Parameter, SparseAutoencoder, StepContext, StepOutput, rows_csr
-from saesweep.sae.topk_kernels import Wide, dense_reference_step, sparse_step
+from saesweep.sae.topk_kernels import SelectionStep, Wide, dense_reference_step, sparse_step
 
 K = Parameter("k", "k", None, "active latents per token", integer=True)
 
@@ -67,7 +67,7 @@ class TopKSAE(SparseAutoencoder):
     def _auxk(self, context: StepContext) -> tuple[torch.Tensor | None, int, float]:
         return context.dead_mask, context.k_aux, context.aux_coef
 
-    def _report(self, step: Any, context: StepContext) -> StepOutput:
+    def _report(self, step: SelectionStep, context: StepContext) -> StepOutput:
         parts = {"mse": step.mse_loss, "aux_loss": step.aux_loss}
         if self.wide() is not None:
             parts["wide_mse"] = step.wide_loss
