@@ -51,7 +51,7 @@ RUN = "results/tiny"
 # every cell, and a log axis of only non-positive values breaks plot_figures)
 SWEEP = {"sweep.n_latents": [64, 256], "sweep.k": [4], "scaling.metrics": ["nmse"]}
 # rules whose jobs Snakemake runs itself: `all` (no command) and the two `localrule: True`
-LOCAL_RULES = {"all", "cell_settings", "extraction_settings", "report_tables"}
+LOCAL_RULES = {"all", "cell_settings", "extraction_settings", "report_tables", "compare_architectures"}
 GPU_RULES = {"train_cell", "evaluate_cell"}
 # columns of cells.parquet that may differ between two runs of the same config
 VOLATILE_COLUMNS = {"eval_wall_time_s", "train_wall_time_s", "train_tokens_per_s", "git_commit", "package_version"}
@@ -164,9 +164,12 @@ def clean_env(env: dict[str, str]) -> dict[str, str]:
 
 
 def local_snakemake(workdir: Path, cluster: LocalSlurmCluster, *args: str) -> subprocess.Popen:
-    """The same workflow run locally (`--cores 2`, as tests/test_workflow.py does), in the background."""
+    """The same workflow run locally (`--cores 2`, as tests/test_workflow.py does), in the
+    background, with the SLURM jobs' two threads per cell job (the local profile's one thread
+    would give other floating-point sums, hence other weights)."""
     env = clean_env({k: v for k, v in cluster.env.items() if k not in (MARKER_VAR, "SLURM_CONF")})
     command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+               "--set-threads", "train_cell=2", "evaluate_cell=2",
                "--configfile", str(workdir / "config.yaml"), "--cores", "2", *args]
     log = open(workdir / "local-snakemake.log", "w")
     proc = subprocess.Popen(command, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT,

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import assert_same_training, read_log, tiny_config
+from conftest import TIMING_COLUMNS, assert_same_training, read_log, tiny_config
 from saesweep.data.activations import ActivationStore, extract
 from saesweep.cli import main as cli_main
 from saesweep.plan.config import validate_config
