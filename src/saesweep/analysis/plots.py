@@ -393,7 +393,7 @@ def plot_k_transfer(cells: pd.DataFrame, stem: str | Path, title: str, metric: s
         rows = _k_only(_rows(transferable, site, arch))
         norm = _n_norm(cells)
         cmap = mpl.colormaps["viridis"]
-        ks = sorted(rows["k"].unique())
+        ks = sorted(int(k) for k in rows["k"].unique())  # whole numbers, though the column is float
         for (n, k), cell in rows.groupby(["n_latents", "k"]):
             means = cell[list(columns.values())].mean()
             shown = [(k_test, means[c]) for k_test, c in columns.items() if means[c] > 0]
