@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -251,28 +251,30 @@ class SparseAutoencoder(nn.Module):
             self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
 
-@dataclass
-class AuxK:
-    """The AuxK loss of Gao et al. (2024) on dense pre-activations: with
+def auxk_loss(
+    W_dec: torch.Tensor,
+    pre: torch.Tensor,
+    error: torch.Tensor,
+    variance: torch.Tensor,
+    dead_mask: torch.Tensor | None,
+    k_aux: int,
+    aux_coef: float,
+) -> torch.Tensor:
+    """The AuxK loss of Gao et al. (2024) on dense pre-activations (unweighted): with
     k_a = min(k_aux, number of dead latents),
 
         z_a    = ReLU(TopK_{k_a}(pre restricted to dead latents))
         L_aux  = ‖stopgrad(e) − z_a W_dec‖²_F / V,    e = x − x̂,
 
-    added to the loss with weight α. Zero when no latent is dead."""
-
-    context: StepContext
-    variance: torch.Tensor = field(repr=False)
-
-    def loss(self, sae: SparseAutoencoder, pre: torch.Tensor, error: torch.Tensor) -> torch.Tensor:
-        dead = self.context.dead_mask
-        n_dead = 0 if dead is None else int(dead.sum())
-        if n_dead == 0 or self.context.k_aux <= 0 or self.context.aux_coef <= 0:
-            return torch.zeros((), dtype=pre.dtype, device=pre.device)
-        dead_pre = pre.masked_fill(~dead, float("-inf"))
-        values, indices = dead_pre.topk(min(self.context.k_aux, n_dead), dim=1, sorted=False)
-        codes = torch.zeros_like(pre).scatter(1, indices, values.relu())
-        return (error.detach() - codes @ sae.W_dec).pow(2).sum() / self.variance
+    which the loss adds with weight α = ``aux_coef``. Zero when no latent is dead, k_aux = 0
+    or α = 0 (nothing is computed then)."""
+    n_dead = 0 if dead_mask is None else int(dead_mask.sum())
+    if n_dead == 0 or k_aux <= 0 or aux_coef <= 0:
+        return torch.zeros((), dtype=pre.dtype, device=pre.device)
+    dead_pre = pre.masked_fill(~dead_mask, float("-inf"))
+    values, indices = dead_pre.topk(min(k_aux, n_dead), dim=1, sorted=False)
+    codes = torch.zeros_like(pre).scatter(1, indices, values.relu())
+    return (error.detach() - codes @ W_dec).pow(2).sum() / variance
 
 
 def batch_variance(x: torch.Tensor) -> torch.Tensor:
@@ -284,12 +286,6 @@ def rms_norm(variance: torch.Tensor, batch: int) -> torch.Tensor:
     """√(V / B): the root-mean-square norm of the batch's centred inputs, the unit in which
     penalties on code magnitudes are measured (so their coefficients do not depend on d)."""
     return (variance / batch).sqrt()
-
-
-def dense_topk(pre: torch.Tensor, k: int) -> torch.Tensor:
-    """ReLU(TopK_k(pre)) as a dense (B, n) tensor: the k largest entries of each row kept."""
-    values, indices = pre.topk(k, dim=1, sorted=False)
-    return torch.zeros_like(pre).scatter(1, indices, values.relu())
 
 
 def rows_csr(indices: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:

@@ -4,7 +4,7 @@ Training keeps the k·B largest entries of ReLU(pre) over the whole batch (B, n)
 share a budget of k active latents on average:
 
     z_train = ReLU(pre) ⊙ 1[pre is among the k·B largest entries of the batch]
-    L       = L_mse + α · L_aux                          (AuxK as for TopK)
+    L       = L_mse + α · L_aux                          (AuxK as for TopK: base.auxk_loss)
 
 Inference must not depend on the batch: a single threshold θ replaces the batch selection,
 
@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from saesweep.sae.base import AuxK, Parameter, SparseAutoencoder, StepContext, batch_variance
+from saesweep.sae.base import Parameter, SparseAutoencoder, StepContext, auxk_loss, batch_variance
 
 
 class BatchTopKSAE(SparseAutoencoder):
@@ -61,7 +61,7 @@ class BatchTopKSAE(SparseAutoencoder):
         error = x - (codes @ self.W_dec + self.b_pre)
         variance = batch_variance(x)
         mse = error.pow(2).sum() / variance
-        aux = AuxK(context, variance).loss(self, pre, error)
+        aux = auxk_loss(self.W_dec, pre, error, variance, context.dead_mask, context.k_aux, context.aux_coef)
         with torch.no_grad():
             selected = codes[codes > 0]
             if selected.numel():

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from saesweep.sae.base import auxk_loss, batch_variance
+
 
 
 @dataclass
@@ -70,21 +72,14 @@ def dense_reference_step(
     latents = torch.zeros_like(pre).scatter(1, indices, values.relu())
     reconstruction = latents @ sae.W_dec + sae.b_pre
     error = x - reconstruction
-    variance = (x - x.mean(dim=0)).pow(2).sum()
+    variance = batch_variance(x)
     mse_loss = error.pow(2).sum() / variance
     wide_loss = torch.zeros((), dtype=x.dtype, device=x.device)
     if wide is not None:
         wide_values, wide_indices = pre.topk(wide.k, dim=1, sorted=False)
         wide_latents = torch.zeros_like(pre).scatter(1, wide_indices, wide_values.relu())
         wide_loss = (x - wide_latents @ sae.W_dec - sae.b_pre).pow(2).sum() / variance
-    aux_loss = torch.zeros((), dtype=x.dtype, device=x.device)
-    n_dead = 0 if dead_mask is None else int(dead_mask.sum())
-    if n_dead > 0 and k_aux > 0 and aux_coef > 0:
-        dead_pre = pre.masked_fill(~dead_mask, float("-inf"))
-        aux_values, aux_indices = dead_pre.topk(min(k_aux, n_dead), dim=1, sorted=False)
-        aux_latents = torch.zeros_like(pre).scatter(1, aux_indices, aux_values.relu())
-        aux_reconstruction = aux_latents @ sae.W_dec
-        aux_loss = (error.detach() - aux_reconstruction).pow(2).sum() / variance
+    aux_loss = auxk_loss(sae.W_dec, pre, error, variance, dead_mask, k_aux, aux_coef)
     loss = mse_loss + aux_coef * aux_loss + (wide.weight * wide_loss if wide is not None else 0)
     loss.backward()
     return SelectionStep(
@@ -172,7 +167,7 @@ def _sparse_step(
         values, positions = wide_values.topk(sae.k, dim=1, sorted=False)
         indices = wide_indices.gather(1, positions)
 
-    variance = (x - x.mean(dim=0)).pow(2).sum()
+    variance = batch_variance(x)
     latents = values.relu()
     error = centred - sparse_decode(W_dec, indices, latents)
     mse_loss = error.pow(2).sum() / variance
