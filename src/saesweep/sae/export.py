@@ -1,6 +1,8 @@
 """Saving and loading a trained SAE: ``sae.safetensors`` (weights and normalisation
 buffers) and ``cfg.json`` (architecture, parameters, sizes, recipe, provenance). The
-architecture is found by its name in ``cfg.json``, so any registered one loads."""
+architecture is found by its name in ``cfg.json``, so any registered one loads. An SAE
+imported from another tool (``sae.external``) has an ``external`` block in ``cfg.json``
+and only the parameters that tool reported (its training coefficients are unknown)."""
 
 from __future__ import annotations
 
@@ -31,7 +33,8 @@ def load_sae(folder: Path, device: str = "cpu") -> tuple[SparseAutoencoder, dict
         arch, d, n, given = cfg["arch"], cfg["d"], cfg["n_latents"], cfg["params"]
     except KeyError as missing:
         raise UserError(f"SAE config {path} has no key {missing}") from None
-    sae = architecture(arch, f"SAE config {path}")(d, n, resolve_params(arch, given, f"SAE config {path}: params"))
+    params = resolve_params(arch, given, f"SAE config {path}: params", complete="external" not in cfg)
+    sae = architecture(arch, f"SAE config {path}")(d, n, params)
     try:
         sae.load_state_dict(load_file(str(Path(folder) / "sae.safetensors")))
     except (OSError, RuntimeError) as error:

@@ -30,9 +30,11 @@ def architecture(name: str, key: str = "arch") -> type[SparseAutoencoder]:
         raise UserError(f"{key}: unknown architecture {name!r}; valid: {', '.join(ARCHITECTURES)}") from None
 
 
-def resolve_params(name: str, given: dict[str, Any], key: str) -> dict[str, Any]:
+def resolve_params(name: str, given: dict[str, Any], key: str, complete: bool = True) -> dict[str, Any]:
     """Every parameter of architecture ``name``: ``given`` checked (unknown names and bad
-    values name ``key`` and list the valid parameters), the rest from the defaults."""
+    values name ``key`` and list the valid parameters), the rest from the defaults. With
+    ``complete=False`` (an SAE trained elsewhere, see ``sae.interop``) a parameter that has no
+    default and is not given is None: unknown, as a training coefficient of another tool is."""
     cls = architecture(name, key)
     declared = {parameter.name: parameter for parameter in cls.all_arch_parameters()}
     unknown = sorted(set(given) - set(declared))
@@ -43,6 +45,9 @@ def resolve_params(name: str, given: dict[str, Any], key: str) -> dict[str, Any]
     params = {}
     for parameter in declared.values():
         value = given.get(parameter.name, parameter.default)
+        if value is None and not complete:
+            params[parameter.name] = None
+            continue
         if value is None:
             raise UserError(f"{key}.{parameter.name}: required for {name} ({parameter.doc})")
         problem = parameter.check(value)
