@@ -68,6 +68,21 @@ def stage_evaluate(args: argparse.Namespace) -> None:
     evaluate_cell(load_settings(args.settings), Path(args.cell), Path(args.out))
 
 
+def stage_export(args: argparse.Namespace) -> None:
+    from saesweep.plan.config import load_config
+    from saesweep.sae.external import export_cells
+
+    for folder in export_cells(load_config(args.config), [Path(p) for p in args.cells], args.format, Path(args.out)):
+        print(f"{folder}: {args.format} folder", file=sys.stderr)
+
+
+def stage_import(args: argparse.Namespace) -> None:
+    from saesweep.sae.external import import_external
+
+    cfg = import_external(load_settings(args.settings), Path(args.out))
+    print(f"{args.out}: {cfg['external']['arch']}, d={cfg['d']}, n={cfg['n_latents']}", file=sys.stderr)
+
+
 def stage_aggregate(args: argparse.Namespace) -> None:
     from saesweep.analysis.aggregate import aggregate
 
@@ -142,10 +157,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--settings", required=True)
     sub.add_argument("--out", required=True, help="the cell's folder")
     sub.add_argument("--threads", type=int, default=None)
-    sub = stage("evaluate", stage_evaluate, "evaluate one trained cell on held-out tokens")
+    sub = stage("evaluate", stage_evaluate, "evaluate one trained cell (or imported SAE) on held-out tokens")
     sub.add_argument("--settings", required=True)
-    sub.add_argument("--cell", required=True, help="the cell's folder")
+    sub.add_argument("--cell", required=True, help="the cell's (or imported SAE's) folder")
     sub.add_argument("--out", required=True, help="metrics.json to write")
+    sub = stage("export", stage_export, "write trained cells as SAELens or sparsify folders")
+    sub.add_argument("--config", required=True, help="the run's config file (model, hook, context, data)")
+    sub.add_argument("--format", required=True, choices=["saelens", "sparsify"])
+    sub.add_argument("--out", required=True, help="folder that receives one folder per cell")
+    sub.add_argument("cells", nargs="+", help="cell folders")
+    sub = stage("import", stage_import, "convert an external SAE (SAELens or sparsify) into saesweep's format")
+    sub.add_argument("--settings", required=True)
+    sub.add_argument("--out", required=True, help="the folder to write sae.safetensors and cfg.json to")
     sub = stage("aggregate", stage_aggregate, "one table of every cell's metrics, training facts and provenance")
     sub.add_argument("--run", required=True)
     sub.add_argument("--out", required=True)

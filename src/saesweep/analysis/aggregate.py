@@ -3,6 +3,7 @@ provenance (``cells.parquet`` and a CSV beside it), and the cells' training logs
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +15,25 @@ from saesweep.core.files import atomic_path, read_json
 KEY_COLUMNS = ["site", "arch", "setting", "n_latents", "seed"]
 
 
+TRAINING_COLUMNS = {
+    "tokens": "tokens",
+    "steps": "steps",
+    "train_wall_time_s": "wall_time_s",
+    "train_tokens_per_s": "tokens_per_s",
+    "train_final_dead_fraction": "final_dead_fraction",
+    "train_final_nmse": "final_nmse",
+    "epochs": "epochs",
+}
+"""Column → key of ``cfg.json``'s ``training`` block."""
+
+
 def cell_row(cell_folder: Path, metrics_path: Path) -> dict[str, Any]:
     """The scalar metrics of ``metrics.json`` (nested dicts flattened with ``_``, lists
     left out), the training facts of ``cfg.json`` and the provenance; ``curve`` is the cell's
     setting without its architecture (``k32``, ``l0.3``: the cells of one line over n) and
-    ``sparsity`` the value of its architecture's sparsity knob."""
+    ``sparsity`` the value of its architecture's sparsity knob. An external SAE (``sae.external``)
+    has its name as setting and curve, the source as ``external_source``, and no training
+    facts, sparsity knob (unless it reported k) or seed."""
     metrics = read_json(metrics_path, "cell metrics")
     cfg = read_json(cell_folder / "cfg.json", "SAE config")
     row: dict[str, Any] = {}
@@ -31,25 +46,22 @@ def cell_row(cell_folder: Path, metrics_path: Path) -> dict[str, Any]:
             row[prefix] = value
 
     flatten("", {key: value for key, value in metrics.items() if key not in {"firing_histogram", "provenance"}})
-    training = cfg["training"]
+    external = cfg.get("external")
+    training = cfg.get("training", {})
     row.update({
-        "curve": metrics["setting"].split("-", 1)[1],
-        "sparsity": metrics[metrics["sparsity_parameter"]],
-        "tokens": training["tokens"],
-        "steps": training["steps"],
-        "train_wall_time_s": training["wall_time_s"],
-        "train_tokens_per_s": training["tokens_per_s"],
-        "train_final_dead_fraction": training["final_dead_fraction"],
-        "train_final_nmse": training["final_nmse"],
-        "epochs": training["epochs"],
+        "curve": external["name"] if external else metrics["setting"].split("-", 1)[1],
+        "sparsity": metrics.get(metrics["sparsity_parameter"]),
+        **{column: training.get(key) for column, key in TRAINING_COLUMNS.items()},
         "model": cfg["model"],
-        "revision": cfg["revision"],
-        "corpus_fingerprint": cfg["corpus_fingerprint"],
+        "revision": cfg.get("revision"),
+        "corpus_fingerprint": cfg.get("corpus_fingerprint"),
         "package_version": cfg["provenance"]["package_version"],
         "git_commit": cfg["provenance"]["git_commit"],
-        "train_settings_hash": cfg["provenance"]["settings_hash"],
+        "train_settings_hash": None if external else cfg["provenance"]["settings_hash"],
         "eval_settings_hash": metrics["provenance"]["settings_hash"],
     })
+    if external:
+        row["external_source"] = json.dumps(external["source"], sort_keys=True)
     return row
 
 
@@ -60,6 +72,8 @@ def aggregate(run: str, metrics_paths: list[Path], table: Path, logs: Path) -> p
         folder = Path(path).parent
         row = {"run": run, **cell_row(folder, Path(path))}
         rows.append(row)
+        if "external_source" in row:
+            continue  # an external SAE was not trained here: no training log
         log = pd.read_parquet(folder / "train_log.parquet")
         log_frames.append(log.assign(**{key: row[key] for key in KEY_COLUMNS}, curve=row["curve"], sparsity=row["sparsity"]))
     if not rows:

@@ -1,4 +1,5 @@
-"""Hook-site names: ``resid{L}``, ``mlp{L}``, ``attn{L}`` for block L (from 0)."""
+"""Hook-site names: ``resid{L}``, ``mlp{L}``, ``attn{L}`` for block L (from 0), and the
+TransformerLens hook name of each (what SAELens records as ``hook_name``)."""
 
 from __future__ import annotations
 
@@ -27,3 +28,13 @@ def parse_site(name: str) -> Site:
             "block L), mlp{L} (MLP output of block L) or attn{L} (attention output of block L)"
         )
     return Site(match["kind"], int(match["layer"]))
+
+
+TRANSFORMER_LENS_HOOKS = {"resid": "hook_resid_post", "mlp": "hook_mlp_out", "attn": "hook_attn_out"}
+
+
+def transformer_lens_hook(name: str) -> str:
+    """``resid8`` → ``blocks.8.hook_resid_post`` (the output of block 8), ``mlp8`` →
+    ``blocks.8.hook_mlp_out``, ``attn8`` → ``blocks.8.hook_attn_out``."""
+    site = parse_site(name)
+    return f"blocks.{site.layer}.{TRANSFORMER_LENS_HOOKS[site.kind]}"

@@ -234,7 +234,7 @@ def ablation_metrics(sae: SparseAutoencoder, downstream: Downstream, latents: to
 
 
 def evaluate_cell(settings: dict[str, Any], cell_folder: Path, output: Path) -> dict[str, Any]:
-    """Compute every metric of a trained cell and write ``metrics.json``."""
+    """Compute every metric of a trained cell (or an imported external SAE) and write ``metrics.json``."""
     started = time.perf_counter()
     device = resolve_device(settings["device"])
     torch.manual_seed(settings["seed"])
@@ -267,7 +267,9 @@ def evaluate_cell(settings: dict[str, Any], cell_folder: Path, output: Path) -> 
     metrics.update(ablation_metrics(sae, downstream, latents[: settings["ablation_latents"]], settings["ablation_windows"]))
 
     metrics.update({
-        "site": cfg["site"], "arch": cfg["arch"], "n_latents": sae.n, **cfg["params"], "seed": cfg["seed"],
+        # an external SAE's arch says where it came from (saelens-jumprelu), see sae.external
+        "site": cfg["site"], "arch": cfg["external"]["arch"] if "external" in cfg else cfg["arch"],
+        "n_latents": sae.n, **cfg["params"], "seed": cfg["seed"],
         "setting": settings["setting"], "sparsity_parameter": sae.knob().name,
         "not_applicable": not_applicable, "k_transfer": ks, "eval_tokens": len(activations), "downstream_tokens": int(downstream.mask.sum()),
         "eval_wall_time_s": time.perf_counter() - started, "provenance": provenance(settings),

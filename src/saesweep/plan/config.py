@@ -91,9 +91,42 @@ def check_cross_keys(config: dict[str, Any]) -> None:
             f"position of a {activations['context']}-token window"
         )
     sweep_cells(config)  # architectures, their parameters and every cell's feasibility
+    check_external(config)
     budget = config["train"]["tokens"]
     if budget["max"] is not None and budget["max"] < budget["min"]:
         raise UserError("config key train.tokens.max: smaller than train.tokens.min")
+
+
+SOURCES = {"path": ("format",), "release": ("sae_id",), "hub": ("hookpoint",)}
+"""The source keys of an external SAE → the keys that belong to each."""
+REQUIRED_WITH = {"release": "sae_id"}
+
+
+def check_external(config: dict[str, Any]) -> None:
+    """Each external SAE has one source, reads a site of the sweep and a name of its own."""
+    seen: set[str] = set()
+    for index, entry in enumerate(config["external"]):
+        key = f"external[{index}]"
+        sources = [source for source in SOURCES if source in entry]
+        if len(sources) != 1:
+            raise UserError(
+                f"config key {key}: give exactly one of path, release (with sae_id) or hub (found {sources or 'none'})"
+            )
+        source = sources[0]
+        for other, belongs in SOURCES.items():
+            for extra in belongs:
+                if extra in entry and other != source:
+                    raise UserError(f"config key {key}.{extra}: belongs with {other}, not {source}")
+        if source in REQUIRED_WITH and REQUIRED_WITH[source] not in entry:
+            raise UserError(f"config key {key}.{REQUIRED_WITH[source]}: required with {source}")
+        if entry["site"] not in config["activations"]["sites"]:
+            raise UserError(
+                f"config key {key}.site: {entry['site']} is not one of activations.sites "
+                f"{config['activations']['sites']} (its held-out activations are evaluated)"
+            )
+        if entry["name"] in seen:
+            raise UserError(f"config key {key}.name: {entry['name']!r} is used by another external SAE")
+        seen.add(entry["name"])
 
 
 def check_sites_against_model(config: dict[str, Any], n_layers: int) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from saesweep.core.sites import transformer_lens_hook
 from saesweep.plan.cells import parse_cell
 from saesweep.plan.config import dead_window, learning_rate, token_budget
 from saesweep.sae.registry import architecture
@@ -28,6 +29,11 @@ def activation_dir(config: dict[str, Any], site: str, split: str) -> str:
 def cell_dir(config: dict[str, Any], site: str, cell: str) -> str:
     """``results/{run}/cells/{site}/{cell}``."""
     return f"{run_dir(config)}/cells/{site}/{cell}"
+
+
+def external_dir(config: dict[str, Any], site: str, name: str) -> str:
+    """``results/{run}/external/{site}/{name}``: an external SAE in saesweep's format, its metrics."""
+    return f"{run_dir(config)}/external/{site}/{name}"
 
 
 def corpus_dir(config: dict[str, Any]) -> str:
@@ -97,4 +103,66 @@ def eval_settings(config: dict[str, Any], site: str, cell_name: str) -> dict[str
         "model": config["model"],
         "eval_activations": activation_dir(config, site, "eval"),
         "device": config["train"]["device"],
+    }
+
+
+def external_entry(config: dict[str, Any], site: str, name: str) -> dict[str, Any]:
+    """The entry of ``external`` with this site and name."""
+    return next(entry for entry in config["external"] if (entry["site"], entry["name"]) == (site, name))
+
+
+def external_source(entry: dict[str, Any]) -> dict[str, str]:
+    """Where an external SAE comes from: ``{"path"}``, ``{"release", "sae_id"}`` (SAELens) or
+    ``{"hub"[, "hookpoint"]}`` (sparsify)."""
+    return {key: entry[key] for key in ("path", "release", "sae_id", "hub", "hookpoint") if key in entry}
+
+
+def import_settings(config: dict[str, Any], site: str, name: str) -> dict[str, Any]:
+    """What ``saesweep import`` needs for one external SAE (the held-out activations give d)."""
+    entry = external_entry(config, site, name)
+    return {
+        "name": name,
+        "site": site,
+        "source": external_source(entry),
+        "format": entry.get("format", "auto"),
+        "activations": activation_dir(config, site, "eval"),
+        "model": config["model"]["id"],
+    }
+
+
+def external_eval_settings(config: dict[str, Any], site: str, name: str) -> dict[str, Any]:
+    """What ``saesweep evaluate`` needs for one external SAE: a cell's settings with the
+    external's name as its setting and seed 0 for the evaluation's samples."""
+    return {
+        **config["evaluate"],
+        "site": site,
+        "cell": name,
+        "setting": name,
+        "seed": 0,
+        "model": config["model"],
+        "eval_activations": activation_dir(config, site, "eval"),
+        "device": config["train"]["device"],
+    }
+
+
+def interop_metadata(config: dict[str, Any], site: str) -> dict[str, Any]:
+    """What other tools record about the activations an SAE of ``site`` reads, in SAELens'
+    metadata fields: the model, the TransformerLens hook of the site (with the one
+    processing option that changes it off: saesweep reads the transformers model's own
+    activations), context, skipped leading positions, prepend_bos and the text."""
+    corpus, activations = config["corpus"], config["activations"]
+    dataset = corpus["dataset"] if corpus["source"] == "hf" else f"{corpus['source']}:{corpus.get('package', corpus['name'])}"
+    return {
+        "model_name": config["model"]["id"],
+        "model_revision": config["model"]["revision"],
+        "model_class_name": "HookedTransformer",
+        "model_from_pretrained_kwargs": {"center_writing_weights": False},
+        "hook_name": transformer_lens_hook(site),
+        "hook_head_index": None,
+        "context_size": activations["context"],
+        "seqpos_slice": [activations["skip_positions"], None],
+        "prepend_bos": config["model"]["prepend_bos"],
+        "dataset_path": dataset,
+        "saesweep_site": site,
+        "saesweep_corpus": corpus["name"],
     }
