@@ -14,6 +14,7 @@ include: "workflow/rules/resources.smk"
 include: "workflow/rules/activations.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/external.smk"
 include: "workflow/rules/scaling.smk"
 include: "workflow/rules/report.smk"
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import tiny_config, write_config
 from saesweep import cli
 from saesweep.core.errors import UserError
 from saesweep.core.sites import transformer_lens_hook
@@ -28,7 +28,13 @@ from saesweep.data.activations import ActivationStore, extract, shard_name, writ
 from saesweep.data.corpus import prepare_corpus
 from saesweep.evaluation.evaluate import evaluate_cell
 from saesweep.plan.config import validate_config
-from saesweep.plan.settings import activation_dir, corpus_dir, external_eval_settings, import_settings
+from saesweep.plan.settings import (
+    activation_dir,
+    corpus_dir,
+    external_eval_settings,
+    extraction_settings,
+    import_settings,
+)
 from saesweep.sae.export import load_sae
 from saesweep.sae.external import export_cells, import_external
 from saesweep.sae.registry import ARCHITECTURES, resolve_params
@@ -163,19 +169,15 @@ def test_sparsify_export_of_other_architectures_is_refused_before_writing(name, 
     assert not (tmp_path / "out").exists()
 
 
-def test_export_checks_the_config_is_the_cells_run(cells, tmp_path) -> None:
+def test_export_checks_the_config_is_the_cells_run(cells, tmp_path, capsys) -> None:
     config = planted_config()
     config["model"]["id"] = "another-model"
+    write_config(tmp_path / "c.yaml", config)
     code = cli.main(["export", "--format", "saelens", "--out", str(tmp_path / "out"), "--config",
-                     str(write_yaml(tmp_path / "c.yaml", config)), str(cells["topk"])])
-    assert code == 2 and not (tmp_path / "out").exists()
-
-
-def write_yaml(path: Path, config: dict) -> Path:
-    import yaml
-
-    path.write_text(yaml.safe_dump(config))
-    return path
+                     str(tmp_path / "c.yaml"), str(cells["topk"])])
+    error = capsys.readouterr().err
+    assert code == 2 and "is not from this config (model.id another-model" in error
+    assert not (tmp_path / "out").exists()
 
 
 def test_transformer_lens_hook_names() -> None:
@@ -195,14 +197,8 @@ def tiny_run(tmp_path_factory, tiny_model, tiny_corpus) -> tuple[Path, dict]:
         patch.chdir(folder)
         config = validate_config(tiny_config(tiny_model, tiny_corpus))
         prepare_corpus(config["corpus"], Path(corpus_dir(config)))
-        extract(extraction_settings_eval(config))
+        extract(extraction_settings(config, "eval", device="cpu"))
     return folder, config
-
-
-def extraction_settings_eval(config: dict) -> dict:
-    from saesweep.plan.settings import extraction_settings
-
-    return extraction_settings(config, "eval", device="cpu")
 
 
 def saelens_sae(architecture: str, activations: torch.Tensor, d_in: int = 32, seed: int = 0):

@@ -136,3 +136,71 @@ def test_bad_config_names_the_key(sweep: Path, tmp_path: Path, tiny_model: Path,
     result = snakemake(tmp_path, "-n", check=False)
     assert result.returncode != 0
     assert "sweep.k" in result.stderr and "Traceback" not in result.stderr
+
+
+SHIPPED = sorted((REPO / "config").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_every_shipped_config_dry_runs(path: Path, tmp_path: Path) -> None:
+    (tmp_path / "config.yaml").write_text(path.read_text())
+    result = snakemake(tmp_path, "-n")
+    assert "aggregate" in result.stdout and "evaluate_cell" in result.stdout
+
+
+def test_external_saes_are_evaluated_into_the_table_and_the_figures(sweep: Path, tmp_path: Path) -> None:
+    """Cells exported to SAELens and sparsify, listed as external SAEs, come back as rows of
+    their own with the metrics of the cell they were exported from; nothing is retrained."""
+    import shutil
+
+    workdir = tmp_path / "sweep"
+    shutil.copytree(sweep, workdir, symlinks=True)
+    cells = {name: f"results/tiny/cells/resid2/{name}" for name in ("topk-n128-k16-s0", "relu-n128-l0.1-s0")}
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    for fmt, names in (("saelens", list(cells)), ("sparsify", ["topk-n128-k16-s0"])):
+        subprocess.run(["saesweep", "export", "--config", "config.yaml", "--format", fmt, "--out", f"exported/{fmt}",
+                        *[cells[name] for name in names]], cwd=workdir, env=env, check=True, capture_output=True)
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    config["external"] = [
+        {"name": "lens-topk", "site": "resid2", "path": "exported/saelens/topk-n128-k16-s0"},
+        {"name": "lens-relu", "site": "resid2", "path": "exported/saelens/relu-n128-l0.1-s0", "format": "saelens"},
+        {"name": "sparse-topk", "site": "resid2", "path": "exported/sparsify/topk-n128-k16-s0"},
+    ]
+    write_config(workdir / "config.yaml", config)
+    before = {path: path.stat().st_mtime_ns for path in (workdir / "results/tiny/cells").rglob("*")}
+    snakemake(workdir)
+    assert {path: path.stat().st_mtime_ns for path in (workdir / "results/tiny/cells").rglob("*")} == before
+    table = pd.read_parquet(workdir / "results/tiny/scaling/cells.parquet")
+    external = table[table.external_source.notna()].set_index("setting")
+    assert dict(external.arch) == {"lens-topk": "saelens-topk", "lens-relu": "saelens-standard", "sparse-topk": "sparsify-topk"}
+    assert (external.curve == external.index).all() and external.tokens.isna().all() and external.seed.isna().all()
+    assert len(table) - len(external) == len(pd.read_parquet(sweep / "results/tiny/scaling/cells.parquet"))
+    origin = table[table.external_source.isna()].set_index("setting")
+    for name, cell in (("lens-topk", "topk-k16"), ("sparse-topk", "topk-k16"), ("lens-relu", "relu-l0.1")):
+        expected = origin[origin.n_latents == 128].loc[cell]
+        assert external.loc[name, "nmse"] == pytest.approx(expected.nmse, rel=1e-5), name
+        assert external.loc[name, "l0"] == pytest.approx(expected.l0, rel=1e-4), name
+        assert external.loc[name, "delta_lm_loss"] == pytest.approx(expected.delta_lm_loss, abs=1e-4), name
+    fits = json.loads((workdir / "results/tiny/scaling/fits.json").read_text())
+    lens = next(group for group in fits["groups"] if group["arch"] == "saelens-topk")["metrics"]["nmse"]
+    assert lens["vs_n"]["lens-topk"]["power"]["status"] == "skipped" and lens["joint"]["status"] == "skipped"
+    assert (workdir / "results/tiny/scaling/figures/sparsity_frontier.svg").read_text().count("lens-topk") >= 1
+    comparison = pd.read_csv(workdir / "results/tiny/scaling/architectures.csv")
+    assert not set(comparison["arch"]) & set(external.arch)  # one point each: no frontier of its own
+
+
+def test_a_broken_external_sae_fails_with_one_line_naming_the_file(sweep: Path, tmp_path: Path) -> None:
+    import shutil
+
+    workdir = tmp_path / "sweep"
+    shutil.copytree(sweep, workdir, symlinks=True)
+    (workdir / "broken").mkdir()
+    (workdir / "broken/cfg.json").write_text(json.dumps({"architecture": "topk", "d_in": 32, "d_sae": 64}))
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    config["external"] = [{"name": "broken", "site": "resid2", "path": "broken"}]
+    write_config(workdir / "config.yaml", config)
+    result = snakemake(workdir, "results/tiny/external/resid2/broken/metrics.json", check=False)
+    assert result.returncode != 0
+    log = (workdir / "results/tiny/logs/import_external/resid2/broken.log").read_text().strip().splitlines()
+    assert len(log) == 1 and "missing weights file" in log[0] and "broken has neither sae_weights.safetensors" in log[0]
+    assert not (workdir / "results/tiny/external/resid2/broken/cfg.json").exists()

@@ -24,6 +24,7 @@ config.update(validated)
 RUN = job.run_dir(config)
 SITES = config["activations"]["sites"]
 CELLS = [cell.name for cell in sweep_cells(config)]
+EXTERNAL = [(entry["site"], entry["name"]) for entry in config["external"]]
 FIT_METRICS = config["scaling"]["metrics"]
 # Figure name → the caption file (workflow/report/{view}.rst) that describes it.
 FIGURES = (
@@ -54,6 +55,8 @@ wildcard_constraints:
     site=r"(resid|mlp|attn)[0-9]+",
     cell=r"[a-z0-9]+-n[0-9]+(-[a-z]+[0-9][0-9.e+-]*)+-s[0-9]+",
     stage=r"train|eval",
+    name=r"[A-Za-z0-9][A-Za-z0-9_.-]*",
+    external_stage=r"import|eval",
 
 
 def final_targets():
@@ -117,3 +120,33 @@ def train_runtime(wildcards):
     settings = job.train_settings(config, wildcards.site, wildcards.cell)
     flops = 6 * settings["tokens"] * settings["n_latents"] * model_width()
     return int(10 + flops / 1e9 / 60)
+
+
+def external_metrics():
+    """The metrics of every external SAE (config key external)."""
+    return [
+        f"{job.external_dir(config, site, name)}/metrics.json"
+        for site, name in EXTERNAL
+    ]
+
+
+def external_settings_json(wildcards):
+    """The resolved settings of one external SAE's import or eval job, as JSON."""
+    build = (
+        job.import_settings
+        if wildcards.external_stage == "import"
+        else job.external_eval_settings
+    )
+    return json.dumps(build(config, wildcards.site, wildcards.name), sort_keys=True)
+
+
+def external_files(wildcards):
+    """The files of an external SAE's folder on disk (none for a hub source), so that a
+    changed file reruns its import; what is missing the import itself reports."""
+    entry = job.external_entry(config, wildcards.site, wildcards.name)
+    folder = Path(entry.get("path", ""))
+    if "path" not in entry or not folder.is_dir():
+        return []
+    return sorted(
+        str(p) for p in folder.iterdir() if p.suffix in (".json", ".safetensors")
+    )

@@ -1,9 +1,10 @@
-# The sweep's answer: one table of all cells, fitted laws, figures.
+# The sweep's answer: one table of all cells (and external SAEs), fitted laws, figures.
 
 
 rule aggregate:
     input:
         expand(f"{RUN}/cells/{{site}}/{{cell}}/metrics.json", site=SITES, cell=CELLS),
+        external_metrics(),
     output:
         table=f"{RUN}/scaling/cells.parquet",
         csv=f"{RUN}/scaling/cells.csv",

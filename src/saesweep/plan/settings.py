@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from saesweep.core.errors import UserError
 from saesweep.core.sites import transformer_lens_hook
 from saesweep.plan.cells import parse_cell
 from saesweep.plan.config import dead_window, learning_rate, token_budget
@@ -108,7 +109,10 @@ def eval_settings(config: dict[str, Any], site: str, cell_name: str) -> dict[str
 
 def external_entry(config: dict[str, Any], site: str, name: str) -> dict[str, Any]:
     """The entry of ``external`` with this site and name."""
-    return next(entry for entry in config["external"] if (entry["site"], entry["name"]) == (site, name))
+    for entry in config["external"]:
+        if (entry["site"], entry["name"]) == (site, name):
+            return entry
+    raise UserError(f"config key external: no external SAE {name!r} of site {site}")
 
 
 def external_source(entry: dict[str, Any]) -> dict[str, str]:
