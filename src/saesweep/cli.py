@@ -22,7 +22,10 @@ def stage_check_config(args: argparse.Namespace) -> None:
     config = load_config(args.config)
     cells = sweep_cells(config)
     sites = config["activations"]["sites"]
-    print(f"{args.config}: valid; run {config['run']}, {len(sites)} site(s), {len(cells)} cell(s) per site")
+    print(
+        f"{args.config}: valid; run {config['run']}, {len(sites)} site(s), {len(cells)} cell(s) per site, "
+        f"{len(config['external'])} external SAE(s)"
+    )
 
 
 def stage_settings(args: argparse.Namespace) -> None:
