@@ -1,7 +1,8 @@
 """The standard tests every registered architecture passes, with no test of its own to write:
 
 - its training step (fast or not) gives the loss parts and gradients of plain autograd of
-  its equations (``reference_step``), AuxK and dead latents included;
+  its equations (``reference_step``), AuxK and dead latents included, with the support
+  kernels' sparse and dense products alike;
 - trained on activations made from a planted sparse dictionary, its decoder recovers the
   planted directions (mean best cosine ≥ 0.9: the planted directions are 64 random unit
   vectors in d = 32, whose mutual |cos| is ~0.18 on average and rarely above 0.6, so a
@@ -30,6 +31,7 @@ from saesweep.evaluation.evaluate import evaluate_cell
 from saesweep.plan.cells import make_cell
 from saesweep.plan.config import validate_config
 from saesweep.plan.settings import activation_dir, corpus_dir, eval_settings, extraction_settings, train_settings
+from saesweep.sae import support_kernels
 from saesweep.sae.base import StepContext
 from saesweep.sae.export import load_sae, save_sae
 from saesweep.sae.registry import ARCHITECTURES, build_sae, resolve_params
@@ -61,8 +63,11 @@ def perturbed_sae(name: str, d: int = 16, n: int = 64, seed: int = 0):
     return sae
 
 
+@pytest.mark.parametrize("products", ["sparse", "dense"])
 @pytest.mark.parametrize("name", NAMES)
-def test_training_step_matches_plain_autograd(name: str) -> None:
+def test_training_step_matches_plain_autograd(name: str, products: str, monkeypatch) -> None:
+    # the support kernels' two forms of the same products, each forced in turn
+    monkeypatch.setattr(support_kernels, "DENSE_FRACTION", 1.0 if products == "sparse" else 0.0)
     sae = perturbed_sae(name)
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(96, sae.d, generator=generator, dtype=torch.float64) * 2
@@ -83,6 +88,26 @@ def test_training_step_matches_plain_autograd(name: str) -> None:
         assert reference.parts["aux_loss"] > 0, "AuxK must act when latents are dead"
     for buffer_name, expected in reference_sae.named_buffers():
         torch.testing.assert_close(fast_sae.get_buffer(buffer_name), expected, equal_nan=True)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_training_step_runs_under_bf16_autocast(name: str) -> None:
+    """Inside torch.autocast(bf16), as on a GPU with train.autocast_bf16, the step gives fp32
+    gradients close to the fp32 step's (bf16 keeps ~3 significant digits of pre; the batch is
+    large so that JumpReLU's threshold gradient, a count of entries in a window of width ε
+    whose edges bf16 blurs, averages over many entries)."""
+    sae = perturbed_sae(name).float()
+    x = torch.randn(4096, sae.d, generator=torch.Generator().manual_seed(1)) * 2
+    context = StepContext(dead_mask=torch.rand(sae.n, generator=torch.Generator().manual_seed(2)) < 0.3,
+                          k_aux=8, aux_coef=1 / 32, progress=0.5, fire_threshold=1e-3)
+    low_sae = copy.deepcopy(sae)
+    sae.training_step(x, context)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low_sae.training_step(x, context)
+    for (parameter_name, expected), (_, got) in zip(sae.named_parameters(), low_sae.named_parameters()):
+        assert got.grad.dtype == torch.float32, parameter_name
+        scale = expected.grad.abs().max().item()
+        torch.testing.assert_close(got.grad, expected.grad, rtol=0.1, atol=0.1 * scale, msg=parameter_name)
 
 
 # --- a planted dictionary ----------------------------------------------------------------------

@@ -14,6 +14,10 @@ with θ estimated during training as an exponential moving average of the smalle
 value of each batch: θ ← (1 − r) θ + r · min(z_train[z_train > 0]), r = 0.01 (SAELens'
 rate; bartbussmann/BatchTopK and dictionary_learning use the same estimator with other
 rates). The first batch sets θ directly.
+
+The training step is ``support_kernels.support_step`` on the selection itself, found
+without sorting the batch: the k·B largest entries are taken among those above 3θ/4 (exact
+whenever at least k·B entries lie there, else among all entries).
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from saesweep.sae.base import Parameter, SparseAutoencoder, StepContext, auxk_loss, batch_variance
+from saesweep.sae.base import Parameter, SparseAutoencoder, StepContext, StepOutput, auxk_loss, batch_variance
+from saesweep.sae.support_kernels import Support, SupportBatch, support_step
 
 
 class BatchTopKSAE(SparseAutoencoder):
@@ -62,11 +67,44 @@ class BatchTopKSAE(SparseAutoencoder):
         variance = batch_variance(x)
         mse = error.pow(2).sum() / variance
         aux = auxk_loss(self.W_dec, pre, error, variance, context.dead_mask, context.k_aux, context.aux_coef)
-        with torch.no_grad():
-            selected = codes[codes > 0]
-            if selected.numel():
-                smallest = selected.min()
-                rate = float(self.params["threshold_rate"])
-                first = torch.isnan(self.threshold)
-                self.threshold.copy_(torch.where(first, smallest, (1 - rate) * self.threshold + rate * smallest))
+        self.update_threshold(codes)
         return mse + context.aux_coef * aux, {"mse": mse, "aux_loss": aux}, codes
+
+    @torch.no_grad()
+    def update_threshold(self, codes: torch.Tensor) -> None:
+        """θ ← (1 − r) θ + r · (the smallest non-zero code of the batch); the first batch sets θ."""
+        selected = codes[codes > 0]
+        if selected.numel():
+            smallest = selected.min()
+            rate = float(self.params["threshold_rate"])
+            first = torch.isnan(self.threshold)
+            self.threshold.copy_(torch.where(first, smallest, (1 - rate) * self.threshold + rate * smallest))
+
+    def batch_selection(self, pre: torch.Tensor) -> Support:
+        """The entries of the k·B largest positive values of pre (B, n), looked for among the
+        entries above 3θ/4 when at least k·B lie there (then the k·B largest are theirs),
+        else among all."""
+        count = min(self.k * pre.shape[0], pre.numel())
+        hint = 0.75 * float(self.threshold)
+        if hint > 0:
+            rows, cols = (pre > hint).nonzero(as_tuple=True)
+            if rows.numel() >= count:
+                values = pre[rows, cols]
+                keep = values >= values.topk(count, sorted=False).values.min()
+                return Support.from_entries(tuple(pre.shape), rows[keep], cols[keep])
+        bound = pre.relu().flatten().topk(count, sorted=False).values.min()
+        return Support.from_mask(pre >= bound if bound > 0 else pre > 0)
+
+    def training_step(self, x: torch.Tensor, context: StepContext) -> StepOutput:
+        """The loss on the batch selection (``support_kernels``)."""
+        return support_step(self, x, context)
+
+    def support_loss(self, batch: SupportBatch, context: StepContext):
+        """``training_loss`` on R, the batch selection (``batch_selection``)."""
+        support = self.batch_selection(batch.pre)
+        codes = batch.gather(support)
+        error = batch.error(codes, support)
+        mse = error.pow(2).sum() / batch.variance
+        aux = batch.auxk_loss(error, context)
+        self.update_threshold(codes.detach())
+        return mse + context.aux_coef * aux, {"mse": mse, "aux_loss": aux}, support, codes

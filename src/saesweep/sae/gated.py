@@ -13,7 +13,8 @@ One encoder matrix W_enc serves a gate and a magnitude path, with c = x − b_pr
 The gate gets its gradient from the L1 penalty and the auxiliary reconstruction (the step
 1[·] passes none); decoder rows are kept at unit norm, so the penalty cannot be dodged by
 scale. As for ReLU + L1, the penalty is in units of the batch's RMS input norm. Init:
-r_mag = b_mag = 0, the tied encoder.
+r_mag = b_mag = 0, the tied encoder. The training step is ``support_kernels.support_step``
+on the support π_gate > 0, outside which z, ReLU(π_gate) and their derivatives vanish.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from saesweep.sae.base import Parameter, SparseAutoencoder, StepContext, batch_variance, rms_norm
+from saesweep.sae.base import Parameter, SparseAutoencoder, StepContext, StepOutput, batch_variance, rms_norm
+from saesweep.sae.support_kernels import Support, SupportBatch, support_step
 
 
 class GatedSAE(SparseAutoencoder):
@@ -68,3 +70,20 @@ class GatedSAE(SparseAutoencoder):
         aux = (x - gate_reconstruction).pow(2).sum() / variance
         loss = mse + float(self.params["l1_coef"]) * l1 + aux
         return loss, {"mse": mse, "l1": l1, "aux_loss": aux}, codes
+
+    def training_step(self, x: torch.Tensor, context: StepContext) -> StepOutput:
+        """The loss on the support π_gate > 0 (``support_kernels``)."""
+        return support_step(self, x, context)
+
+    def support_loss(self, batch: SupportBatch, context: StepContext):
+        """``training_loss`` on R = {π_gate > 0}, where ReLU(π_gate) = π_gate."""
+        support = Support.from_mask(batch.pre > 0)
+        gate = batch.gather(support)
+        cols = support.cols
+        codes = ((gate - self.b_enc[cols]) * self.r_mag.exp()[cols] + self.b_mag[cols]).relu()
+        mse = batch.error(codes, support).pow(2).sum() / batch.variance
+        l1 = gate.sum() / len(batch.x) / rms_norm(batch.variance, len(batch.x))
+        gate_reconstruction = batch.decode(gate, support, frozen=True) + self.b_pre.detach()
+        aux = (batch.x - gate_reconstruction).pow(2).sum() / batch.variance
+        loss = mse + float(self.params["l1_coef"]) * l1 + aux
+        return loss, {"mse": mse, "l1": l1, "aux_loss": aux}, support, codes

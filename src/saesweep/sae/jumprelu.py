@@ -9,7 +9,9 @@ with a rectangle kernel of bandwidth ε, rect(u) = 1[|u| < 1/2]:
 
     ∂z/∂θ = −(θ/ε) · rect((pre − θ)/ε),   ∂H/∂θ = −(1/ε) · rect((pre − θ)/ε),
 
-and no gradient reaches pre through H (only through the identity part of z). Defaults:
+and no gradient reaches pre through H (only through the identity part of z). The training
+step is ``support_kernels.support_step`` on the support pre > θ − ε/2, outside which z,
+H and their pseudo-derivatives vanish. Defaults:
 ε = 0.05 and θ₀ = 0.01 (SAELens; dictionary_learning uses 0.001 for both); the decoder
 rows are kept at unit norm (as dictionary_learning does); Adam β₁ = 0 as in the paper.
 """
@@ -22,11 +24,13 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from saesweep.sae.base import Parameter, SparseAutoencoder, StepContext, batch_variance
+from saesweep.sae.base import Parameter, SparseAutoencoder, StepContext, StepOutput, batch_variance
+from saesweep.sae.support_kernels import Support, SupportBatch, support_step
 
 
 class _JumpReLU(torch.autograd.Function):
-    """z = pre · H(pre − θ) with the rectangle-kernel pseudo-derivative for θ."""
+    """z = pre · H(pre − θ) with the rectangle-kernel pseudo-derivative for θ, elementwise
+    (θ of pre's shape: expanded over the batch, or gathered on a support)."""
 
     @staticmethod
     def forward(ctx: Any, pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
@@ -39,11 +43,11 @@ class _JumpReLU(torch.autograd.Function):
         pre, threshold = ctx.saved_tensors
         window = ((pre - threshold).abs() < ctx.bandwidth / 2).to(grad.dtype)
         grad_threshold = -(threshold / ctx.bandwidth) * window * grad
-        return grad * (pre > threshold), grad_threshold.sum(dim=0), None
+        return grad * (pre > threshold), grad_threshold, None
 
 
 class _Step(torch.autograd.Function):
-    """H(pre − θ) with ∂H/∂θ = −(1/ε) rect((pre − θ)/ε) and no gradient to pre."""
+    """H(pre − θ) with ∂H/∂θ = −(1/ε) rect((pre − θ)/ε) and no gradient to pre, elementwise."""
 
     @staticmethod
     def forward(ctx: Any, pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
@@ -55,7 +59,7 @@ class _Step(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, torch.Tensor, None]:
         pre, threshold = ctx.saved_tensors
         window = ((pre - threshold).abs() < ctx.bandwidth / 2).to(grad.dtype)
-        return None, (-(1.0 / ctx.bandwidth) * window * grad).sum(dim=0), None
+        return None, -(1.0 / ctx.bandwidth) * window * grad, None
 
 
 class JumpReLUSAE(SparseAutoencoder):
@@ -85,9 +89,25 @@ class JumpReLUSAE(SparseAutoencoder):
 
     def training_loss(self, x: torch.Tensor, context: StepContext):
         pre = self.pre_activations(x)
-        threshold, bandwidth = self.log_threshold.exp(), float(self.params["bandwidth"])
+        threshold, bandwidth = self.log_threshold.exp().expand_as(pre), float(self.params["bandwidth"])
         codes = _JumpReLU.apply(pre, threshold, bandwidth)
         error = x - (codes @ self.W_dec + self.b_pre)
         mse = error.pow(2).sum() / batch_variance(x)
         l0 = _Step.apply(pre, threshold, bandwidth).sum(dim=1).mean()
         return mse + float(self.params["l0_coef"]) * l0, {"mse": mse, "l0": l0}, codes
+
+    def training_step(self, x: torch.Tensor, context: StepContext) -> StepOutput:
+        """The loss on the support pre > θ − ε/2 (``support_kernels``)."""
+        return support_step(self, x, context)
+
+    def support_loss(self, batch: SupportBatch, context: StepContext):
+        """``training_loss`` on R = {pre > θ − ε/2}: z and H are 0 below θ, and the
+        rectangle kernel 0 below θ − ε/2."""
+        bandwidth = float(self.params["bandwidth"])
+        support = Support.from_mask(batch.pre > self.log_threshold.detach().exp() - bandwidth / 2)
+        pre = batch.gather(support)
+        threshold = self.log_threshold.exp()[support.cols]
+        codes = _JumpReLU.apply(pre, threshold, bandwidth)
+        mse = batch.error(codes, support).pow(2).sum() / batch.variance
+        l0 = _Step.apply(pre, threshold, bandwidth).sum() / len(batch.x)
+        return mse + float(self.params["l0_coef"]) * l0, {"mse": mse, "l0": l0}, support, codes

@@ -9,7 +9,8 @@ be lowered by shrinking z and growing W_dec (the decoder is not constrained to u
 it is measured in units of the batch's RMS input norm √(V/B), so λ does not depend on the
 activations' scale. λ(t) rises linearly from 0 to λ over the first ``l1_warmup`` share of
 the budget (Anthropic: 5%). Decoder rows start with norm 0.1, the encoder tied to them.
-L0 is an outcome, not a setting: a frontier needs several λ per n.
+L0 is an outcome, not a setting: a frontier needs several λ per n. The training step is
+``support_kernels.support_step`` on the support pre > 0.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from saesweep.sae.base import Parameter, SparseAutoencoder, StepContext, batch_variance, rms_norm
+from saesweep.sae.base import Parameter, SparseAutoencoder, StepContext, StepOutput, batch_variance, rms_norm
+from saesweep.sae.support_kernels import Support, SupportBatch, support_step
 
 
 class ReLUSAE(SparseAutoencoder):
@@ -50,3 +52,17 @@ class ReLUSAE(SparseAutoencoder):
         mse = error.pow(2).sum() / variance
         l1 = (codes @ self.W_dec.norm(dim=1)).mean() / rms_norm(variance, len(x))
         return mse + self.penalty_weight(context.progress) * l1, {"mse": mse, "l1": l1}, codes
+
+    def training_step(self, x: torch.Tensor, context: StepContext) -> StepOutput:
+        """The loss on the support pre > 0 (``support_kernels``)."""
+        return support_step(self, x, context)
+
+    def support_loss(self, batch: SupportBatch, context: StepContext):
+        """``training_loss`` on R = {pre > 0}, where z = pre: the L1 term is
+        Σ_i ‖W_dec[i]‖ Σ_{(b,i)∈R} z_bi, one sum per latent."""
+        support = Support.from_mask(batch.pre > 0)
+        codes = batch.gather(support)
+        mse = batch.error(codes, support).pow(2).sum() / batch.variance
+        per_latent = codes.new_zeros(self.n).index_add(0, support.cols, codes)
+        l1 = (per_latent @ self.W_dec.norm(dim=1)) / len(batch.x) / rms_norm(batch.variance, len(batch.x))
+        return mse + self.penalty_weight(context.progress) * l1, {"mse": mse, "l1": l1}, support, codes
