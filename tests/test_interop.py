@@ -36,7 +36,7 @@ from saesweep.plan.settings import (
     import_settings,
 )
 from saesweep.sae.export import load_sae
-from saesweep.sae.external import export_cells, import_external
+from saesweep.interop.stages import export_cells, import_external
 from saesweep.sae.registry import ARCHITECTURES, resolve_params
 from saesweep.train.trainer import train_cell
 

@@ -73,14 +73,14 @@ def stage_evaluate(args: argparse.Namespace) -> None:
 
 def stage_export(args: argparse.Namespace) -> None:
     from saesweep.plan.config import load_config
-    from saesweep.sae.external import export_cells
+    from saesweep.interop.stages import export_cells
 
     for folder in export_cells(load_config(args.config), [Path(p) for p in args.cells], args.format, Path(args.out)):
         print(f"{folder}: {args.format} folder", file=sys.stderr)
 
 
 def stage_import(args: argparse.Namespace) -> None:
-    from saesweep.sae.external import import_external
+    from saesweep.interop.stages import import_external
 
     cfg = import_external(load_settings(args.settings), Path(args.out))
     print(f"{args.out}: {cfg['external']['arch']}, d={cfg['d']}, n={cfg['n_latents']}", file=sys.stderr)

@@ -31,7 +31,7 @@ def cell_row(cell_folder: Path, metrics_path: Path) -> dict[str, Any]:
     """The scalar metrics of ``metrics.json`` (nested dicts flattened with ``_``, lists
     left out), the training facts of ``cfg.json`` and the provenance; ``curve`` is the cell's
     setting without its architecture (``k32``, ``l0.3``: the cells of one line over n) and
-    ``sparsity`` the value of its architecture's sparsity knob. An external SAE (``sae.external``)
+    ``sparsity`` the value of its architecture's sparsity knob. An external SAE (``interop.stages``)
     has its name as setting and curve, the source as ``external_source``, and no training
     facts, sparsity knob (unless it reported k) or seed."""
     metrics = read_json(metrics_path, "cell metrics")

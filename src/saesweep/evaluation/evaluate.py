@@ -267,7 +267,7 @@ def evaluate_cell(settings: dict[str, Any], cell_folder: Path, output: Path) -> 
     metrics.update(ablation_metrics(sae, downstream, latents[: settings["ablation_latents"]], settings["ablation_windows"]))
 
     metrics.update({
-        # an external SAE's arch says where it came from (saelens-jumprelu), see sae.external
+        # an external SAE's arch says where it came from (saelens-jumprelu), see interop.stages
         "site": cfg["site"], "arch": cfg["external"]["arch"] if "external" in cfg else cfg["arch"],
         "n_latents": sae.n, **cfg["params"], "seed": cfg["seed"],
         "setting": settings["setting"], "sparsity_parameter": sae.knob().name,

@@ -9,7 +9,7 @@ A folder holds ``cfg.json`` and ``sae_weights.safetensors`` with ``W_enc`` (d_in
     gated     b_gate, r_mag, b_mag  z = 1[h_gate > 0] ⊙ ReLU((a − b_dec)(W_enc ⊙ exp(r_mag)) + b_mag),
                                     h_gate = (a − b_dec) W_enc + b_gate
 
-and â = z W_dec + b_dec: the families of ``sae.interop`` with the matrices transposed.
+and â = z W_dec + b_dec: the families of ``interop.raw_form`` with the matrices transposed.
 Writing needs no SAELens; reading uses SAELens' own loader (imported only there: it is slow
 to import), so every variant it converts (pre-6 configs, ``rescale_acts_by_decoder_norm``,
 ``apply_b_dec_to_input: false``) arrives as the same four rules.
@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from saesweep import __version__
 from saesweep.core.errors import UserError
 from saesweep.core.files import atomic_path, read_json, write_json
-from saesweep.sae.interop import RawSAE, without_input_bias
+from saesweep.interop.raw_form import RawSAE, without_input_bias
 
 CFG = "cfg.json"
 WEIGHTS = "sae_weights.safetensors"

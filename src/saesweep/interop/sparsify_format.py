@@ -7,7 +7,7 @@ and ``b_dec`` (d). Its rule is
 
     pre = encoder.weight (a − b_dec) + encoder.bias,   z = TopK_k(ReLU(pre)),   â = W_dec z + b_dec,
 
-the ``topk`` family of ``sae.interop`` (TopK of ReLU and ReLU of TopK keep the same values).
+the ``topk`` family of ``interop.raw_form`` (TopK of ReLU and ReLU of TopK keep the same values).
 sparsify has no metadata fields, so the model, hook and data go to ``metadata.json`` beside
 ``cfg.json``. Writing needs no sparsify; reading uses its own loader (imported only there).
 """
@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from saesweep.core.errors import UserError
 from saesweep.core.files import atomic_path, read_json, write_json
-from saesweep.sae.interop import RawSAE
+from saesweep.interop.raw_form import RawSAE
 
 CFG = "cfg.json"
 WEIGHTS = "sae.safetensors"
@@ -32,7 +32,7 @@ METADATA = "metadata.json"
 def write_sparsify(raw: RawSAE, folder: Path, metadata: dict[str, Any]) -> None:
     """Write ``raw`` (a ``topk`` SAE) as a sparsify folder: weights, then ``metadata.json``
     and ``cfg.json`` (each atomically). ``normalize_decoder`` is false: the folded decoder
-    rows have the norm s of saesweep's normalisation (``sae.interop``), not 1. ``multi_topk``
+    rows have the norm s of saesweep's normalisation (``interop.raw_form``), not 1. ``multi_topk``
     is false even for a Multi-TopK cell: with it, sparsify's forward returns the reconstruction
     from 4k latents instead of k (the metadata names the architecture)."""
     tensors = {"encoder.weight": raw.W_enc, "encoder.bias": raw.b_enc, "W_dec": raw.W_dec, "b_dec": raw.b_dec}

@@ -1,7 +1,7 @@
 """Exchanging SAEs with other tools: a trained cell out to SAELens or sparsify
 (``export_cells``), an SAE from either into saesweep's own format (``import_external``), so
 the unchanged evaluation stage reads it. Both go through the raw-space form of
-``sae.interop``; the file formats are ``sae.saelens_format`` and ``sae.sparsify_format``.
+``interop.raw_form``; the file formats are ``interop.saelens_format`` and ``interop.sparsify_format``.
 
 An imported SAE's ``cfg.json`` has ``arch`` (saesweep's architecture with the same inference
 rule, which loads it), only the parameters the other tool reported (k), μ = 0 and s = 1, no
@@ -20,9 +20,9 @@ from saesweep.core.errors import UserError
 from saesweep.core.files import read_json
 from saesweep.core.provenance import provenance
 from saesweep.plan.settings import interop_metadata
-from saesweep.sae import saelens_format, sparsify_format
+from saesweep.interop import saelens_format, sparsify_format
 from saesweep.sae.export import load_sae, save_sae
-from saesweep.sae.interop import RawSAE, finite, raw_form, to_saesweep
+from saesweep.interop.raw_form import RawSAE, finite, raw_form, to_saesweep
 
 FORMATS = ("saelens", "sparsify")
 

@@ -1,7 +1,7 @@
 """Saving and loading a trained SAE: ``sae.safetensors`` (weights and normalisation
 buffers) and ``cfg.json`` (architecture, parameters, sizes, recipe, provenance). The
 architecture is found by its name in ``cfg.json``, so any registered one loads. An SAE
-imported from another tool (``sae.external``) has an ``external`` block in ``cfg.json``
+imported from another tool (``interop.stages``) has an ``external`` block in ``cfg.json``
 and only the parameters that tool reported (its training coefficients are unknown)."""
 
 from __future__ import annotations

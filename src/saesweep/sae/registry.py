@@ -33,7 +33,7 @@ def architecture(name: str, key: str = "arch") -> type[SparseAutoencoder]:
 def resolve_params(name: str, given: dict[str, Any], key: str, complete: bool = True) -> dict[str, Any]:
     """Every parameter of architecture ``name``: ``given`` checked (unknown names and bad
     values name ``key`` and list the valid parameters), the rest from the defaults. With
-    ``complete=False`` (an SAE trained elsewhere, see ``sae.interop``) a parameter that has no
+    ``complete=False`` (an SAE trained elsewhere, see ``interop.raw_form``) a parameter that has no
     default and is not given is None: unknown, as a training coefficient of another tool is."""
     cls = architecture(name, key)
     declared = {parameter.name: parameter for parameter in cls.all_arch_parameters()}

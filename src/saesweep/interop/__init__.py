@@ -1,0 +1,1 @@
+"""Other tools' SAEs: the raw-space form, SAELens and sparsify folders, the export and import stages."""
