@@ -29,7 +29,7 @@ from saesweep.data.activations import ActivationStore, extract, shard_name, writ
 from saesweep.data.corpus import prepare_corpus
 from saesweep.evaluation.evaluate import evaluate_cell
 from saesweep.plan.cells import make_cell
-from saesweep.plan.config import validate_config
+from saesweep.plan.config import load_schema, validate_config
 from saesweep.plan.settings import activation_dir, corpus_dir, eval_settings, extraction_settings, train_settings
 from saesweep.sae import support_kernels
 from saesweep.sae.base import StepContext
@@ -238,6 +238,8 @@ def test_evaluation_of_a_tiny_cell_is_in_range(name: str, tiny_run, tmp_path) ->
     assert 0 <= metrics["l0"] <= 64 and 0 <= metrics["dead_fraction"] <= 1
     assert abs(metrics["delta_lm_loss_error_added"]) < 1e-4
     assert metrics["ce_clean"] > 0 and metrics["kl_sae"] >= 0
+    fittable = load_schema()["properties"]["scaling"]["properties"]["metrics"]["items"]["enum"]
+    assert all(isinstance(metrics[metric], float) for metric in fittable)  # scaling.metrics' names exist
     for key in ("probe_loss", "explain_precision", "explain_recall", "ablation_sparsity"):
         value = metrics[key]
         assert math.isnan(value) or value >= 0, key

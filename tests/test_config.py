@@ -96,6 +96,7 @@ def test_defaults_are_filled_without_touching_given_values() -> None:
         ({"model.dtype": "float64"}, "model.dtype"),
         ({"run": "bad name/with slash"}, "run"),
         ({"train.tokens.min": 5000, "train.tokens.max": 100}, "train.tokens.max"),
+        ({"scaling.metrics": ["nmse", "not_a_column"]}, "scaling.metrics[1]"),
     ],
 )
 def test_bad_values_name_their_key(overrides, key) -> None:
