@@ -11,7 +11,7 @@ import pytest
 
 from conftest import REPO, tiny_config
 from saesweep.core.sites import parse_site
-from saesweep.plan.cells import Cell, make_cell, parse_cell, sweep_cells
+from saesweep.plan.cells import make_cell, parse_cell, sweep_cells
 from saesweep.plan.config import (
     check_sites_against_model,
     dead_window,

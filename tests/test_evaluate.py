@@ -7,8 +7,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from saesweep.evaluation.evaluate import Downstream, downstream_metrics, k_transfer_values, reconstruction_metrics
-from saesweep.data.lm import load_lm
+from saesweep.evaluation.evaluate import (
+    Downstream,
+    ablation_metrics,
+    dense_codes,
+    downstream_metrics,
+    k_transfer_values,
+    reconstruction_metrics,
+    spliced_logits,
+)
+from saesweep.data.lm import capture_sites, load_lm
 from saesweep.sae.topk import TopKSAE
 
 
@@ -70,3 +78,36 @@ def test_reconstruction_metrics_of_an_exact_sae() -> None:
 def test_k_transfer_values_are_distinct_and_within_bounds() -> None:
     assert k_transfer_values(32, 100, [0.5, 1, 2, 4]) == [16, 32, 64, 99]
     assert k_transfer_values(1, 8, [0.5, 1]) == [1]
+
+
+def test_ablation_scores_every_sampled_latent_at_one_position(downstream: Downstream) -> None:
+    """Every sampled latent fires in the windows, so every one is scored (none dropped); the
+    score is in (0, 1]; sampling more latents narrows the interval of the mean."""
+    lm, windows, skip = downstream.lm, downstream.windows[:2], downstream.skip
+    d = lm.config.hidden_size
+    sae = exact_sae(d)
+    activations = capture_sites(lm, windows, ["resid1"])["resid1"][:, skip:].float().reshape(-1, d)
+    codes = dense_codes(sae, activations)
+    few = ablation_metrics(sae, lm, "resid1", windows, skip, codes, count=4, seed=0)
+    many = ablation_metrics(sae, lm, "resid1", windows, skip, codes, count=24, seed=0)
+    assert few["ablation_sparsity_count"] == 4 and many["ablation_sparsity_count"] == 24
+    assert 0 < few["ablation_sparsity"] <= 1 and 0 < many["ablation_sparsity"] <= 1
+    assert many["ablation_sparsity_se"] < few["ablation_sparsity_se"]
+
+
+def test_ablation_of_one_position_changes_nothing_before_it(downstream: Downstream) -> None:
+    """The spliced forward is causal: removing a latent at position p of a window leaves the
+    logits before p as they are, so only positions from p on carry the ablation's effect."""
+    lm, skip = downstream.lm, downstream.skip
+    ids = downstream.windows[:1]
+    position = 7
+
+    def without_first_latent(a: torch.Tensor) -> torch.Tensor:
+        out = a.clone()
+        out[0, position, 0] = 0.0
+        return out
+
+    base = spliced_logits(lm, "resid1", ids, skip, lambda a: a)
+    ablated = spliced_logits(lm, "resid1", ids, skip, without_first_latent)
+    assert torch.equal(ablated[0, : skip + position], base[0, : skip + position])
+    assert not torch.equal(ablated[0, skip + position :], base[0, skip + position :])

@@ -108,12 +108,38 @@ def test_next_token_ce_and_kl():
     assert M.next_token_kl(logits, logits) == pytest.approx(0.0, abs=1e-6)
 
 
+def test_ablation_sparsity_ignores_a_shift_of_all_logits():
+    """Adding one constant to every logit of a position changes no probability: the median
+    subtraction removes it, so a shift alone scores nan and a shift plus one moved logit
+    scores like the moved logit alone."""
+    T, V = 3, 50
+    shift = torch.arange(T, dtype=torch.float64)[:, None].expand(T, V).clone()
+    assert math.isnan(M.ablation_sparsity(shift))
+    one = torch.zeros(T, V, dtype=torch.float64)
+    one[1, 7] = 2.0
+    assert M.ablation_sparsity(shift + one) == pytest.approx(M.ablation_sparsity(one))
+
+
+def test_standard_error_shrinks_as_more_are_sampled():
+    mean, se = M.mean_and_standard_error([1.0, 3.0, float("nan")])
+    assert mean == 2.0 and se == pytest.approx(math.sqrt(2.0) / math.sqrt(2))
+    assert math.isnan(M.mean_and_standard_error([1.0])[1]) and math.isnan(M.mean_and_standard_error([])[0])
+    g = _gen(3)
+    draws = torch.rand(4096, generator=g).tolist()
+    errors = [M.mean_and_standard_error(draws[:m])[1] for m in (16, 256, 4096)]
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] == pytest.approx(math.sqrt(1 / 12 / 4096), rel=0.1)  # uniform: σ² = 1/12
+
+
 def test_ablation_sparsity_range():
-    T, V = 4, 10
+    T, V = 4, 11
     one = torch.zeros(T, V)
     one[2, 3] = -5.0
     assert M.ablation_sparsity(one) == pytest.approx(1 / (T * V))
-    assert M.ablation_sparsity(torch.full((T, V), 0.3)) == pytest.approx(1.0)
+    alike = torch.full((T, V), 0.3)
+    alike[:, : V // 2] = -0.3
+    alike[:, V // 2] = 0.0  # the median: every other logit moves by the same amount
+    assert M.ablation_sparsity(alike) == pytest.approx((V - 1) / V)
     dense = torch.randn(T, V, generator=_gen(3))
     assert 1 / (T * V) < M.ablation_sparsity(dense) < 1.0
     assert math.isnan(M.ablation_sparsity(torch.zeros(T, V)))
@@ -152,16 +178,29 @@ def test_probe_on_random_labels_is_near_label_entropy():
     loss, _ = M.best_latent_probe_loss(values, labels)
     h = M.label_entropy(labels[1500:])
     assert h - 0.02 < loss < h + 0.01
-    losses = M.probe_losses(values, labels)
+    losses = M.probe_losses(values, labels).test
     assert losses.shape == (60,) and bool((losses > h - 0.02).all())
+
+
+def test_probe_latent_is_chosen_on_the_training_half():
+    """With labels no latent predicts, the smallest held-out loss of 300 latents lies below
+    the label entropy (chosen on the data it is measured on: optimistic); the latent chosen by
+    its training loss reports its own held-out loss, which does not."""
+    values, g = _latents(2000, 300, 0)
+    labels = torch.rand(2000, generator=g) < 0.4
+    losses = M.probe_losses(values, labels)
+    h = M.label_entropy(labels[1000:])
+    loss, j = M.best_latent_probe_loss(values, labels)
+    assert j == int(losses.train.argmin()) and loss == losses.test[j].item()
+    assert losses.test.min().item() < h < loss
 
 
 def test_probe_constant_latents_and_chunking():
     values, g = _latents(600, 40, 6)
     values[:, :5] = 0.0  # dead latents: the probe is the training base rate
     labels = torch.rand(600, generator=g) < 0.5
-    full = M.probe_losses(values, labels)
-    chunked = M.probe_losses(values, labels, chunk_elements=300 * 7)  # 7 columns per chunk
+    full = M.probe_losses(values, labels).test
+    chunked = M.probe_losses(values, labels, chunk_elements=300 * 7).test  # 7 columns per chunk
     assert torch.allclose(full, chunked)
     p = labels[:300].double().mean()
     y = labels[300:].double()

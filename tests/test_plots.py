@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from saesweep.analysis import plots
+from saesweep.analysis.plots import INTERPRETABILITY
 from saesweep.analysis.aggregate import with_curves
 from saesweep.analysis.scaling import fit_scaling_laws
 
@@ -172,14 +173,20 @@ def test_interpretability(cells: pd.DataFrame, tmp_path: Path) -> None:
         explain_recall=rng.uniform(0, 1, len(cells)),
         ablation_sparsity=rng.uniform(0, 1, len(cells)),
     )
+    # probe loss falls with n, far beyond its intervals; the other metrics are noise with wide ones
+    full["probe_loss"] = 1.0 / full["n_latents"]
+    for metric in INTERPRETABILITY:
+        full[f"{metric}_se"] = 1e-6 if metric == "probe_loss" else 0.5
     text = check_written(
         plots.plot_interpretability(full, tmp_path / "interp", TITLE),
         "probe loss (nats, mean over tasks)",
-        "N2G explanation precision",
-        "N2G explanation recall",
+        "n-gram explanation precision",
+        "n-gram explanation recall",
         "ablation sparsity (lower: sparser effect)",
         "resid.9 · topk",
+        "trend in n (95%)", ": falls", ": not resolved",
     )
+    assert ": rises" not in text
     assert "no probe_loss" not in text
     partial = check_written(plots.plot_interpretability(full.drop(columns="probe_loss"), tmp_path / "p", TITLE))
     assert "no probe_loss in the table" in partial and "no explain_recall" not in partial

@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import LogLocator, ScalarFormatter
 
+from saesweep.analysis.intervals import point_intervals, trend_across_n
 from saesweep.analysis.scaling import find_group, predict
 
 LABELS = {
@@ -37,8 +38,8 @@ LABELS = {
     "tokens": "training tokens",
     "k_test": "latents kept at test time k′",
     "probe_loss": "probe loss (nats, mean over tasks)",
-    "explain_precision": "N2G explanation precision",
-    "explain_recall": "N2G explanation recall",
+    "explain_precision": "n-gram explanation precision",
+    "explain_recall": "n-gram explanation recall",
     "ablation_sparsity": "ablation sparsity (lower: sparser effect)",
 }
 INTERPRETABILITY = ("probe_loss", "explain_precision", "explain_recall", "ablation_sparsity")
@@ -350,9 +351,29 @@ def plot_dead_fraction(cells: pd.DataFrame, stem: str | Path, title: str) -> lis
     return _save(fig, stem)
 
 
+def _interval_lines(ax: Axes, rows: pd.DataFrame, metric: str) -> None:
+    """``metric`` against n (log scale), one line per curve, with 95% intervals over the
+    sampled units and seeds (``intervals.point_intervals``); each curve's legend entry says
+    whether its change across n is resolved (``intervals.trend_across_n``)."""
+    points = point_intervals(rows, metric)
+    curves = [curve for curve in _curves(rows) if curve in set(points["curve"])]
+    colours = _colours(curves)
+    for curve in curves:
+        p = points[points["curve"] == curve]
+        ax.errorbar(p["n_latents"], p["mean"], yerr=p["half_width"], fmt="o-", ms=4, capsize=2,
+                    color=colours[curve], label=f"{curve}: {trend_across_n(p)}")
+    ax.set_xscale("log")
+    _integer_ticks(ax, sorted(rows["n_latents"].unique()))
+    ax.set_xlabel(_label("n_latents", log=True))
+    ax.set_ylabel(_label(metric))
+    ax.grid(True, alpha=0.25)
+    ax.legend(fontsize=8, title="trend in n (95%)", title_fontsize=8)
+
+
 def plot_interpretability(cells: pd.DataFrame, stem: str | Path, title: str) -> list[Path]:
-    """Probe loss, N2G precision and recall, and ablation sparsity against n, one line per k;
-    one row of four panels per (site, arch) group. Metrics missing from the table are noted."""
+    """Probe loss, n-gram precision and recall, and ablation sparsity against n, one line per
+    curve with 95% intervals; one row of four panels per (site, arch) group. Metrics missing
+    from the table are noted."""
     groups = _groups(cells)
     rows_count = max(len(groups), 1)
     fig = Figure(figsize=(4.6 * len(INTERPRETABILITY), 4.0 * rows_count), layout="constrained")
@@ -363,7 +384,7 @@ def plot_interpretability(cells: pd.DataFrame, stem: str | Path, title: str) -> 
         for ax, metric in zip(axes, INTERPRETABILITY):
             ax.set_title(f"{site} · {arch}", fontsize=10)
             if metric in rows and rows[metric].notna().any():
-                _lines_per_curve(ax, rows, metric)
+                _interval_lines(ax, rows, metric)
             else:
                 ax.set_xlabel(_label("n_latents", log=True))
                 ax.set_ylabel(_label(metric))

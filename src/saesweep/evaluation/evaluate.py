@@ -10,7 +10,11 @@ architecture interface; the definitions live in ``metrics``.
   (ΔLM loss, CE recovered against zero ablation, KL score), and by â + (a − â) as a
   built-in check that must give ΔLM ≈ 0;
 - probe loss of the best single latent on automatically labelled token tasks;
-- N2G-style explainability and ablation sparsity on seeded samples of live latents.
+- n-gram explanations (precision, recall) and ablation sparsity on seeded samples of live
+  latents.
+
+Each of the last three is a mean over sampled units (tasks, latents) and comes with its
+standard error over them (``{metric}_se``) and the number of units (``{metric}_count``).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from saesweep.evaluation.metrics import (
     ce_loss_recovered,
     kl_score,
     label_entropy,
+    mean_and_standard_error,
     next_token_ce_sum,
     next_token_kl_sum,
 )
@@ -80,6 +85,26 @@ def reconstruction_metrics(
     }
 
 
+@torch.no_grad()
+def spliced_logits(
+    lm: torch.nn.Module, site: str, windows: torch.Tensor, skip: int,
+    replace: Callable[[torch.Tensor], torch.Tensor] | None,
+) -> torch.Tensor:
+    """Logits (float32, CPU) of token ``windows`` (W, C) with the site's output at positions
+    ≥ ``skip`` replaced by ``replace`` of it (float32 (W, C − skip, d)); unchanged for None."""
+    ids = windows.to(next(lm.parameters()).device)
+    if replace is None:
+        return lm(input_ids=ids, use_cache=False).logits.float().cpu()
+
+    def replace_kept(output: torch.Tensor) -> torch.Tensor:
+        output = output.clone()
+        output[:, skip:] = replace(output[:, skip:].float()).to(output.dtype)
+        return output
+
+    with spliced(lm, site, replace_kept):
+        return lm(input_ids=ids, use_cache=False).logits.float().cpu()
+
+
 class Downstream:
     """Next-token losses of the LM on held-out windows with a site's output replaced."""
 
@@ -91,17 +116,7 @@ class Downstream:
 
     def logits(self, start: int, replace: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
         """Logits of windows[start : start + batch], float32 on the CPU."""
-        ids = self.windows[start : start + self.batch].to(next(self.lm.parameters()).device)
-        if replace is None:
-            return self.lm(input_ids=ids, use_cache=False).logits.float().cpu()
-
-        def replace_kept(output: torch.Tensor) -> torch.Tensor:
-            output = output.clone()
-            output[:, self.skip :] = replace(output[:, self.skip :].float()).to(output.dtype)
-            return output
-
-        with spliced(self.lm, self.site, replace_kept):
-            return self.lm(input_ids=ids, use_cache=False).logits.float().cpu()
+        return spliced_logits(self.lm, self.site, self.windows[start : start + self.batch], self.skip, replace)
 
     @torch.no_grad()
     def losses(self, replace: Callable[[torch.Tensor], torch.Tensor] | None) -> tuple[float, float]:
@@ -171,20 +186,23 @@ def probe_candidates(codes: torch.Tensor, labels: torch.Tensor, count: int) -> t
 
 
 def probe_metrics(codes: torch.Tensor, token_strings: list[list[str]], candidates: int) -> dict[str, Any]:
-    """Best single-latent probe loss per task on the held-out half of the tokens, among the
-    ``candidates`` latents best correlated with the task; its label entropy for reference;
-    and the mean over the tasks whose labels have both classes."""
+    """Per task, the held-out loss of the single-latent probe whose latent has the lowest
+    training loss, among the ``candidates`` latents best correlated with the task on the
+    training half (``metrics.best_latent_probe_loss``), beside the held-out label entropy;
+    a task counts only when both classes occur in each half. ``probe_loss`` is the mean
+    over the counted tasks, with its standard error over them."""
     labels = label_tokens(token_strings)
     per_task: dict[str, dict[str, float]] = {}
     for task, label in labels.items():
         target = torch.from_numpy(label.reshape(-1))
-        if target.all() or not target.any():
+        half = len(target) // 2
+        if not all(part.any() and not part.all() for part in (target[:half], target[half:])):
             continue
         chosen = codes[:, probe_candidates(codes, target, candidates)]
         loss, _ = best_latent_probe_loss(chosen, target)
-        per_task[task] = {"loss": loss, "label_entropy": label_entropy(target[len(target) // 2 :])}
-    losses = [entry["loss"] for entry in per_task.values()]
-    return {"probe_loss": float(np.mean(losses)) if losses else math.nan, "probe_tasks": per_task}
+        per_task[task] = {"loss": loss, "label_entropy": label_entropy(target[half:])}
+    mean, se = mean_and_standard_error([entry["loss"] for entry in per_task.values()])
+    return {"probe_loss": mean, "probe_loss_se": se, "probe_loss_count": len(per_task), "probe_tasks": per_task}
 
 
 def sample_live_latents(codes: torch.Tensor, count: int, seed: int) -> torch.Tensor:
@@ -195,42 +213,58 @@ def sample_live_latents(codes: torch.Tensor, count: int, seed: int) -> torch.Ten
 
 
 def explain_metrics(codes: torch.Tensor, windows: torch.Tensor) -> dict[str, Any]:
-    """N2G-style precision/recall of the latents whose values ``codes`` (T, m) holds, with
-    T = windows × their length: explained on the first half of the windows, scored on the second."""
+    """n-gram explanations (``explain.explainability``) of the latents whose values ``codes``
+    (T, m) holds, with T = windows × their length: explained on the first half of the
+    windows, scored on the second; means over the scored latents with standard errors."""
     if codes.shape[1] == 0 or len(windows) < 2:
-        return {"explain_precision": math.nan, "explain_recall": math.nan, "explain_latents": 0}
-    codes = codes.reshape(len(windows), windows.shape[1], codes.shape[1])
-    half = len(windows) // 2
-    result = explainability(windows[:half], codes[:half], windows[half:], codes[half:])
-    return {
-        "explain_precision": result["mean_precision"],
-        "explain_recall": result["mean_recall"],
-        "explain_latents": result["n_scored"],
-    }
+        precision = recall = torch.empty(0)
+    else:
+        codes = codes.reshape(len(windows), windows.shape[1], codes.shape[1])
+        half = len(windows) // 2
+        result = explainability(windows[:half], codes[:half], windows[half:], codes[half:])
+        precision, recall = result["precision"], result["recall"]
+    out: dict[str, Any] = {}
+    for name, values in (("explain_precision", precision), ("explain_recall", recall)):
+        out[name], out[f"{name}_se"] = mean_and_standard_error(values.tolist())
+        out[f"{name}_count"] = int(values.isfinite().sum())
+    return out
 
 
-def ablation_metrics(sae: SparseAutoencoder, downstream: Downstream, latents: torch.Tensor, windows: int) -> dict[str, Any]:
-    """Mean over sampled latents of the ablation sparsity of the logit change when latent
-    i is removed from the spliced reconstruction, on the first ``windows`` windows."""
-    if len(latents) == 0:
-        return {"ablation_sparsity": math.nan}
-    first = Downstream(downstream.lm, downstream.site, downstream.windows[:windows], downstream.skip, windows)
-    base = first.logits(0, reconstructor(sae))
+def ablation_metrics(
+    sae: SparseAutoencoder, lm: torch.nn.Module, site: str, windows: torch.Tensor, skip: int,
+    codes: torch.Tensor, count: int, seed: int,
+) -> dict[str, Any]:
+    """Ablation sparsity (``metrics.ablation_sparsity``) of up to ``count`` latents sampled
+    (seeded) among those that fire in the held-out token ``windows`` (W, C), whose codes at
+    the kept positions are the first W · (C − skip) rows of ``codes``: each is removed from
+    the SAE reconstruction at one seeded position where it fires, and the logit change
+    against the unablated reconstruction is taken at that position and every later one of
+    its window (the ones the ablation can reach). Mean over the latents, with its standard
+    error."""
+    width = windows.shape[1] - skip
+    fires = codes[: len(windows) * width].reshape(-1, width, codes.shape[1]) > 0
+    latents = sample_live_latents(fires.flatten(0, 1).float(), count, seed)
+    generator = torch.Generator().manual_seed(seed)
+    reconstruct = reconstructor(sae)
+    unablated: dict[int, torch.Tensor] = {}
     scores = []
     for latent in latents.tolist():
+        where = fires[:, :, latent].nonzero()
+        window, position = where[torch.randint(len(where), (1,), generator=generator).item()].tolist()
+        ids = windows[window : window + 1]
+        if window not in unablated:
+            unablated[window] = spliced_logits(lm, site, ids, skip, reconstruct)
 
-        def without_latent(a: torch.Tensor, latent: int = latent) -> torch.Tensor:
-            flat = a.reshape(-1, a.shape[-1])
-            codes = sae.encode(sae.normalise(flat)).to_dense()
-            codes[:, latent] = 0.0
-            return sae.denormalise(sae.decode(codes)).reshape(a.shape)
+        def without_latent(a: torch.Tensor, latent: int = latent, position: int = position) -> torch.Tensor:
+            out = reconstruct(a)
+            value = sae.encode(sae.normalise(a[0, position : position + 1])).to_dense()[0, latent]
+            out[0, position] -= value * sae.W_dec[latent] * sae.act_scale
+            return out
 
-        delta = first.logits(0, without_latent) - base
-        kept = delta[:, downstream.skip :].reshape(-1, delta.shape[-1])
-        score = ablation_sparsity(kept)
-        if not math.isnan(score):
-            scores.append(score)
-    return {"ablation_sparsity": float(np.mean(scores)) if scores else math.nan}
+        ablated = spliced_logits(lm, site, ids, skip, without_latent)
+        scores.append(ablation_sparsity((ablated - unablated[window])[0, skip + position :]))
+    mean, se = mean_and_standard_error(scores)
+    return {"ablation_sparsity": mean, "ablation_sparsity_se": se, "ablation_sparsity_count": sum(map(math.isfinite, scores))}
 
 
 def evaluate_cell(settings: dict[str, Any], cell_folder: Path, output: Path) -> dict[str, Any]:
@@ -264,7 +298,8 @@ def evaluate_cell(settings: dict[str, Any], cell_folder: Path, output: Path) -> 
     metrics.update(probe_metrics(codes, strings, settings["probe_candidates"]))
     latents = sample_live_latents(codes, settings["explain_latents"], settings["seed"])
     metrics.update(explain_metrics(codes[:, latents], windows))
-    metrics.update(ablation_metrics(sae, downstream, latents[: settings["ablation_latents"]], settings["ablation_windows"]))
+    ablated = all_windows[: min(settings["ablation_windows"], len(windows))]
+    metrics.update(ablation_metrics(sae, lm, cfg["site"], ablated, skip, codes, settings["ablation_latents"], settings["seed"]))
 
     metrics.update({
         # an external SAE's arch says where it came from (saelens-jumprelu), see interop.stages

@@ -15,6 +15,7 @@ Cross-entropies and entropies are in nats.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -279,12 +280,33 @@ def next_token_kl(logits_ref: torch.Tensor, logits: torch.Tensor, mask: torch.Te
 
 
 def ablation_sparsity(delta_logits: torch.Tensor) -> float:
-    """Downstream sparsity of ablating one latent, for Δlogits of shape (T, V):
-    (‖Δ‖₁ / ‖Δ‖₂)² / (V·T), norms over all T·V entries. In [1/(V·T), 1]: 1/(V·T) when one
-    logit moves, 1 when all move equally; lower = sparser. nan if Δ = 0."""
+    """Downstream sparsity of ablating one latent at one token, for the logit changes Δ (T, V)
+    at that token and the T − 1 after it (Gao et al. 2024, §4.5): with each position's
+    median change over the vocabulary subtracted, Δ'_tv = Δ_tv − median_v Δ_tv (a shift of
+    all logits changes no probability),
+
+        (‖Δ'‖₁ / ‖Δ'‖₂)² / (V·T),   norms over all T·V entries.
+
+    In [1/(V·T), 1]: 1/(V·T) when one logit moves, 1 when all move alike (after the
+    median); lower = sparser. nan if Δ' = 0."""
     d = delta_logits.double()
+    d = d - d.median(dim=-1, keepdim=True).values
     l1, l2sq = d.abs().sum().item(), d.pow(2).sum().item()
     return _ratio(l1 * l1, l2sq) / d.numel() if d.numel() else NAN
+
+
+def mean_and_standard_error(values: Sequence[float]) -> tuple[float, float]:
+    """(mean, standard error s/√m) of the finite values among ``values``, s the sample
+    standard deviation (ddof 1): the interval of a metric averaged over m sampled latents
+    or tasks is mean ± 1.96·SE. nan for the mean without values, for the SE below 2."""
+    finite = [float(v) for v in values if math.isfinite(v)]
+    if not finite:
+        return NAN, NAN
+    mean = sum(finite) / len(finite)
+    if len(finite) < 2:
+        return mean, NAN
+    variance = sum((v - mean) ** 2 for v in finite) / (len(finite) - 1)
+    return mean, math.sqrt(variance / len(finite))
 
 
 # ----------------------------------------------------------------------------------
@@ -306,6 +328,13 @@ def _probe_objective(a: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch
     return (F.softplus(z) - y[:, None] * z).mean(dim=0)
 
 
+class ProbeLosses(NamedTuple):
+    """Per-latent probe losses (m,) on the training and the held-out split."""
+
+    train: torch.Tensor
+    test: torch.Tensor
+
+
 def probe_losses(
     latent_values: torch.Tensor,
     labels: torch.Tensor,
@@ -313,8 +342,8 @@ def probe_losses(
     iterations: int = 15,
     l2: float = 1e-4,
     chunk_elements: int = 1 << 24,
-) -> torch.Tensor:
-    """Held-out loss of a 1-D logistic probe on each latent: a tensor (m,) float64.
+) -> ProbeLosses:
+    """Training and held-out loss of a 1-D logistic probe on each latent: (m,) float64 each.
 
     Split (deterministic): the first ⌊train_fraction·T⌋ tokens train, the rest are held
     out (flatten windows in a fixed order; shuffle beforehand if the order is biased).
@@ -323,8 +352,8 @@ def probe_losses(
         mean_train BCE(p, y) + (l2 / 2) w²
     with ``iterations`` Newton steps from w = 0, b = logit(mean y_train), vectorised over
     latents (each step backtracks to the best of step sizes 1, 1/2, 1/4, 1/8 so the
-    objective never rises; the small l2 keeps w finite on separable data). The loss is
-    mean_test BCE = mean_t −[y ln p + (1 − y) ln(1 − p)], in nats.
+    objective never rises; the small l2 keeps w finite on separable data). The losses are
+    mean BCE = mean_t −[y ln p + (1 − y) ln(1 − p)] over each split, in nats.
     Columns are processed in chunks of ``chunk_elements`` // T_train; runs on the device of
     ``latent_values``, returns on the CPU."""
     if latent_values.dim() != 2 or labels.shape != latent_values.shape[:1]:
@@ -340,7 +369,7 @@ def probe_losses(
     steps = (1.0, 0.5, 0.25, 0.125)
     m = latent_values.shape[1]
     width = max(1, chunk_elements // max(n_train, 1))
-    out = torch.empty(m, dtype=torch.float64)
+    train_out, test_out = (torch.empty(m, dtype=torch.float64) for _ in range(2))
     for start in range(0, m, width):
         cols = latent_values[:, start : start + width].double()
         mu = cols[:n_train].mean(dim=0)
@@ -373,8 +402,9 @@ def probe_losses(
                 best_b = torch.where(better, cand_b, best_b)
                 best_obj = torch.where(better, cand, best_obj)
             w, b, objective = best_w, best_b, best_obj
-        out[start : start + c] = _probe_objective(a_test, y_test, w, b).cpu()
-    return out
+        train_out[start : start + c] = _probe_objective(a_train, y_train, w, b).cpu()
+        test_out[start : start + c] = _probe_objective(a_test, y_test, w, b).cpu()
+    return ProbeLosses(train_out, test_out)
 
 
 def best_latent_probe_loss(
@@ -384,11 +414,13 @@ def best_latent_probe_loss(
     iterations: int = 15,
     l2: float = 1e-4,
 ) -> tuple[float, int]:
-    """(min_j held-out probe loss of latent j, argmin j) for a dense (T, m) matrix of latent
-    values (all latents, or a chosen subset: j indexes its columns) and boolean labels (T,).
+    """(held-out probe loss of latent j, j) for the latent j with the lowest *training* loss,
+    for a dense (T, m) matrix of latent values (all latents, or a chosen subset: j indexes
+    its columns) and boolean labels (T,): the latent is chosen on the training split only, so
+    the reported loss is not selected on the data it is measured on.
 
     Probe and split as in ``probe_losses``. A latent that encodes the task gives a loss near
     0; when no latent helps the loss is near ``label_entropy`` of the labels."""
     losses = probe_losses(latent_values, labels, train_fraction, iterations, l2)
-    j = int(torch.argmin(losses).item())
-    return losses[j].item(), j
+    j = int(torch.argmin(losses.train).item())
+    return losses.test[j].item(), j
