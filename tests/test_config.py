@@ -221,6 +221,16 @@ def test_cell_names_of_every_architecture_name_the_knob_and_only_non_defaults() 
     assert set(names) < set(more)
 
 
+def test_an_architecture_may_have_its_own_dictionary_sizes() -> None:
+    """TopK over five sizes for its laws with a floor, ReLU at the sweep's two."""
+    grids = {"topk": {"k": [4], "n_latents": [32, 64, 128, 256, 512]}, "relu": {"l1_coef": [0.1]}}
+    cells = sweep_cells(validate_config(base_config(**{"sweep.k": None, "sweep.archs": grids})))
+    sizes = {arch: sorted(cell.n_latents for cell in cells if cell.arch == arch) for arch in grids}
+    assert sizes == {"topk": [32, 64, 128, 256, 512], "relu": [64, 256]}
+    with pytest.raises(UserError, match="sweep.archs.topk.n_latents"):
+        validate_config(base_config(**{"sweep.k": None, "sweep.archs": {"topk": {"k": [4], "n_latents": [1]}}}))
+
+
 def test_every_architecture_declares_distinct_tags_and_a_required_knob() -> None:
     for name, cls in ARCHITECTURES.items():
         tags = [parameter.tag for parameter in cls.all_arch_parameters()]

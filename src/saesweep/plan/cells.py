@@ -111,15 +111,17 @@ def arch_grids(sweep: dict[str, Any]) -> dict[str, dict[str, list[Any]]]:
 
 
 def sweep_cells(config: dict[str, Any]) -> list[Cell]:
-    """Every cell of the sweep: for each architecture, its grid × n_latents × seeds. Unknown
+    """Every cell of the sweep: for each architecture, its grid × n_latents × seeds, where an
+    architecture's own ``n_latents`` list in its grid replaces ``sweep.n_latents``. Unknown
     architectures or parameters, bad values and impossible cells (k ≥ n) name their key."""
     sweep = config["sweep"]
     cells = []
     for arch, grid in arch_grids(sweep).items():
         key = "config key " + ("sweep.k" if arch == "topk" and "k" in sweep else f"sweep.archs.{arch}")
+        sizes = grid.pop("n_latents", sweep["n_latents"])
         names = list(grid)
         for values in itertools.product(*(grid[name] for name in names)):
-            for n in sweep["n_latents"]:
+            for n in sizes:
                 for seed in sweep["seeds"]:
                     cell = make_cell(arch, n, dict(zip(names, values)), seed, key)
                     problem = architecture(arch).problem(n, cell.parameters)
