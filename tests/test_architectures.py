@@ -110,6 +110,22 @@ def test_training_step_runs_under_bf16_autocast(name: str) -> None:
         torch.testing.assert_close(got.grad, expected.grad, rtol=0.1, atol=0.1 * scale, msg=parameter_name)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_inference_form_is_a_registered_rule_with_the_same_codes(name: str) -> None:
+    """Other tools' files carry the inference rule: the family's own SAE, given this one's
+    maps and ``inference_extras``, encodes exactly as this one does."""
+    family = ARCHITECTURES[name].inference_family
+    if family is None:
+        pytest.skip(f"{name} has no form in other tools")
+    assert ARCHITECTURES[family].inference_family == family
+    sae = perturbed_sae(name)
+    twin = build_sae(family, sae.d, sae.n, resolve_params(family, {"k": getattr(sae, "k", 1)} if family == "topk" else {}, "test", complete=False)).double()
+    twin.load_state_dict(sae.state_dict(), strict=False)
+    twin.set_inference_extras(sae.inference_extras())
+    x = torch.randn(50, sae.d, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    assert torch.equal(twin.encode(x).to_dense(), sae.encode(x).to_dense())
+
+
 # --- a planted dictionary ----------------------------------------------------------------------
 
 

@@ -5,7 +5,8 @@ A raw-space SAE, in saesweep's orientation (``W_enc`` and ``W_dec`` both (n, d))
 
     pre = W_enc (a − b_dec) + b_enc,   z = f(pre),   â = W_dec z + b_dec
 
-with f one of four families: ``topk`` z = ReLU(TopK_k(pre)); ``relu`` z = ReLU(pre);
+with f one of four families (an architecture's ``inference_family``, whose extra tensors
+are its ``inference_extras``): ``topk`` z = ReLU(TopK_k(pre)); ``relu`` z = ReLU(pre);
 ``jumprelu`` z = ReLU(pre) ⊙ 1[pre > θ] (θ per latent); ``gated`` z = 1[pre > 0] ⊙
 ReLU(exp(r_mag) ⊙ (pre − b_enc) + b_mag) (``b_enc`` is the gate's bias).
 
@@ -31,18 +32,7 @@ import torch
 
 from saesweep.core.errors import UserError
 from saesweep.sae.base import SparseAutoencoder
-from saesweep.sae.registry import build_sae, resolve_params
-
-FAMILY = {
-    "topk": "topk",
-    "multitopk": "topk",
-    "batchtopk": "jumprelu",
-    "relu": "relu",
-    "jumprelu": "jumprelu",
-    "gated": "gated",
-}
-"""saesweep architecture → the family of its inference rule (the module docstring)."""
-
+from saesweep.sae.registry import ARCHITECTURES, build_sae, resolve_params
 
 @dataclass
 class RawSAE:
@@ -76,20 +66,12 @@ class RawSAE:
 def raw_form(sae: SparseAutoencoder, where: str) -> RawSAE:
     """The raw-space form of a saesweep SAE (normalisation folded, see the module
     docstring); an architecture without a family is a UserError naming ``where``."""
-    family = FAMILY.get(sae.name)
+    family = sae.inference_family
     if family is None:
-        raise UserError(f"{where}: architecture {sae.name} has no counterpart in other tools (known: {', '.join(FAMILY)})")
+        known = ", ".join(name for name, cls in ARCHITECTURES.items() if cls.inference_family)
+        raise UserError(f"{where}: architecture {sae.name} has no counterpart in other tools (known: {known})")
     s = sae.act_scale.double()
     W_enc, W_dec = sae.W_enc.double(), sae.W_dec.double()
-    extra: dict[str, torch.Tensor] = {}
-    if sae.name == "batchtopk":
-        # the inference rule's θ: NaN before any training step and negative values act as 0
-        theta = sae.get_buffer("threshold").nan_to_num(0.0).clamp_min(0.0)
-        extra["threshold"] = theta.expand(sae.n)
-    elif sae.name == "jumprelu":
-        extra["threshold"] = sae.get_parameter("log_threshold").exp()
-    elif sae.name == "gated":
-        extra.update(r_mag=sae.get_parameter("r_mag"), b_mag=sae.get_parameter("b_mag"))
     return RawSAE(
         family=family,
         W_enc=(W_enc / s).float().contiguous(),
@@ -97,15 +79,14 @@ def raw_form(sae: SparseAutoencoder, where: str) -> RawSAE:
         W_dec=(W_dec * s).float().contiguous(),
         b_dec=(sae.act_mean.double() + s * sae.b_pre.double()).float(),
         k=getattr(sae, "k", None) if family == "topk" else None,
-        extra={name: value.detach().float().contiguous().clone() for name, value in extra.items()},
+        extra={name: value.detach().float().contiguous().clone() for name, value in sae.inference_extras().items()},
     )
 
 
 @torch.no_grad()
 def to_saesweep(raw: RawSAE) -> tuple[SparseAutoencoder, dict[str, int]]:
     """(saesweep SAE with μ = 0, s = 1 computing the same function of raw activations,
-    the parameters it reports: k for ``topk``, none otherwise). JumpReLU's log θ is
-    log max(θ, 0): a threshold at or below 0 gates nothing ReLU does not, in both rules."""
+    the parameters it reports: k for ``topk``, none otherwise)."""
     reported = {"k": int(raw.k)} if raw.family == "topk" else {}
     params = resolve_params(raw.family, reported, "external SAE", complete=False)
     sae = build_sae(raw.family, raw.d, raw.n, params)
@@ -114,11 +95,7 @@ def to_saesweep(raw: RawSAE) -> tuple[SparseAutoencoder, dict[str, int]]:
     sae.W_dec.copy_(raw.W_dec)
     sae.b_pre.copy_(raw.b_dec)
     sae.set_normalisation(torch.zeros(raw.d), 1.0)
-    if raw.family == "jumprelu":
-        sae.get_parameter("log_threshold").copy_(raw.extra["threshold"].double().clamp_min(0.0).log())
-    elif raw.family == "gated":
-        sae.get_parameter("r_mag").copy_(raw.extra["r_mag"])
-        sae.get_parameter("b_mag").copy_(raw.extra["b_mag"])
+    sae.set_inference_extras(raw.extra)
     return sae.eval(), reported
 
 

@@ -125,6 +125,10 @@ class SparseAutoencoder(nn.Module):
     """Adam's (β₁, β₂) in this recipe."""
     k_override: ClassVar[bool] = False
     """Whether ``encode(x, k=…)`` can use another number of active latents than trained with."""
+    inference_family: ClassVar[str | None] = None
+    """The registered architecture whose inference rule this one's is (its own name for most;
+    BatchTopK's is JumpReLU's with one θ for every latent): the form other tools' files carry
+    (``interop``). None: no such form."""
     example: ClassVar[dict[str, Any]]
     """Parameters for the standard tests' planted dictionary (64 unit directions in d = 32,
     3 active per token with magnitudes in [1, 2]), a setting that reaches L0 ≈ 3 there."""
@@ -213,6 +217,15 @@ class SparseAutoencoder(nn.Module):
     def forward(self, x: torch.Tensor, k: int | None = None) -> torch.Tensor:
         """Reconstruction x̂ of normalised inputs x."""
         return self.decode(self.encode(x, k))
+
+    def inference_extras(self) -> dict[str, torch.Tensor]:
+        """The (n,) tensors of the inference rule beyond the shared maps and biases, under
+        ``inference_family``'s names (e.g. JumpReLU's ``threshold`` θ); none by default."""
+        return {}
+
+    @torch.no_grad()
+    def set_inference_extras(self, extras: dict[str, torch.Tensor]) -> None:
+        """The inverse of ``inference_extras`` for an SAE of the family itself."""
 
     # --- training ---------------------------------------------------------------------------
 

@@ -40,6 +40,7 @@ class BatchTopKSAE(SparseAutoencoder):
         Parameter("threshold_rate", "r", 0.01, "rate r of the threshold's moving average (SAELens: 0.01)"),
     )
     uses_auxk: ClassVar[bool] = True
+    inference_family: ClassVar[str] = "jumprelu"
     example: ClassVar[dict[str, Any]] = {"k": 3}
 
     def __init__(self, d: int, n: int, params: dict[str, Any]) -> None:
@@ -51,6 +52,11 @@ class BatchTopKSAE(SparseAutoencoder):
         """z = ReLU(pre) ⊙ 1[pre > θ] (θ = 0 before any training step)."""
         threshold = self.threshold.nan_to_num(0.0).clamp_min(0.0)
         return pre.relu() * (pre > threshold)
+
+    def inference_extras(self) -> dict[str, torch.Tensor]:
+        """JumpReLU's θ: this SAE's one threshold for every latent (NaN before any training
+        step, and negative values, act as 0 in ``activate``)."""
+        return {"threshold": self.threshold.nan_to_num(0.0).clamp_min(0.0).expand(self.n)}
 
     def batch_select(self, pre: torch.Tensor) -> torch.Tensor:
         """ReLU(pre) with all but the k·B largest entries of the batch set to 0 (dense)."""

@@ -37,6 +37,7 @@ class GatedSAE(SparseAutoencoder):
         Parameter("l1_coef", "l", None, "λ, the weight of the gate's L1 penalty"),
     )
     adam_betas: ClassVar[tuple[float, float]] = (0.0, 0.999)
+    inference_family: ClassVar[str] = "gated"
     example: ClassVar[dict[str, Any]] = {"l1_coef": 1.0}
 
     def __init__(self, d: int, n: int, params: dict[str, Any]) -> None:
@@ -58,6 +59,15 @@ class GatedSAE(SparseAutoencoder):
     def activate(self, pre: torch.Tensor, k: int | None = None) -> torch.Tensor:
         gate, magnitude = self.gate_and_magnitude(pre)
         return (gate > 0) * magnitude.relu()
+
+    def inference_extras(self) -> dict[str, torch.Tensor]:
+        """r_mag and b_mag (n,) each (b_enc is the gate's bias)."""
+        return {"r_mag": self.r_mag.detach(), "b_mag": self.b_mag.detach()}
+
+    @torch.no_grad()
+    def set_inference_extras(self, extras: dict[str, torch.Tensor]) -> None:
+        self.r_mag.copy_(extras["r_mag"])
+        self.b_mag.copy_(extras["b_mag"])
 
     def training_loss(self, x: torch.Tensor, context: StepContext):
         gate, magnitude = self.gate_and_magnitude(self.pre_activations(x))

@@ -73,6 +73,7 @@ class JumpReLUSAE(SparseAutoencoder):
         Parameter("threshold_init", "t", 0.01, "θ₀, every latent's initial threshold (SAELens: 0.01)"),
     )
     adam_betas: ClassVar[tuple[float, float]] = (0.0, 0.999)
+    inference_family: ClassVar[str] = "jumprelu"
     example: ClassVar[dict[str, Any]] = {"l0_coef": 0.1, "threshold_init": 0.3}
 
     def __init__(self, d: int, n: int, params: dict[str, Any]) -> None:
@@ -86,6 +87,16 @@ class JumpReLUSAE(SparseAutoencoder):
 
     def activate(self, pre: torch.Tensor, k: int | None = None) -> torch.Tensor:
         return pre * (pre > self.log_threshold.exp())
+
+    def inference_extras(self) -> dict[str, torch.Tensor]:
+        """θ (n,)."""
+        return {"threshold": self.log_threshold.detach().exp()}
+
+    @torch.no_grad()
+    def set_inference_extras(self, extras: dict[str, torch.Tensor]) -> None:
+        """log θ = log max(θ, 0): a threshold at or below 0 gates nothing that ReLU does not
+        (other tools' JumpReLU rectifies first), and θ = 0 does the same here."""
+        self.log_threshold.copy_(extras["threshold"].double().clamp_min(0.0).log())
 
     def training_loss(self, x: torch.Tensor, context: StepContext):
         pre = self.pre_activations(x)

@@ -34,6 +34,7 @@ class ReLUSAE(SparseAutoencoder):
     )
     unit_norm_decoder: ClassVar[bool] = False
     decoder_init_norm: ClassVar[float] = 0.1
+    inference_family: ClassVar[str] = "relu"
     example: ClassVar[dict[str, Any]] = {"l1_coef": 0.3}
 
     def activate(self, pre: torch.Tensor, k: int | None = None) -> torch.Tensor:

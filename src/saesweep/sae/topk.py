@@ -33,6 +33,7 @@ class TopKSAE(SparseAutoencoder):
     arch_parameters: ClassVar[tuple[Parameter, ...]] = (K,)
     uses_auxk: ClassVar[bool] = True
     k_override: ClassVar[bool] = True
+    inference_family: ClassVar[str] = "topk"
     example: ClassVar[dict[str, Any]] = {"k": 3}
 
     def __init__(self, d: int, n: int, params: dict[str, Any]) -> None:
