@@ -190,3 +190,19 @@ def test_interpretability(cells: pd.DataFrame, tmp_path: Path) -> None:
     assert "no probe_loss" not in text
     partial = check_written(plots.plot_interpretability(full.drop(columns="probe_loss"), tmp_path / "p", TITLE))
     assert "no probe_loss in the table" in partial and "no explain_recall" not in partial
+
+
+def test_compute_frontier(tmp_path: Path) -> None:
+    from test_compute import planted_logs
+
+    from saesweep.analysis.compute import fit_compute_frontiers
+
+    logs = planted_logs()
+    fits = {"compute_frontier": fit_compute_frontiers(logs, bootstrap=20)}
+    text = check_written(
+        plots.plot_compute_frontier(logs, fits, tmp_path / "compute", TITLE),
+        "resid1 · topk · k8", "frontier", "n=64", "n=2048", "·C^−0.", "law fitted to the frontier",
+    )
+    assert "contradicted" not in text
+    empty = check_written(plots.plot_compute_frontier(logs, {"compute_frontier": {"groups": []}}, tmp_path / "e", TITLE))
+    assert "no curve with held-out points" in empty

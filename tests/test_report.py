@@ -47,6 +47,17 @@ def test_fit_table_has_one_row_per_law() -> None:
     assert len(absent) == 1 and absent.iloc[0]["status"] == "skipped" and "not in the cells table" in absent.iloc[0]["reason"]
 
 
+def test_compute_frontier_laws_are_rows_of_the_table() -> None:
+    from test_compute import planted_logs
+
+    from saesweep.analysis.compute import fit_compute_frontiers
+
+    fits = {"groups": [], "compute_frontier": fit_compute_frontiers(planted_logs(), bootstrap=10)}
+    table = fit_table(fits)
+    assert table["law"].tolist() == ["power_C", "floor_C"] and set(table["at"]) == {"k8: frontier in C"}
+    assert (table["metric"] == "heldout_nmse").all() and table["premise"].str.startswith("fall over C = ").all()
+
+
 def test_flagged_prediction_is_marked(tmp_path: Path) -> None:
     fits = copy.deepcopy(synthetic_fits())
     validation = fits["groups"][0]["metrics"]["nmse"]["vs_n"]["k32"]["power"]["validation"]

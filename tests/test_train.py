@@ -32,7 +32,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def extracted(tmp_path_factory, tiny_model, tiny_corpus) -> tuple[Path, Path, Path]:
-    """The tiny config's training activations (resid2, about 6000 tokens), extracted once."""
+    """The tiny config's training activations (resid2, about 6000 tokens) and held-out ones,
+    extracted once."""
     folder = tmp_path_factory.mktemp("train-data")
     before = torch.get_num_threads()
     with pytest.MonkeyPatch.context() as patch:
@@ -40,7 +41,8 @@ def extracted(tmp_path_factory, tiny_model, tiny_corpus) -> tuple[Path, Path, Pa
         torch.set_num_threads(1)
         config = validate_config(tiny_config(tiny_model, tiny_corpus))
         prepare_corpus(config["corpus"], Path(corpus_dir(config)))
-        extract(extraction_settings(config, "train", device="cpu"))
+        for split in ("train", "eval"):
+            extract(extraction_settings(config, split, device="cpu"))
     torch.set_num_threads(before)
     return folder, tiny_model, tiny_corpus
 
@@ -51,6 +53,7 @@ def cell_settings(extracted, cell: str, threads: int = 1, **overrides) -> dict:
     config = validate_config(tiny_config(model, corpus, **overrides))
     settings = train_settings(config, "resid2", cell)
     settings["activations"] = str(folder / activation_dir(config, "resid2", "train"))
+    settings["heldout"]["activations"] = str(folder / activation_dir(config, "resid2", "eval"))
     settings["threads"] = threads
     return settings
 
@@ -75,6 +78,14 @@ def test_loss_falls_and_outputs_are_complete(extracted, tmp_path) -> None:
     with torch.no_grad():
         nmse = (x - sae(x)).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
     assert nmse < 0.75 and nmse == pytest.approx(log.nmse.tail(5).mean(), abs=0.15)
+    # the held-out curve: one value after the first step at or past each of 12000 · 2^-j
+    curve = log[log.heldout_nmse.notna()]
+    assert curve.tokens.tolist() == [512, 768, 1536, 3072, 6144, 12000]
+    assert curve.heldout_nmse.iloc[-1] < 0.75 * curve.heldout_nmse.iloc[0]
+    heldout = sae.normalise(ActivationStore(settings["heldout"]["activations"]).head(settings["heldout"]["tokens"]))
+    with torch.no_grad():
+        expected = (heldout - sae(heldout)).pow(2).sum() / (heldout - heldout.mean(0)).pow(2).sum()
+    assert curve.heldout_nmse.iloc[-1] == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_nan_loss_stops_without_outputs(extracted, tmp_path) -> None:

@@ -103,13 +103,16 @@ def stage_fit(args: argparse.Namespace) -> None:
     import pandas as pd
 
     from saesweep.core.files import write_json
+    from saesweep.analysis.compute import fit_compute_frontiers
     from saesweep.analysis.scaling import fit_scaling_laws
 
     cells = pd.read_parquet(args.cells)
     missing = [metric for metric in args.metrics if metric not in cells.columns]
     if missing:
         raise UserError(f"config key scaling.metrics: {missing} are not columns of {args.cells}")
-    write_json(args.out, fit_scaling_laws(cells, args.metrics, bootstrap=args.bootstrap, seed=args.seed))
+    fits = fit_scaling_laws(cells, args.metrics, bootstrap=args.bootstrap, seed=args.seed)
+    fits["compute_frontier"] = fit_compute_frontiers(pd.read_parquet(args.logs), args.bootstrap, args.seed)
+    write_json(args.out, fits)
 
 
 def stage_plot(args: argparse.Namespace) -> None:
@@ -180,8 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = stage("merge", stage_merge, "merge the cells tables of several runs")
     sub.add_argument("--out", required=True)
     sub.add_argument("tables", nargs="+")
-    sub = stage("fit", stage_fit, "fit scaling laws with bootstrap intervals")
+    sub = stage("fit", stage_fit, "fit scaling laws and the compute frontier with bootstrap intervals")
     sub.add_argument("--cells", required=True)
+    sub.add_argument("--logs", required=True, help="the training logs (held-out curves) of the cells")
     sub.add_argument("--metrics", nargs="+", required=True)
     sub.add_argument("--bootstrap", type=int, default=200)
     sub.add_argument("--seed", type=int, default=0)

@@ -41,6 +41,7 @@ FIGURES = (
             "sparsity_frontier",
             "k_transfer",
             "interpretability",
+            "compute_frontier",
             "training_curves",
         )
     }

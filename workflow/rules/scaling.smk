@@ -22,7 +22,8 @@ rule aggregate:
 
 rule fit_laws:
     input:
-        rules.aggregate.output.table,
+        cells=rules.aggregate.output.table,
+        logs=rules.aggregate.output.logs,
     output:
         f"{RUN}/scaling/fits.json",
     log:
@@ -34,8 +35,8 @@ rule fit_laws:
         metrics=FIT_METRICS,
         bootstrap=config["scaling"]["bootstrap"],
     shell:
-        "OPENBLAS_NUM_THREADS={threads} saesweep fit --cells {input:q} --metrics {params.metrics:q} "
-        "--bootstrap {params.bootstrap} --out {output:q} > {log} 2>&1"
+        "OPENBLAS_NUM_THREADS={threads} saesweep fit --cells {input.cells:q} --logs {input.logs:q} "
+        "--metrics {params.metrics:q} --bootstrap {params.bootstrap} --out {output:q} > {log} 2>&1"
 
 
 rule plot_figures:

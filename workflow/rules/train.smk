@@ -19,6 +19,7 @@ rule train_cell:
     input:
         settings=f"{RUN}/cells/{{site}}/{{cell}}/train_settings.json",
         activations=f"{RUN}/activations/{{site}}/manifest.json",
+        heldout=f"{RUN}/activations/{{site}}-eval/manifest.json",
     output:
         weights=f"{RUN}/cells/{{site}}/{{cell}}/sae.safetensors",
         cfg=f"{RUN}/cells/{{site}}/{{cell}}/cfg.json",

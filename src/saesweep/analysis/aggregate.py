@@ -51,6 +51,7 @@ def cell_row(cell_folder: Path, metrics_path: Path) -> dict[str, Any]:
     row.update({
         "curve": external["name"] if external else metrics["setting"].split("-", 1)[1],
         "sparsity": metrics.get(metrics["sparsity_parameter"]),
+        "d": cfg["d"],
         **{column: training.get(key) for column, key in TRAINING_COLUMNS.items()},
         "model": cfg["model"],
         "revision": cfg.get("revision"),
@@ -75,7 +76,7 @@ def aggregate(run: str, metrics_paths: list[Path], table: Path, logs: Path) -> p
         if "external_source" in row:
             continue  # an external SAE was not trained here: no training log
         log = pd.read_parquet(folder / "train_log.parquet")
-        log_frames.append(log.assign(**{key: row[key] for key in KEY_COLUMNS}, curve=row["curve"], sparsity=row["sparsity"]))
+        log_frames.append(log.assign(**{key: row[key] for key in (*KEY_COLUMNS, "curve", "sparsity", "d")}))
     if not rows:
         raise UserError("no cell to aggregate")
     cells = pd.DataFrame(rows).sort_values(KEY_COLUMNS, ignore_index=True)

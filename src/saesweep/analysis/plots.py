@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import LogLocator, ScalarFormatter
 
+from saesweep.analysis.compute import FLOPS, MIN_SIZES, compute_points
 from saesweep.analysis.intervals import point_intervals, trend_across_n
 from saesweep.analysis.scaling import find_group, predict
 
@@ -37,6 +38,8 @@ LABELS = {
     "l0": "measured L0 (active latents per token)",
     "tokens": "training tokens",
     "k_test": "latents kept at test time k′",
+    "compute": f"training compute C = {FLOPS} (FLOPs)",
+    "heldout_nmse": "held-out normalised MSE during training",
     "probe_loss": "probe loss (nats, mean over tasks)",
     "explain_precision": "n-gram explanation precision",
     "explain_recall": "n-gram explanation recall",
@@ -368,6 +371,46 @@ def _interval_lines(ax: Axes, rows: pd.DataFrame, metric: str) -> None:
     ax.set_ylabel(_label(metric))
     ax.grid(True, alpha=0.25)
     ax.legend(fontsize=8, title="trend in n (95%)", title_fontsize=8)
+
+
+def plot_compute_frontier(logs: pd.DataFrame, fits: dict, stem: str | Path, title: str) -> list[Path]:
+    """Held-out normalised MSE against training compute C (log-log; ``compute``), one panel per
+    (site, arch, curve) with a frontier: every cell's held-out curve (colour: n), the frontier
+    points (black) and the law in C that AICc prefers with its 95% band (dotted, no band, when
+    it contradicts its premise)."""
+    groups = fits.get("compute_frontier", {}).get("groups", [])
+    fig, axes = _figure([(g["site"], f"{g['arch']} {g['curve']}") for g in groups], title)
+    points = compute_points(logs)
+    norm = _n_norm(points) if len(points) else None
+    cmap = mpl.colormaps["viridis"]
+    for ax, group in zip(axes, groups):
+        rows = points[(points["site"] == group["site"]) & (points["arch"] == group["arch"]) & (points["curve"] == group["curve"])]
+        for (n, _seed), curve in rows.groupby(["n_latents", "seed"]):
+            ax.plot(curve["compute"], curve["loss"], "o-", ms=3, lw=1, color=cmap(norm(n)), label=f"n={n}" if _seed == rows["seed"].min() else None)
+        edge = pd.DataFrame(group["frontier"])
+        ax.plot(edge["compute"], edge["loss"], "s", ms=5, mfc="none", color="black", label="frontier")
+        entry = _law_to_draw(group["laws"])
+        if entry is not None:
+            p, grid = entry["params"], np.asarray(entry["band"]["x"])
+            floor = f" + {p['c']:.2g}" if "c" in p else ""
+            label = f"{p['a']:.3g}·C^−{p['b']:.3g}{floor}"
+            if entry["status"] == "contradicted":
+                ax.plot(grid, predict(entry, n=grid), ":", color="black", label=f"{label}: contradicted")
+                _note(ax, [f"{entry['law']} contradicted: {entry['reason']}"])
+            else:
+                ax.plot(grid, predict(entry, n=grid), "-", color="black", lw=1.5, label=label)
+                band = [np.asarray(entry["band"][side], dtype=float) for side in ("lo", "hi")]
+                ax.fill_between(grid, *band, color="black", alpha=0.15, lw=0)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(f"{group['site']} · {group['arch']} · {group['curve']}", fontsize=10)
+        ax.set_xlabel(_label("compute", log=True))
+        ax.set_ylabel(_label("heldout_nmse", log=True))
+        ax.grid(True, which="both", alpha=0.25)
+        ax.legend(fontsize=7, title="law fitted to the frontier (band: 95%)", title_fontsize=7)
+    if not groups:
+        _note(axes[0], f"no curve with held-out points at {MIN_SIZES} or more dictionary sizes")
+    return _save(fig, stem)
 
 
 def plot_interpretability(cells: pd.DataFrame, stem: str | Path, title: str) -> list[Path]:

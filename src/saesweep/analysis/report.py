@@ -97,7 +97,7 @@ def fit_table(fits: dict) -> pd.DataFrame:
     """One row per law of a ``fit_scaling_laws`` result: L(n) at each k, L(k) at each n (pure
     power law and law with floor, each with the pair's AICc comparison) and the joint L(n, k),
     per (site, arch) group and metric; a metric that could not be fitted at all is one row with
-    its reason."""
+    its reason; then the laws in C of each compute frontier (``compute``), if any."""
     rows = []
     for group in fits["groups"]:
         site, arch = group["site"], group["arch"]
@@ -111,6 +111,11 @@ def fit_table(fits: dict) -> pd.DataFrame:
                         at = f"{prefix}{value}"  # vs_n: the curve (k32, l0.3); vs_k: the n
                         rows.append(_law_row(site, arch, metric, at, laws[form], _comparison(laws, form)))
             rows.append(_law_row(site, arch, metric, "all cells", fitted["joint"]))
+    for group in fits.get("compute_frontier", {}).get("groups", []):
+        laws = group["laws"]
+        for form in ("power", "floor"):
+            at = f"{group['curve']}: frontier in C"
+            rows.append(_law_row(group["site"], group["arch"], "heldout_nmse", at, laws[form], _comparison(laws, form)))
     return pd.DataFrame(rows, columns=FIT_COLUMNS).astype({"cells": "Int64", "AICc": float})
 
 

@@ -8,6 +8,8 @@ Laws, with n = number of latents and k = active latents per token:
     floor_k   L(k)    = a·k^(−b) + c,   c ≥ 0            (at fixed n)
     joint     L(n, k) = exp(α + β_k ln k + β_n ln n + γ ln k ln n) + exp(ζ + η ln k)
                                                          (Gao et al. 2024, eq. for GPT-4)
+    power_C   L(C)    = a·C^(−b),   floor_C  L(C) = a·C^(−b) + c
+                                                         (C: training compute, ``compute``)
 
 Fitting (Hoffmann et al. 2022, approach 3): every law is written as
 log L = logaddexp(X_u·θ_u, X_v·θ_v) (the floor term X_v·θ_v is absent for pure power
@@ -109,7 +111,7 @@ class Law:
     formula: str
     param_names: tuple[str, ...]
     log_params: tuple[str, ...]
-    x: str  # "n", "k" or "n,k"
+    x: str  # "n", "k", "n,k" or "C" (held in the n column of the cells)
     floor: bool
 
 
@@ -120,6 +122,8 @@ LAWS: dict[str, Law] = {
         Law("floor_n", "L(n) = a * n^(-b) + c", ("a", "b", "c"), ("a", "c"), "n", True),
         Law("power_k", "L(k) = a * k^(-b)", ("a", "b"), ("a",), "k", False),
         Law("floor_k", "L(k) = a * k^(-b) + c", ("a", "b", "c"), ("a", "c"), "k", True),
+        Law("power_C", "L(C) = a * C^(-b)", ("a", "b"), ("a",), "C", False),
+        Law("floor_C", "L(C) = a * C^(-b) + c", ("a", "b", "c"), ("a", "c"), "C", True),
         Law(
             "joint",
             "L(n, k) = exp(alpha + beta_k*ln(k) + beta_n*ln(n) + gamma*ln(k)*ln(n)) + exp(zeta + eta*ln(k))",
@@ -138,7 +142,7 @@ def _design(law: Law, n: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndar
     one = np.ones_like(ln)
     if law.x == "n,k":
         return np.column_stack([one, lk, ln, lk * ln]), np.column_stack([one, lk])
-    lx = ln if law.x == "n" else lk
+    lx = lk if law.x == "k" else ln
     return np.column_stack([one, -lx]), (one[:, None] if law.floor else None)
 
 
@@ -279,6 +283,7 @@ def _premise(law: Law, theta: np.ndarray, nk: np.ndarray) -> tuple[dict, str | N
     """The premise checks of the module docstring for a fit ``theta`` to cells ``nk``: the
     ``premise`` record of its entry and, when a check fails, the reason in words (else None)."""
     ranges = {"n": (int(nk[:, 0].min()), int(nk[:, 0].max())), "k": (int(nk[:, 1].min()), int(nk[:, 1].max()))}
+    ranges["C"] = ranges["n"]
     nn, kk = np.meshgrid(*(np.geomspace(*ranges[v], BAND_POINTS) for v in ("n", "k")))  # rows: k, columns: n
     log_l = _log_predict(theta, *_design(law, nn.ravel(), kk.ravel()))[0].reshape(nn.shape)
     variables = law.x.split(",")
@@ -286,7 +291,7 @@ def _premise(law: Law, theta: np.ndarray, nk: np.ndarray) -> tuple[dict, str | N
     record: dict = {"statement": statement, "falls_with": {}}
     reasons = []
     for v in variables:
-        lines = log_l if v == "n" else log_l.T  # each row: L̂ along v at one value of the other variable
+        lines = log_l.T if v == "k" else log_l  # each row: L̂ along v at one value of the other variable
         rises = bool(np.any(np.diff(lines, axis=1) > 0))
         fall = float(np.expm1(lines[:, 0] - lines[:, -1]).min())
         record["falls_with"][v] = {"rises": rises, "fall": _num(fall), "range": list(ranges[v])}
@@ -432,7 +437,7 @@ def _fit_entry(
         entry["std"] = {p: _num(s) for p, s in zip(law.param_names, boot.std(axis=0, ddof=1))}
     entry["ci95"] = {p: [_num(a), _num(b)] for p, a, b in zip(law.param_names, lo, hi)}
     if law.x != "n,k":
-        col = 0 if law.x == "n" else 1
+        col = 1 if law.x == "k" else 0
         grid = np.geomspace(nk[:, col].min(), nk[:, col].max(), BAND_POINTS)
         xu, xv = _design(law, grid, grid)
         log_mean, jac = _log_predict(fit.theta, xu, xv)
@@ -545,6 +550,17 @@ def fit_scaling_laws(cells: pd.DataFrame, metrics: Sequence[str], bootstrap: int
         fits = {m: _fit_metric(group, m, bootstrap, seed, str(site), str(arch)) for m in metrics}
         out["groups"].append({"site": str(site), "arch": str(arch), "metrics": fits})
     return out
+
+
+def fit_pair(variable: str, x: np.ndarray, y: np.ndarray, bootstrap: int, seed: int, *key: object) -> dict:
+    """The pure law and the law with floor in ``variable`` (e.g. ``C``) fitted to points
+    (x_i, y_i), one observation each (x integer-valued, distinct), with their comparison;
+    the bootstrap's generator depends on ``seed`` and ``key`` only."""
+    rng = _rng(seed, variable, *key)
+    table = pd.DataFrame({"n_latents": np.asarray(x, dtype=np.int64), "k": 1, "seed": 0, "y": y})
+    table["_ok"] = table["y"].gt(0) & table["y"].notna()
+    power, floor = (_fit_entry(LAWS[f"{form}_{variable}"], table, "y", {}, rng, bootstrap) for form in ("power", "floor"))
+    return {"power": power, "floor": floor, "comparison": _compare(power, floor)}
 
 
 def find_group(fits: dict, site: str, arch: str) -> dict | None:

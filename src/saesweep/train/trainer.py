@@ -9,6 +9,13 @@ W and decay over the last fraction f of a budget T:
     linearly (or as a half cosine) to 0 at T.
 A latent is dead when it has not fired (value > threshold) in the last ``window`` tokens.
 
+The held-out curve: after the first step at or past each of the token counts
+T·2^(−j), j = points − 1 … 0 (log-spaced, the last at the budget T), the normalised MSE on
+the first ``heldout.tokens`` held-out activations (as the evaluation defines it) is logged
+as ``heldout_nmse``, so that a sweep gives L(n, tokens) for the compute frontier. Points
+before the learning-rate decay are not what a run with that budget would reach (its decay
+would come earlier), so they lie above it.
+
 Checkpoints (weights, Adam state, counters, tokens seen, log, RNG state) are written
 atomically every ``checkpoint_every_tokens`` and on SIGTERM; a rerun resumes from the
 last one and, on CPU, ends with the same weights as an uninterrupted run.
@@ -31,6 +38,7 @@ from saesweep.core.errors import Interrupted, UserError
 from saesweep.sae.export import save_sae
 from saesweep.core.files import atomic_path
 from saesweep.data.loader import BatchStream
+from saesweep.evaluation.metrics import ReconstructionAccumulator
 from saesweep.core.progress import Progress
 from saesweep.core.provenance import provenance
 from saesweep.sae.base import StepContext
@@ -53,6 +61,12 @@ def lr_at(settings: dict[str, Any], tokens: int) -> float:
         progress = (tokens - decay_start) / (budget - decay_start)
         factor *= 1 - progress if settings["decay"] == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
     return peak * factor
+
+
+def heldout_points(settings: dict[str, Any]) -> list[int]:
+    """The token counts T·2^(−j), j = points − 1 … 0, of the held-out curve (increasing, distinct)."""
+    budget, points = settings["tokens"], settings["heldout"]["points"]
+    return sorted({max(1, math.ceil(budget / 2**j)) for j in range(points)})
 
 
 def make_adam(parameters: Any, lr: float, eps: float, betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Adam:
@@ -81,6 +95,8 @@ class Trainer:
         self.log_rows: list[dict[str, float]] = []
         self.elapsed = 0.0
         self.hash = provenance(settings)["settings_hash"]
+        heldout = settings["heldout"]
+        self.heldout = ActivationStore(heldout["activations"]).head(heldout["tokens"]).to(self.device) if heldout["points"] else None
         if not self.resume():
             self.initialise()
 
@@ -141,6 +157,15 @@ class Trainer:
         """Latents that have not fired within the dead window."""
         return self.tokens_since_fired >= self.settings["dead"]["window_tokens"]
 
+    @torch.no_grad()
+    def heldout_nmse(self) -> float:
+        """Normalised MSE of the current SAE on the held-out sample (as in the evaluation)."""
+        accumulator = ReconstructionAccumulator()
+        for start in range(0, len(self.heldout), 4096):
+            x = self.sae.normalise(self.heldout[start : start + 4096])
+            accumulator.update(x, self.sae(x))
+        return accumulator.result()["normalised_mse"]
+
     def step(self, x: torch.Tensor) -> dict[str, float]:
         """One optimisation step on batch x; returns the step's loss parts."""
         settings = self.settings
@@ -182,6 +207,7 @@ class Trainer:
         progress = Progress(f"train {self.folder.name}", settings["tokens"], done=self.tokens_seen)
         next_log = (self.tokens_seen // settings["log_every_tokens"] + 1) * settings["log_every_tokens"]
         next_checkpoint = self.tokens_seen + settings["checkpoint_every_tokens"]
+        pending = [t for t in heldout_points(settings) if t > self.tokens_seen] if self.heldout is not None else []
         terminated: list[int] = []
         previous = signal.signal(signal.SIGTERM, lambda signum, _frame: terminated.append(signum))
         started = time.perf_counter() - self.elapsed
@@ -191,15 +217,20 @@ class Trainer:
                 parts = self.step(x)
                 window_tokens += len(x)
                 self.elapsed = time.perf_counter() - started
-                if self.tokens_seen >= next_log or self.tokens_seen >= settings["tokens"]:
-                    now = time.perf_counter()
-                    self.log_rows.append({
+                heldout_due = bool(pending) and self.tokens_seen >= pending[0]
+                if heldout_due or self.tokens_seen >= next_log or self.tokens_seen >= settings["tokens"]:
+                    row = {
                         "tokens": self.tokens_seen, "step": self.steps, **parts,
                         "dead_fraction": self.dead_mask().float().mean().item(),
-                        "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
-                    })
-                    window_tokens, window_start = 0, now
-                    next_log += settings["log_every_tokens"]
+                        "tokens_per_s": window_tokens / max(time.perf_counter() - window_start, 1e-9),
+                    }
+                    if heldout_due:
+                        row["heldout_nmse"] = self.heldout_nmse()
+                        pending = [t for t in pending if t > self.tokens_seen]
+                    self.log_rows.append(row)
+                    window_tokens, window_start = 0, time.perf_counter()
+                    if self.tokens_seen >= next_log:
+                        next_log += settings["log_every_tokens"]
                 progress.update(self.tokens_seen)
                 if self.tokens_seen >= next_checkpoint:
                     self.save_checkpoint()

@@ -1,0 +1,73 @@
+"""The compute-efficient frontier (Gao et al. 2024, Fig. 1): held-out loss against training
+compute, the best over dictionary sizes.
+
+Points: every row of the training logs with a held-out normalised MSE (the trainer's
+held-out curve) is a point (C, L) of its cell, with the training compute
+
+    C = 6 · (2·n·d) · tokens                   (FLOPs: 6 per parameter per token, the dense
+                                                convention, for the 2·n·d weights of W_enc, W_dec)
+
+— what a dense step costs; the sparse TopK step does less (about a third of it goes to the
+encoder product), the same factor for every n, so the frontier's shape and exponent do not
+depend on the convention. Frontier: per (site, arch, curve), the points that no point at
+smaller or equal C beats, i.e. with L below the L of every point of lower C (the lower
+envelope of the (C, L) cloud). Law: ``scaling.fit_pair`` fits L(C) = a·C^(−b) and
+L(C) = a·C^(−b) + c to the frontier points, with 95% intervals, and compares them by AICc.
+
+Points taken before the end of a run lie above what a run with that budget would reach: the
+learning rate decays over the last ``train.lr.decay_fraction`` of a run's own budget, so a
+point at half the budget has not had its decay. The frontier built from them is therefore
+conservative except at each run's last point.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from saesweep.analysis.scaling import fit_pair
+
+FLOPS = "6 * (2 * n_latents * d) * tokens"
+GROUP = ["site", "arch", "curve"]
+MIN_SIZES = 3  # a frontier over fewer dictionary sizes says little about the best n
+
+
+def compute_points(logs: pd.DataFrame) -> pd.DataFrame:
+    """(site, arch, curve, n_latents, seed, tokens, compute, loss) for every held-out point
+    of the training logs (the concatenated ``train_logs.parquet``)."""
+    if "heldout_nmse" not in logs.columns:
+        return pd.DataFrame(columns=[*GROUP, "n_latents", "seed", "tokens", "compute", "loss"])
+    rows = logs[logs["heldout_nmse"].notna()]
+    return pd.DataFrame({
+        **{column: rows[column] for column in [*GROUP, "n_latents", "seed", "tokens"]},
+        "compute": 6.0 * 2 * rows["n_latents"] * rows["d"] * rows["tokens"],
+        "loss": rows["heldout_nmse"],
+    }).reset_index(drop=True)
+
+
+def frontier(points: pd.DataFrame) -> pd.DataFrame:
+    """The points of one group that no point at smaller or equal compute beats (see the module
+    docstring), in increasing compute."""
+    ordered = points.sort_values(["compute", "loss"], kind="stable")
+    best_before = ordered["loss"].cummin().shift(fill_value=np.inf)
+    return ordered[ordered["loss"] < best_before].reset_index(drop=True)
+
+
+def fit_compute_frontiers(logs: pd.DataFrame, bootstrap: int, seed: int = 0) -> dict:
+    """Per (site, arch, curve) with at least ``MIN_SIZES`` dictionary sizes: its frontier
+    points and the laws in C fitted to them (``scaling.fit_pair``)."""
+    points = compute_points(logs)
+    groups = []
+    for (site, arch, curve), group in points.groupby(GROUP):
+        if group["n_latents"].nunique() < MIN_SIZES:
+            continue
+        edge = frontier(group)
+        groups.append({
+            "site": site, "arch": arch, "curve": curve,
+            "frontier": [
+                {"compute": float(c), "loss": float(l), "n_latents": int(n), "tokens": int(t)}
+                for c, l, n, t in edge[["compute", "loss", "n_latents", "tokens"]].itertuples(index=False)
+            ],
+            "laws": fit_pair("C", edge["compute"].round().to_numpy(), edge["loss"].to_numpy(), bootstrap, seed, site, arch, curve),
+        })
+    return {"flops": FLOPS, "min_sizes": MIN_SIZES, "groups": groups}
