@@ -39,10 +39,11 @@ from saesweep.evaluation.metrics import (
     best_latent_probe_loss,
     ce_loss_recovered,
     kl_score,
+    kl_sum_of_log_probs,
     label_entropy,
+    masked_log_probs,
     mean_and_standard_error,
-    next_token_ce_sum,
-    next_token_kl_sum,
+    next_token_ce_sum_of_log_probs,
 )
 from saesweep.core.provenance import provenance
 from saesweep.sae.base import SparseAutoencoder
@@ -112,7 +113,11 @@ class Downstream:
         self.lm, self.site, self.windows, self.skip, self.batch = lm, site, windows, skip, batch
         self.mask = torch.zeros(windows.shape, dtype=torch.bool)
         self.mask[:, skip:] = True
-        self.clean_logits = [self.logits(start, None) for start in range(0, len(windows), batch)]
+        # the clean log-probabilities at the kept positions, per batch: computed once
+        self.clean = [
+            masked_log_probs(self.logits(start, None), self.mask[start : start + batch])
+            for start in range(0, len(windows), batch)
+        ]
 
     def logits(self, start: int, replace: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
         """Logits of windows[start : start + batch], float32 on the CPU."""
@@ -124,10 +129,10 @@ class Downstream:
         ce = kl = 0.0
         count = kl_count = 0
         for index, start in enumerate(range(0, len(self.windows), self.batch)):
-            logits = self.clean_logits[index] if replace is None else self.logits(start, replace)
             ids, mask = self.windows[start : start + self.batch], self.mask[start : start + self.batch]
-            total, n = next_token_ce_sum(logits, ids, mask)
-            kl_total, kl_n = next_token_kl_sum(self.clean_logits[index], logits, mask)
+            log_probs = self.clean[index] if replace is None else masked_log_probs(self.logits(start, replace), mask)
+            total, n = next_token_ce_sum_of_log_probs(log_probs, ids, mask)
+            kl_total, kl_n = kl_sum_of_log_probs(self.clean[index], log_probs)
             ce, count, kl, kl_count = ce + total, count + n, kl + kl_total, kl_count + kl_n
         return ce / count, kl / kl_count
 

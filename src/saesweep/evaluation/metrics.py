@@ -234,6 +234,28 @@ def _positions(mask: torch.Tensor | None, shape: torch.Size) -> torch.Tensor:
     return mask.bool()
 
 
+def masked_log_probs(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """log softmax(logits[t]) (float32) at the positions t with mask[t], in row-major order:
+    shape (P, V) for logits (..., T, V) and mask (..., T) bool (None = all positions)."""
+    keep = _positions(mask, logits.shape[:-1]).to(logits.device)
+    return F.log_softmax(logits[keep].float(), dim=-1)
+
+
+def next_token_ce_sum_of_log_probs(
+    log_probs: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None = None
+) -> tuple[float, int]:
+    """``next_token_ce_sum`` from ``masked_log_probs(logits, mask)``: the positions t < T−1
+    among the masked ones, each scored on tokens[t+1]."""
+    keep = _positions(mask, tokens.shape)
+    has_target = torch.zeros_like(keep)
+    has_target[..., :-1] = True
+    targets = torch.zeros_like(tokens)
+    targets[..., :-1] = tokens[..., 1:]
+    scored = has_target[keep].to(log_probs.device)
+    picked = log_probs[scored].gather(-1, targets[keep].to(log_probs.device)[scored][:, None]).squeeze(-1)
+    return -picked.double().sum().item(), int(scored.sum().item())
+
+
 def next_token_ce_sum(
     logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None = None
 ) -> tuple[float, int]:
@@ -242,11 +264,9 @@ def next_token_ce_sum(
     logits (..., T, V), tokens (..., T), mask (..., T) bool over logit positions t (None =
     all); the last position has no target and never counts. Sums over batches then
     divide, to average over a stream."""
-    keep = _positions(mask, tokens.shape)[..., :-1].to(logits.device)
-    logp = F.log_softmax(logits[..., :-1, :][keep].float(), dim=-1)
-    targets = tokens[..., 1:][keep.to(tokens.device)].to(logp.device)
-    nll = -logp.gather(-1, targets[:, None]).squeeze(-1)
-    return nll.double().sum().item(), int(keep.sum().item())
+    keep = _positions(mask, tokens.shape).clone()
+    keep[..., -1] = False
+    return next_token_ce_sum_of_log_probs(masked_log_probs(logits, keep), tokens, keep)
 
 
 def next_token_ce(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> float:
@@ -254,6 +274,15 @@ def next_token_ce(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor
     (see ``next_token_ce_sum``); nan if no position counts."""
     total, count = next_token_ce_sum(logits, tokens, mask)
     return _ratio(total, count)
+
+
+def kl_sum_of_log_probs(log_probs_ref: torch.Tensor, log_probs: torch.Tensor) -> tuple[float, int]:
+    """(Σ_t KL(p_ref,t ‖ p_t), count) for log-probabilities (P, V) of the same P positions:
+    KL(p_ref ‖ p) = Σ_v p_ref(v) (log p_ref(v) − log p(v))."""
+    if log_probs_ref.shape != log_probs.shape:
+        raise ValueError(f"log-probability shapes differ: {tuple(log_probs_ref.shape)} vs {tuple(log_probs.shape)}")
+    kl = (log_probs_ref.exp() * (log_probs_ref - log_probs)).sum(dim=-1)
+    return kl.double().sum().item(), log_probs.shape[0]
 
 
 def next_token_kl_sum(
@@ -266,11 +295,7 @@ def next_token_kl_sum(
     included: no target is needed)."""
     if logits_ref.shape != logits.shape:
         raise ValueError(f"logit shapes differ: {tuple(logits_ref.shape)} vs {tuple(logits.shape)}")
-    keep = _positions(mask, logits.shape[:-1]).to(logits.device)
-    logp_ref = F.log_softmax(logits_ref[keep].float(), dim=-1)
-    logp = F.log_softmax(logits[keep].float(), dim=-1)
-    kl = (logp_ref.exp() * (logp_ref - logp)).sum(dim=-1)
-    return kl.double().sum().item(), int(keep.sum().item())
+    return kl_sum_of_log_probs(masked_log_probs(logits_ref, mask), masked_log_probs(logits, mask))
 
 
 def next_token_kl(logits_ref: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor | None = None) -> float:
@@ -289,8 +314,8 @@ def ablation_sparsity(delta_logits: torch.Tensor) -> float:
 
     In [1/(V·T), 1]: 1/(V·T) when one logit moves, 1 when all move alike (after the
     median); lower = sparser. nan if Δ' = 0."""
-    d = delta_logits.double()
-    d = d - d.median(dim=-1, keepdim=True).values
+    d = delta_logits - delta_logits.median(dim=-1, keepdim=True).values
+    d = d.double()
     l1, l2sq = d.abs().sum().item(), d.pow(2).sum().item()
     return _ratio(l1 * l1, l2sq) / d.numel() if d.numel() else NAN
 
