@@ -102,8 +102,17 @@ def test_fits_and_figures_exist_with_content(sweep: Path) -> None:
         # the law a·n^(−b) contains every constant (b = 0): it fits at least as well as one
         constant = np.abs(log_observed - np.median(log_observed)).sum()
         assert np.abs(log_fitted - log_observed).sum() <= constant + 1e-6
+    # every cell's held-out curve has its six points; each curve over three sizes has a frontier
+    logs = pd.read_parquet(sweep / "results/tiny/scaling/train_logs.parquet")
+    assert (logs[logs.heldout_nmse.notna()].groupby(["arch", "setting", "n_latents"]).size() == 6).all()
+    frontiers = {(g["arch"], g["curve"]): g for g in fits["compute_frontier"]["groups"]}
+    assert set(frontiers) == {("topk", "k4"), ("topk", "k16"), ("relu", "l0.1"), ("relu", "l1")}
+    for group in frontiers.values():
+        edge = pd.DataFrame(group["frontier"])
+        assert edge.compute.is_monotonic_increasing and edge.loss.is_monotonic_decreasing
+        assert group["laws"]["power"]["status"] in ("ok", "contradicted", "skipped")
     for name in ("nmse_vs_n", "delta_lm_loss_vs_n", "training_curves", "frontier", "k_transfer",
-                 "k_transfer_delta_lm_loss", "sparsity_frontier", "interpretability"):
+                 "k_transfer_delta_lm_loss", "sparsity_frontier", "interpretability", "compute_frontier"):
         assert (sweep / f"results/tiny/scaling/figures/{name}.png").stat().st_size > 10_000
         assert (sweep / f"results/tiny/scaling/figures/{name}.svg").exists()
 
@@ -112,13 +121,13 @@ def test_report_has_every_figure_the_fit_table_and_the_run_config(sweep: Path) -
     run_config = yaml.safe_load((sweep / "results/tiny/run_config.yaml").read_text())
     assert run_config["config"]["sweep"]["k"] == [4, 16] and run_config["provenance"]["config_hash"]
     fit_rows = pd.read_csv(sweep / "results/tiny/scaling/fits.csv")
-    assert set(fit_rows["metric"]) == {"nmse", "delta_lm_loss"} and "power_n" in set(fit_rows["law"])
+    assert set(fit_rows["metric"]) == {"nmse", "delta_lm_loss", "heldout_nmse"} and "power_n" in set(fit_rows["law"])
     snakemake(sweep, "--report", "report.html")
     page = (sweep / "report.html").read_text()
     comparison = pd.read_csv(sweep / "results/tiny/scaling/architectures.csv")
     assert set(comparison["arch"]) <= {"topk", "relu"} and set(comparison["metric"]) <= {"nmse", "delta_lm_loss"}
     for name in ("fits.html", "run_config.html", "architectures.html", "k_transfer.png", "sparsity_frontier.png",
-                 "interpretability.png", "nmse_joint.png"):
+                 "interpretability.png", "nmse_joint.png", "compute_frontier.png"):
         assert f"filename={name}" in page, name
 
 
