@@ -97,6 +97,9 @@ def test_defaults_are_filled_without_touching_given_values() -> None:
         ({"run": "bad name/with slash"}, "run"),
         ({"train.tokens.min": 5000, "train.tokens.max": 100}, "train.tokens.max"),
         ({"scaling.metrics": ["nmse", "not_a_column"]}, "scaling.metrics[1]"),
+        ({"evaluate.tokens": 3000}, "evaluate.tokens"),  # more than activations.eval_tokens
+        ({"evaluate.downstream_windows": 100}, "evaluate.downstream_windows"),
+        ({"evaluate.ablation_windows": 40}, "evaluate.ablation_windows"),
     ],
 )
 def test_bad_values_name_their_key(overrides, key) -> None:

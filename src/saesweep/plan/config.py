@@ -90,11 +90,33 @@ def check_cross_keys(config: dict[str, Any]) -> None:
             f"config key activations.skip_positions: {activations['skip_positions']} leaves no "
             f"position of a {activations['context']}-token window"
         )
+    check_evaluation_sizes(config)
     sweep_cells(config)  # architectures, their parameters and every cell's feasibility
     check_external(config)
     budget = config["train"]["tokens"]
     if budget["max"] is not None and budget["max"] < budget["min"]:
         raise UserError("config key train.tokens.max: smaller than train.tokens.min")
+
+
+def check_evaluation_sizes(config: dict[str, Any]) -> None:
+    """What the evaluation reads must fit in the held-out split it is given (else it would
+    silently use less): its tokens, and its windows of context − skip_positions kept tokens."""
+    activations, evaluate = config["activations"], config["evaluate"]
+    held_out = activations["eval_tokens"]
+    if evaluate["tokens"] > held_out:
+        raise UserError(f"config key evaluate.tokens: {evaluate['tokens']} is more than activations.eval_tokens ({held_out})")
+    kept = activations["context"] - activations["skip_positions"]
+    for key in ("downstream_windows", "analysis_windows"):
+        if evaluate[key] * kept > held_out:
+            raise UserError(
+                f"config key evaluate.{key}: {evaluate[key]} windows of {kept} kept tokens are more than "
+                f"activations.eval_tokens ({held_out})"
+            )
+    if evaluate["ablation_windows"] > evaluate["analysis_windows"]:
+        raise UserError(
+            f"config key evaluate.ablation_windows: {evaluate['ablation_windows']} is more than "
+            f"evaluate.analysis_windows ({evaluate['analysis_windows']}), among which the ablated latents are sampled"
+        )
 
 
 SOURCES = {"path": ("format",), "release": ("sae_id",), "hub": ("hookpoint",)}

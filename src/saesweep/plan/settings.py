@@ -88,7 +88,9 @@ def train_settings(config: dict[str, Any], site: str, cell_name: str) -> dict[st
         "geometric_median_sample": train["geometric_median_sample"],
         "checkpoint_every_tokens": train["checkpoint_every_tokens"],
         "log_every_tokens": train["log_every_tokens"],
-        "heldout": {**train["heldout"], "activations": activation_dir(config, site, "eval")},
+        "heldout": {
+            **train["heldout"], "tokens": config["evaluate"]["tokens"], "activations": activation_dir(config, site, "eval"),
+        },
         "device": train["device"],
         "autocast_bf16": train["autocast_bf16"],
     }
