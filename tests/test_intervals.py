@@ -7,7 +7,7 @@ import math
 import pandas as pd
 import pytest
 
-from saesweep.analysis.intervals import point_intervals, trend_across_n
+from saesweep.analysis.intervals import paired_trend, point_intervals, trend_across_n
 
 
 def table(means: dict[int, list[float]], se: float) -> pd.DataFrame:
@@ -40,3 +40,19 @@ def test_a_trend_needs_two_sizes_and_intervals() -> None:
     assert trend_across_n(point_intervals(table({512: [0.3]}, se=0.01), "probe_loss")) == "one n"
     no_se = table({512: [0.3], 2048: [0.1]}, se=float("nan"))
     assert trend_across_n(point_intervals(no_se, "probe_loss")) == "no interval"
+
+
+def test_paired_tasks_resolve_a_change_their_spread_hides() -> None:
+    """Ten tasks of very different difficulty, each 0.02 easier at the larger n: the intervals
+    of the means overlap (spread 0.1 between tasks), the paired differences resolve it."""
+    difficulty = [0.1 * task for task in range(10)]
+    rows = pd.DataFrame([
+        {"curve": "k8", "n_latents": n, "seed": 0, **{f"probe_tasks_t{t}_loss": d - (0.02 if n == 2048 else 0.0) for t, d in enumerate(difficulty)}}
+        for n in (512, 2048)
+    ])
+    units = rows.filter(like="probe_tasks_")
+    rows["probe_loss"] = units.mean(axis=1)
+    rows["probe_loss_se"] = units.std(axis=1) / math.sqrt(10)
+    assert trend_across_n(point_intervals(rows, "probe_loss")) == "not resolved"
+    assert paired_trend(rows, "probe_loss") == "falls"
+    assert paired_trend(rows, "explain_precision") is None

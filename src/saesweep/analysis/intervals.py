@@ -9,15 +9,24 @@ A cell's metric m comes with its standard error SE over its sampled units (colum
 — the sampling error of the units, or the spread between seeds where that is larger — and
 the interval is m̄ ± 1.96 · SE(m̄). A change between the smallest and the largest n of a curve,
 Δ = m̄(n_max) − m̄(n_min), is resolved when |Δ| > 1.96 · √(SE(n_min)² + SE(n_max)²).
+
+Where every cell measures the same units (the probe's token tasks, ``PAIRED_UNITS``), the
+change is judged on the paired differences instead: with Δ_u the change of unit u between
+the two sizes (seed means), over the m units measured at both, it is resolved when
+|mean Δ_u| > 1.96 · sd(Δ_u) / √m — the spread of difficulty between tasks cancels out of it.
+(The sampled latents of the n-gram and ablation metrics differ from cell to cell: unpaired.)
 """
 
 from __future__ import annotations
 
 import math
+import re
 
 import pandas as pd
 
 Z95 = 1.96
+PAIRED_UNITS = {"probe_loss": re.compile(r"^probe_tasks_(.+)_loss$")}
+"""Metric → the columns of its units, measured alike in every cell (the same tasks)."""
 
 
 def point_intervals(rows: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -33,6 +42,25 @@ def point_intervals(rows: pd.DataFrame, metric: str) -> pd.DataFrame:
         se = max((v for v in (sampling, seeds) if not math.isnan(v)), default=math.nan)
         out.append({"curve": curve, "n_latents": n, "mean": group[metric].mean(), "se": se, "half_width": Z95 * se})
     return pd.DataFrame(out, columns=["curve", "n_latents", "mean", "se", "half_width"])
+
+
+def paired_trend(rows: pd.DataFrame, metric: str) -> str | None:
+    """The trend of one curve's ``rows`` from the smallest to the largest n judged on paired
+    unit differences (module docstring), or None when ``metric`` has no paired units."""
+    pattern = PAIRED_UNITS.get(metric)
+    units = [column for column in rows.columns if pattern and pattern.match(column)]
+    if not units:
+        return None
+    sizes = sorted(rows["n_latents"].unique())
+    if len(sizes) < 2:
+        return "one n"
+    means = rows.groupby("n_latents")[units].mean()
+    change = (means.loc[sizes[-1]] - means.loc[sizes[0]]).dropna()
+    if len(change) < 2:
+        return "no interval"
+    if abs(change.mean()) <= Z95 * change.std() / math.sqrt(len(change)):
+        return "not resolved"
+    return "rises" if change.mean() > 0 else "falls"
 
 
 def trend_across_n(points: pd.DataFrame) -> str:

@@ -24,7 +24,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import LogLocator, ScalarFormatter
 
 from saesweep.analysis.compute import FLOPS, MIN_SIZES, compute_points
-from saesweep.analysis.intervals import point_intervals, trend_across_n
+from saesweep.analysis.intervals import paired_trend, point_intervals, trend_across_n
 from saesweep.analysis.scaling import find_group, predict
 
 LABELS = {
@@ -357,14 +357,16 @@ def plot_dead_fraction(cells: pd.DataFrame, stem: str | Path, title: str) -> lis
 def _interval_lines(ax: Axes, rows: pd.DataFrame, metric: str) -> None:
     """``metric`` against n (log scale), one line per curve, with 95% intervals over the
     sampled units and seeds (``intervals.point_intervals``); each curve's legend entry says
-    whether its change across n is resolved (``intervals.trend_across_n``)."""
+    whether its change across n is resolved (``intervals.paired_trend`` where the units are
+    the same in every cell, else ``intervals.trend_across_n``)."""
     points = point_intervals(rows, metric)
     curves = [curve for curve in _curves(rows) if curve in set(points["curve"])]
     colours = _colours(curves)
     for curve in curves:
         p = points[points["curve"] == curve]
+        trend = paired_trend(rows[rows["curve"] == curve], metric) or trend_across_n(p)
         ax.errorbar(p["n_latents"], p["mean"], yerr=p["half_width"], fmt="o-", ms=4, capsize=2,
-                    color=colours[curve], label=f"{curve}: {trend_across_n(p)}")
+                    color=colours[curve], label=f"{curve}: {trend}")
     ax.set_xscale("log")
     _integer_ticks(ax, sorted(rows["n_latents"].unique()))
     ax.set_xlabel(_label("n_latents", log=True))
