@@ -23,15 +23,14 @@ import argparse
 import contextlib
 import copy
 import io
-import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from peers import saelens_step, time_steps
 from saesweep.sae.topk_kernels import dense_reference_step, sparse_step
 from saesweep.sae.topk import TopKSAE
 from saesweep.train.trainer import make_adam
@@ -130,41 +129,7 @@ def build_sparsify(setup: Setup) -> Callable[[], object] | None:
 
 
 def build_saelens(setup: Setup) -> Callable[[], object] | None:
-    try:
-        from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
-        from sae_lens.saes.sae import TrainStepInput
-    except ImportError:
-        return None
-    config = TopKTrainingSAEConfig(
-        d_in=setup.d,
-        d_sae=setup.n,
-        k=setup.k,
-        dtype="float32",
-        device="cpu",
-        aux_loss_coefficient=setup.aux_coef,
-    )
-    sae = TopKTrainingSAE(config)
-    with torch.no_grad():
-        sae.W_enc.copy_(setup.sae.W_enc.t())
-        sae.b_enc.copy_(setup.sae.b_enc)
-        sae.W_dec.copy_(setup.sae.W_dec)
-        sae.b_dec.copy_(setup.sae.b_pre)
-    optimizer = adam(sae.parameters())
-    step_input = TrainStepInput(
-        sae_in=setup.x,
-        coefficients={},
-        dead_neuron_mask=setup.dead,
-        n_training_steps=0,
-        is_logging_step=False,
-    )
-
-    def step() -> object:  # SAETrainer._train_step without its firing statistics
-        sae.training_forward_pass(step_input).loss.backward()
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad()
-
-    return step
+    return saelens_step("topk", setup.sae, setup.x, setup.dead, setup.aux_coef, adam)
 
 
 OPTIMIZER_STEP = "Adam step"
@@ -244,25 +209,6 @@ def _shape_args(args: argparse.Namespace) -> list[str]:
         *("--k-aux", str(args.k_aux), "--aux-coef", str(args.aux_coef)),
         *("--dead-fraction", str(args.dead_fraction)),
     ]
-
-
-def time_steps(
-    steps: dict[str, Callable[[], object]], warmup: int, repeats: int
-) -> dict[str, float]:
-    """Median seconds per step. Rounds interleave the implementations; in a round each one
-    runs an untimed step, then the timed one, so that a timed step follows a step of the same
-    implementation (as in training: memory and allocator state as it leaves them)."""
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            step()
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
