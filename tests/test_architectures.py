@@ -245,6 +245,7 @@ def test_evaluation_of_a_tiny_cell_is_in_range(name: str, tiny_run, tmp_path) ->
     cell = make_cell(name, 64, {**ARCHITECTURES[name].example}, 0).name
     settings = train_settings(config, "resid2", cell)
     settings.update(activations=str(folder / activation_dir(config, "resid2", "train")), threads=1)
+    settings["heldout"]["activations"] = str(folder / activation_dir(config, "resid2", "eval"))
     train_cell(settings, tmp_path / cell)
     evaluation = eval_settings(config, "resid2", cell)
     evaluation["eval_activations"] = str(folder / activation_dir(config, "resid2", "eval"))
