@@ -24,6 +24,7 @@ initialisation hold half), the same formulas run as dense products over R scatte
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -75,9 +76,9 @@ class Support:
         rows = torch.arange(batch, device=indices.device).repeat_interleave(m)
         return cls.from_entries((batch, n), rows, sorted_cols.flatten())
 
-    @property
+    @cached_property
     def crow(self) -> torch.Tensor:
-        """CSR row pointers (B + 1,)."""
+        """CSR row pointers (B + 1,), computed once (every product of a step uses them)."""
         crow = torch.zeros(self.shape[0] + 1, dtype=torch.long, device=self.rows.device)
         crow[1:] = torch.bincount(self.rows, minlength=self.shape[0]).cumsum(0)
         return crow
