@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from saesweep.sae.base import StepContext, StepOutput, batch_variance
+from saesweep.sae.base import StepContext, StepOutput, auxk_normaliser, batch_variance
 
 if TYPE_CHECKING:
     from saesweep.sae.base import SparseAutoencoder
@@ -231,7 +231,8 @@ class SupportBatch:
         # large share of them, as it usually is
         support = Support.from_row_indices(positions, n_dead)
         codes = self.gather(support, dead, dead_pre).relu()
-        return (error.detach() - self.decode(codes, support, dead)).pow(2).sum() / self.variance
+        normaliser = auxk_normaliser(self.variance, error, context.aux_normaliser)
+        return (error.detach() - self.decode(codes, support, dead)).pow(2).sum() / normaliser
 
 
 def support_step(sae: SparseAutoencoder, x: torch.Tensor, context: StepContext) -> StepOutput:
