@@ -109,6 +109,27 @@ def test_joint_law_recovers_gpt4_parameters() -> None:
     assert entry["premise"]["falls_with"]["k"]["range"] == [ks[0], ks[-1]]
 
 
+def test_laws_in_k_use_the_cells_that_differ_only_in_k() -> None:
+    """Cells whose settings all carry another parameter (``k8-ax0``, the default sweep's AuxK
+    off) are one family and get their joint law; beside a smaller family (``k8-ti0`` at two k)
+    the larger one is fitted, and the smaller one's cells do not enter the laws in k."""
+    from saesweep.analysis.aggregate import with_curves
+    from saesweep.analysis.scaling import k_family
+
+    ns, ks = [2**e for e in range(9, 21)], [8, 16, 32, 64, 128]
+    cells = with_curves(make_cells(joint_law, ns=ns, ks=ks, seeds=1, noise=0.005, rng_seed=0))
+    tagged = cells.assign(curve=cells["curve"] + "-ax0")
+    entry = metric_fits(fit_scaling_laws(tagged, ["nmse"], bootstrap=10, seed=0))["joint"]
+    assert entry["status"] == "ok" and abs(entry["params"]["beta_k"] - GPT4["beta_k"]) < 0.05
+    other = tagged[tagged["k"] <= 16].assign(curve=lambda df: "k" + df["k"].astype(str) + "-ti0", nmse=9.0)
+    both = pd.concat([tagged, other])
+    assert set(k_family(both)["curve"]) == {f"k{k}-ax0" for k in ks}
+    assert set(k_family(pd.concat([cells, tagged]))["curve"]) == {f"k{k}" for k in ks}  # a tie: the shortest
+    assert k_family(both.assign(k=np.nan)).empty
+    mixed = metric_fits(fit_scaling_laws(both, ["nmse"], bootstrap=10, seed=0))
+    assert mixed["joint"]["params"] == pytest.approx(entry["params"])  # the 9.0 cells left out
+
+
 def test_joint_law_rising_with_k_is_contradicted() -> None:
     cells = make_cells(lambda n, k: 2.0 * n**-0.3 * k**0.2 + 0.01, seeds=1, noise=0.005)
     entry = metric_fits(fit_scaling_laws(cells, ["nmse"], bootstrap=0))["joint"]

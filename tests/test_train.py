@@ -215,7 +215,7 @@ def test_auxk_acts_only_on_dead_latents(extracted, tmp_path) -> None:
     overrides = {"train.dead.min_tokens": 1000, "train.dead.factor": 1, "train.log_every_tokens": 256}
     logs, dead = {}, {}
     for enabled in (True, False):
-        cell = "topk-n512-k2-ax0.03125-ka16-s0" if enabled else "topk-n512-k2-ka16-s0"  # α = 1/32 or 0 (off)
+        cell = "topk-n512-k2-ka16-s0" if enabled else "topk-n512-k2-ax0-ka16-s0"  # ax0: α = 0, AuxK off
         settings = cell_settings(extracted, cell, **overrides)
         train_cell(settings, tmp_path / str(enabled))
         logs[enabled] = read_log(tmp_path / str(enabled)).drop(columns=TIMING_COLUMNS)

@@ -26,7 +26,7 @@ from matplotlib.ticker import LogLocator, ScalarFormatter
 
 from saesweep.analysis.compute import FLOPS, MIN_SIZES, compute_points
 from saesweep.analysis.intervals import paired_trend, point_intervals, trend_across_n
-from saesweep.analysis.scaling import find_group, predict
+from saesweep.analysis.scaling import find_group, k_family, predict
 
 LABELS = {
     "nmse": "normalised MSE",
@@ -89,12 +89,6 @@ def _curves(rows: pd.DataFrame) -> list[str]:
     return list(dict.fromkeys(rows.sort_values(["sparsity", "curve"])["curve"]))
 
 
-def _k_only(rows: pd.DataFrame) -> pd.DataFrame:
-    """The rows whose setting is k alone (curve ``k32``): the cells a law in k is fitted to."""
-    with_k = rows[rows["k"].notna()]
-    return with_k[with_k["curve"] == "k" + with_k["k"].astype("int64").astype(str)]
-
-
 def _note(ax: Axes, lines: list[str] | str) -> None:
     """Notes (skipped fits, hidden points) in a box under the panel's x-axis label."""
     parts = "\n".join([lines] if isinstance(lines, str) else lines).splitlines()
@@ -154,7 +148,7 @@ def _plot_1d(cells: pd.DataFrame, fits: dict, metric: str, stem: str | Path, tit
     groups = _groups(cells)
     fig, axes = _figure(groups, title)
     for ax, (site, arch) in zip(axes, groups):
-        rows = _rows(cells, site, arch) if x == "n" else _k_only(_rows(cells, site, arch))
+        rows = _rows(cells, site, arch) if x == "n" else k_family(_rows(cells, site, arch))
         group_fits = find_group(fits, site, arch) or {}
         mfit = group_fits.get(metric, {"status": "skipped", "reason": f"no fit for {metric}"})
         notes = [] if mfit["status"] == "ok" else [f"fit skipped: {mfit['reason']}"]
@@ -252,7 +246,7 @@ def plot_joint_contours(cells: pd.DataFrame, fits: dict, metric: str, stem: str 
     fig, axes = _figure(groups, title)
     for ax, (site, arch) in zip(axes, groups):
         rows = _rows(cells, site, arch)
-        rows = _k_only(rows)
+        rows = k_family(rows)
         if rows.empty:
             _note(ax, f"{arch} has no k: no joint law in n and k")
             continue
@@ -499,7 +493,7 @@ def plot_k_transfer(cells: pd.DataFrame, stem: str | Path, title: str, metric: s
     groups = _groups(transferable) or _groups(cells)[:1]
     fig, axes = _figure(groups, title)
     for ax, (site, arch) in zip(axes, groups):
-        rows = _k_only(_rows(transferable, site, arch))
+        rows = k_family(_rows(transferable, site, arch))
         norm = _n_norm(cells)
         cmap = mpl.colormaps["viridis"]
         ks = sorted(int(k) for k in rows["k"].unique())  # whole numbers, though the column is float

@@ -459,6 +459,24 @@ def _rng(seed: int, *key: object) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32("|".join(map(str, key)).encode())])
 
 
+def k_family(rows: pd.DataFrame) -> pd.DataFrame:
+    """The cells the laws in k are fitted to: cells with k whose settings agree apart from k
+    (curves ``k8``, ``k32``, … or ``k8-ax0``, ``k32-ax0``, …, the knob k being named first).
+    Where several such families exist, the one with the most cells; on a tie, the one with
+    the shortest rest (``k32`` before ``k32-m8``: the architecture's defaults)."""
+    with_k = rows[rows["k"].notna()]
+    knobs = "k" + with_k["k"].astype("int64").astype(str)
+    rests = [
+        curve[len(knob):] if curve == knob or curve.startswith(knob + "-") else None
+        for curve, knob in zip(with_k["curve"], knobs)
+    ]
+    counts = pd.Series([rest for rest in rests if rest is not None], dtype=object).value_counts()
+    if counts.empty:
+        return with_k.iloc[:0]
+    chosen = min(counts.index, key=lambda rest: (-counts[rest], len(rest), rest))
+    return with_k[[rest == chosen for rest in rests]]
+
+
 def _fit_metric(group: pd.DataFrame, metric: str, bootstrap: int, seed: int, site: str, arch: str) -> dict:
     if metric not in group.columns:
         return {"status": "skipped", "reason": f"column {metric!r} not in the cells table"}
@@ -471,9 +489,7 @@ def _fit_metric(group: pd.DataFrame, metric: str, bootstrap: int, seed: int, sit
         power, floor = fit(f"power_{variable}", subset, fixed), fit(f"floor_{variable}", subset, fixed)
         return {"power": power, "floor": floor, "comparison": _compare(power, floor)}
 
-    # The laws in k use the cells whose setting is k alone (curve "k32", not "k32-m8").
-    k_only = g[g["k"].notna()]
-    k_only = k_only[k_only["curve"] == "k" + k_only["k"].astype("int64").astype(str)]
+    k_only = k_family(g)
 
     def curve_pair(curve: str, rows: pd.DataFrame) -> dict:
         """The laws in n of one curve; a curve without k is fitted with k = 1 standing in (the

@@ -88,9 +88,9 @@ TIED_INIT = Parameter(
 )
 # AuxK (Gao et al. 2024, §2.4), parameters of the architectures that use it (``uses_auxk``).
 AUX_COEF = Parameter(
-    "aux_coef", "ax", 0.0,
-    "α, the weight of the AuxK loss; 0 (the default): off. The paper's 1/32 raised the dead fraction "
-    "at every budget tried here (config/README.md, 'Dead latents: when AuxK helps')",
+    "aux_coef", "ax", 1 / 32,
+    "α, the weight of the AuxK loss (paper: 1/32); 0 turns AuxK off, as the default sweep does: at "
+    "its budgets AuxK raised the dead fraction (config/README.md, 'Dead latents: when AuxK helps')",
     minimum_allowed=True,
 )
 K_AUX = Parameter(
@@ -164,8 +164,7 @@ class SparseAutoencoder(nn.Module):
     (``interop``). None: no such form."""
     example: ClassVar[dict[str, Any]]
     """Parameters for the standard tests' planted dictionary (64 unit directions in d = 32,
-    3 active per token with magnitudes in [1, 2]), a setting that reaches L0 ≈ 3 there (with
-    AuxK on where the architecture has it, so that the standard tests exercise it)."""
+    3 active per token with magnitudes in [1, 2]), a setting that reaches L0 ≈ 3 there."""
 
     def __init__(self, d: int, n: int, params: dict[str, Any]) -> None:
         super().__init__()

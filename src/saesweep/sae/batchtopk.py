@@ -41,7 +41,7 @@ class BatchTopKSAE(SparseAutoencoder):
     )
     uses_auxk: ClassVar[bool] = True
     inference_family: ClassVar[str] = "jumprelu"
-    example: ClassVar[dict[str, Any]] = {"k": 3, "aux_coef": 1 / 32, "k_aux": 16}
+    example: ClassVar[dict[str, Any]] = {"k": 3, "k_aux": 16}
 
     def __init__(self, d: int, n: int, params: dict[str, Any]) -> None:
         super().__init__(d, n, params)

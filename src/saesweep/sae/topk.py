@@ -34,7 +34,7 @@ class TopKSAE(SparseAutoencoder):
     uses_auxk: ClassVar[bool] = True
     k_override: ClassVar[bool] = True
     inference_family: ClassVar[str] = "topk"
-    example: ClassVar[dict[str, Any]] = {"k": 3, "aux_coef": 1 / 32, "k_aux": 16}
+    example: ClassVar[dict[str, Any]] = {"k": 3, "k_aux": 16}
 
     def __init__(self, d: int, n: int, params: dict[str, Any]) -> None:
         super().__init__(d, n, params)
