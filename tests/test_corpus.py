@@ -18,6 +18,7 @@ from saesweep.data.corpus import (
     read_split,
     split_documents,
     token_windows,
+    window_blocks,
 )
 from saesweep.core.errors import UserError
 
@@ -103,7 +104,7 @@ def test_missing_files_name_corpus_include(tmp_path: Path) -> None:
 def test_prepare_corpus_writes_the_split(tmp_path: Path, tiny_corpus: Path) -> None:
     out = tmp_path / "out"
     summary = prepare_corpus(files_corpus(tiny_corpus), out)
-    train, held_out = read_split(out / "train.jsonl"), read_split(out / "eval.jsonl")
+    train, held_out = list(read_split(out / "train.jsonl")), list(read_split(out / "eval.jsonl"))
     assert len(train) == summary["train_documents"] > 0 and len(held_out) == summary["eval_documents"] > 0
     assert len(train) + len(held_out) == 12
     assert not {d.name for d in train} & {d.name for d in held_out}
@@ -122,7 +123,7 @@ def test_prepare_corpus_writes_the_split(tmp_path: Path, tiny_corpus: Path) -> N
     (changed / "doc00.txt").write_text("different")
     assert prepare_corpus(files_corpus(changed), tmp_path / "c")["fingerprint"] != summary["fingerprint"]
     with pytest.raises(UserError, match="does not exist"):
-        read_split(tmp_path / "absent.jsonl")
+        list(read_split(tmp_path / "absent.jsonl"))
 
 
 def test_token_windows_join_documents_with_eos() -> None:
@@ -162,3 +163,29 @@ def test_token_windows_with_the_tiny_tokenizer(tiny_model: Path) -> None:
     assert windows.flatten().tolist() == stream[: windows.numel()]
     assert (windows == tokenizer.eos_token_id).sum() >= 2
     assert token_windows(documents, tokenizer, 16, False, max_windows=5).shape == (5, 16)
+
+
+def test_window_blocks_stream_the_same_windows_lazily() -> None:
+    documents = [Document(f"d{i}", " ".join("x" * (1 + (i * 7 + j) % 5) for j in range(3 + i % 4))) for i in range(40)]
+    whole = token_windows(documents, WordTokenizer(), context=5, prepend_bos=False, max_windows=1000)
+    for block in (1, 3, 7, len(whole), 1000):
+        blocks = list(window_blocks(documents, WordTokenizer(), 5, False, 1000, block))
+        assert all(len(b) == block for b in blocks[:-1]) and 0 < len(blocks[-1]) <= block
+        assert torch.equal(torch.cat(blocks), whole), block
+    capped = list(window_blocks(documents, WordTokenizer(), 5, True, 10, 4))
+    assert [len(b) for b in capped] == [4, 4, 2]
+    assert torch.equal(torch.cat(capped), token_windows(documents, WordTokenizer(), 5, True, 10))
+
+    pulled = []
+
+    def reading():
+        for document in documents:
+            pulled.append(document.name)
+            yield document
+
+    stream = window_blocks(reading(), WordTokenizer(), 5, False, 1000, 2)
+    first = next(stream)
+    assert torch.equal(first, whole[:2])
+    assert len(pulled) < 10  # two windows need a few documents, not the corpus
+    list(window_blocks(reading(), WordTokenizer(), 5, False, 3, 2))
+    assert len(pulled) < 10 + len(documents)  # the last window reached: the rest is never read

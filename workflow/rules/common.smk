@@ -56,6 +56,7 @@ wildcard_constraints:
     site=r"(resid|mlp|attn)[0-9]+",
     cell=r"[a-z0-9]+-n[0-9]+(-[a-z]+[0-9][0-9.e+-]*)+-s[0-9]+",
     stage=r"train|eval",
+    part=r"[0-9]+",
     name=r"[A-Za-z0-9][A-Za-z0-9_.-]*",
     external_stage=r"import|eval",
 
@@ -89,6 +90,11 @@ def all_manifests(split):
     return [
         f"{job.activation_dir(config, site, split)}/manifest.json" for site in SITES
     ]
+
+
+def extraction_parts(split):
+    """The record of every extraction part job of a split (config key activations.extract_jobs)."""
+    return job.extraction_settings(config, split)["part_files"]
 
 
 def settings_json(wildcards):

@@ -13,6 +13,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -112,40 +113,63 @@ def prepare_corpus(corpus: dict[str, Any], folder: Path) -> dict[str, Any]:
     return summary
 
 
-def read_split(path: Path) -> list[Document]:
-    """Documents of a ``train.jsonl``/``eval.jsonl`` file."""
+def read_split(path: Path) -> Iterator[Document]:
+    """Documents of a ``train.jsonl``/``eval.jsonl`` file, read one line at a time."""
     try:
-        with open(path) as handle:
-            return [Document(**json.loads(line)) for line in handle]
+        handle = open(path)
     except FileNotFoundError:
         raise UserError(f"corpus file {path} does not exist; run the corpus rule first") from None
-    except (json.JSONDecodeError, TypeError) as error:
-        raise UserError(f"corpus file {path} is corrupt ({error})") from None
+    with handle:
+        for number, line in enumerate(handle, start=1):
+            try:
+                yield Document(**json.loads(line))
+            except (json.JSONDecodeError, TypeError) as error:
+                raise UserError(f"corpus file {path} is corrupt at line {number} ({error})") from None
 
 
-def token_windows(
-    documents: list[Document], tokenizer: Any, context: int, prepend_bos: bool, max_windows: int
-) -> torch.Tensor:
-    """Up to ``max_windows`` windows of ``context`` token ids, shape (W, context).
+def window_blocks(
+    documents: Iterable[Document], tokenizer: Any, context: int, prepend_bos: bool, max_windows: int, block: int
+) -> Iterator[torch.Tensor]:
+    """Up to ``max_windows`` windows of ``context`` token ids, streamed as consecutive
+    blocks of ``block`` windows, shape (block, context) (the last block may be shorter).
 
     Documents are tokenized in order and joined by the tokenizer's end-of-text token
     (when it has one) into one stream, cut into consecutive windows; the last partial
     window is dropped. With ``prepend_bos`` each window is the BOS token then
-    ``context − 1`` stream tokens."""
+    ``context − 1`` stream tokens. Memory: the tokens of one block plus one document;
+    documents after the last window are never read."""
     body = context - 1 if prepend_bos else context
     if prepend_bos and tokenizer.bos_token_id is None:
         raise UserError("config key model.prepend_bos: the tokenizer has no BOS token")
     separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    stream: list[int] = []
+    pending: list[int] = []
+    made = 0
+
+    def cut(count: int) -> torch.Tensor:
+        windows = torch.tensor(pending[: count * body], dtype=torch.long).view(count, body)
+        del pending[: count * body]
+        if prepend_bos:
+            windows = torch.cat([torch.full((count, 1), tokenizer.bos_token_id), windows], dim=1)
+        return windows
+
     for document in documents:
-        stream.extend(tokenizer(document.text, add_special_tokens=False)["input_ids"])
-        stream.extend(separator)
-        if len(stream) >= body * max_windows:
-            break
-    count = min(max_windows, len(stream) // body)
-    if count == 0:
+        pending.extend(tokenizer(document.text, add_special_tokens=False)["input_ids"])
+        pending.extend(separator)
+        while made < max_windows and len(pending) >= body * min(block, max_windows - made):
+            count = min(block, max_windows - made)
+            yield cut(count)
+            made += count
+        if made == max_windows:
+            return
+    count = min(len(pending) // body, max_windows - made)
+    if made + count == 0:
         raise UserError(f"the corpus gives fewer than {body} tokens, not one window")
-    windows = torch.tensor(stream[: count * body], dtype=torch.long).view(count, body)
-    if prepend_bos:
-        windows = torch.cat([torch.full((count, 1), tokenizer.bos_token_id), windows], dim=1)
-    return windows
+    if count:
+        yield cut(count)
+
+
+def token_windows(
+    documents: Iterable[Document], tokenizer: Any, context: int, prepend_bos: bool, max_windows: int
+) -> torch.Tensor:
+    """All windows of ``window_blocks`` in one tensor, shape (W, context), W ≤ ``max_windows``."""
+    return torch.cat(list(window_blocks(documents, tokenizer, context, prepend_bos, max_windows, max_windows)))
