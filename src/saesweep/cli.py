@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = stage("extract", stage_extract, "run the LM and write activation shards of every site")
     sub.add_argument("--settings", required=True)
     only = sub.add_mutually_exclusive_group()
-    only.add_argument("--part", type=int, help="only this part's shards and record (0 ≤ PART < the settings' jobs)")
+    only.add_argument("--part", type=int, help="only this part's shards and record (0 ≤ PART < the settings' number of part_files)")
     only.add_argument("--manifests", action="store_true", help="only the manifests, from the parts' records")
     sub = stage("train", stage_train, "train (or resume) one SAE cell")
     sub.add_argument("--settings", required=True)

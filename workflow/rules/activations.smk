@@ -34,7 +34,7 @@ rule extract_part:
         "../../envs/saesweep.yaml"
     threads: 2
     resources:
-        mem_mb=lambda wildcards: 3000 + 6 * model_width() * model_width() // 1000,
+        mem_mb=extract_mem_mb,
     shell:
         "saesweep extract --settings {input.settings:q} --part {wildcards.part} > {log} 2>&1"
 

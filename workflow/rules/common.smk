@@ -111,6 +111,18 @@ def model_width():
     )
 
 
+def extract_mem_mb(wildcards):
+    """Memory of an extraction part job: a fixed 3 GB for the interpreter and torch, 6 · d²
+    kB for the model, and one shard (what streaming extraction holds): each site's rows in
+    the storage dtype, plus a float64 copy of one site's rows for the shard's sums."""
+    activations = config["activations"]
+    storage_bytes = 2 if activations["storage_dtype"] == "float16" else 4
+    shard_bytes = (
+        activations["shard_tokens"] * model_width() * (len(SITES) * storage_bytes + 8)
+    )
+    return int(3000 + 6 * model_width() * model_width() / 1000 + shard_bytes / 1e6)
+
+
 def train_mem_mb(wildcards):
     """Memory of a training job: parameters, gradients and Adam moments (4 · 2nd floats),
     the batch's pre-activations and selections (3 · B · n floats), shards read ahead, and
