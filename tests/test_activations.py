@@ -356,3 +356,24 @@ def test_part_records_are_checked(tmp_path, tiny_model, tiny_corpus, monkeypatch
     changed = {**settings, "skip_positions": 2}  # records from other settings
     with pytest.raises(UserError, match="other settings"):
         write_manifests(changed)
+
+
+def test_shards_of_another_corpus_are_extracted_again(tmp_path, tiny_model, tiny_corpus, monkeypatch) -> None:
+    corpus = tmp_path / "text"
+    corpus.mkdir()
+    for path in tiny_corpus.glob("*.txt"):
+        (corpus / path.name).write_text(path.read_text())
+    config = prepared(tmp_path, tiny_model, corpus, monkeypatch, **{
+        "activations.train_tokens": 1500, "activations.shard_tokens": 500})
+    settings = extraction_settings(config, "train", device="cpu")
+    extract(settings)
+    folder = Path(settings["output_dirs"]["resid2"])
+    before = shard_bytes(folder)
+    for path in corpus.glob("*.txt"):  # the same names, other text: the same settings
+        path.write_text(make_text(500 + int(path.stem[3:]), 110))
+    prepare_corpus(config["corpus"], Path(corpus_dir(config)))
+    extract(settings)
+    after = shard_bytes(folder)
+    assert list(after) == list(before) and all(after[name] != before[name] for name in before)
+    fingerprint = read_json(Path(corpus_dir(config)) / "corpus.json", "corpus")["fingerprint"]
+    assert ActivationStore(folder).manifest["corpus_fingerprint"] == fingerprint

@@ -213,12 +213,13 @@ def forward_windows(
 
 
 def shard_is_current(path: Path, attributes: dict[str, Any]) -> bool:
-    """A finished shard from the same settings (it only exists under its name once complete)."""
+    """A finished shard from the same settings and the same corpus (it only exists under
+    its name once complete)."""
     if not path.exists():
         return False
     try:
         with h5py.File(path, "r") as shard:
-            return shard.attrs.get("settings_hash") == attributes["settings_hash"]
+            return all(shard.attrs.get(key) == attributes[key] for key in ("settings_hash", "corpus_fingerprint"))
     except OSError:
         return False
 
