@@ -46,7 +46,7 @@ def bench_extraction(args: argparse.Namespace, scratch: Path) -> Path:
         "model": model, "sites": [args.site], "output_dirs": {args.site: str(folder)},
         "corpus_file": args.corpus, "corpus_summary": str(scratch / "corpus.json"), "context": args.context,
         "skip_positions": 1, "batch_size": args.batch, "tokens": kept, "shard_tokens": args.shard_tokens,
-        "storage_dtype": "float16", "device": "cpu",
+        "storage_dtype": "float16", "device": "cpu", "part_files": [str(scratch / "part.json")],
     }
     started = time.perf_counter()
     extract(settings, (lm, tokenizer))

@@ -1,10 +1,12 @@
 """Extraction: stored activations equal a direct forward's at each site, the manifest's
 statistics equal those of the stored rows, the forward stops at the deepest site, damaged
-shards are refused, and a killed extraction resumes to the same bytes."""
+shards are refused, a killed extraction resumes to the same bytes, and an extraction split
+over jobs writes the files of one job."""
 
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -18,7 +20,7 @@ import torch
 
 import saesweep.data.activations as activations_module
 from conftest import make_text, tiny_config
-from saesweep.data.activations import ActivationStore, extract
+from saesweep.data.activations import ActivationStore, extract, extract_part, write_manifests
 from saesweep.plan.config import validate_config
 from saesweep.data.corpus import prepare_corpus
 from saesweep.core.errors import UserError
@@ -284,3 +286,94 @@ def test_killed_extraction_resumes_to_identical_shards(tmp_path, tiny_model, mon
         assert [s["sha256"] for s in manifest["shards"]] == [s["sha256"] for s in reference["shards"]]
         assert manifest == reference
         ActivationStore(killed_dir / folder)
+
+
+def folder_files(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir()) if path.is_file()}
+
+
+@pytest.mark.parametrize("jobs, train_tokens", [(4, 9000), (3, 10**6), (25, 9000)])
+def test_extraction_split_over_jobs_equals_one_job(tmp_path, tiny_model, tiny_corpus, monkeypatch, jobs, train_tokens) -> None:
+    """J parts (run out of order, as a cluster may) then the manifests give the very files
+    of one job: the same windows and activations in the same order, the same manifest.
+    10⁶ tokens: the corpus ends inside an early part and later parts are empty; J = 25:
+    more parts than shards."""
+    overrides = {"activations.sites": ["resid1", "mlp2"], "activations.train_tokens": train_tokens,
+                 "activations.shard_tokens": 1000, "activations.storage_dtype": "float16"}
+    one_dir, split_dir = tmp_path / "one", tmp_path / "split"
+    for workdir, extract_jobs in ((one_dir, 1), (split_dir, jobs)):
+        workdir.mkdir()
+        config = prepared(workdir, tiny_model, tiny_corpus, monkeypatch, **overrides, **{"activations.extract_jobs": extract_jobs})
+        settings = extraction_settings(config, "train", device="cpu")
+        assert len(settings["part_files"]) == extract_jobs
+        if extract_jobs == 1:
+            extract(settings)
+            continue
+        parts = list(range(jobs))
+        random.Random(jobs).shuffle(parts)
+        loaded = activations_module.load_lm(settings["model"], "cpu")
+        for part in parts[:-1]:
+            extract_part(settings, part, loaded)
+        with pytest.raises(UserError, match=f"part-{parts[-1]:04d}.json"):
+            write_manifests(settings)  # a part missing: no manifest
+        assert not any((Path(folder) / "manifest.json").exists() for folder in settings["output_dirs"].values())
+        extract_part(settings, parts[-1], loaded)
+        write_manifests(settings)
+
+    records = [read_json(split_dir / path, "part") for path in settings["part_files"]]
+    listed = [index for record in records for index in record["shards"]]
+    assert listed == list(range(len(listed)))  # disjoint, in order, no gap
+    if train_tokens > 10**5:
+        assert records[-1]["shards"] == [] and records[0]["shards"]  # the corpus ended early
+    if jobs > len(listed):
+        assert sum(not record["shards"] for record in records) >= jobs - len(listed)
+    for folder in settings["output_dirs"].values():
+        one, split = folder_files(one_dir / folder), folder_files(split_dir / folder)
+        assert len(one) == len(listed) + 1 >= 4
+        assert list(one) == list(split)
+        for name in one:
+            if name.endswith(".h5"):
+                with h5py.File(one_dir / folder / name) as a, h5py.File(split_dir / folder / name) as b:
+                    np.testing.assert_array_equal(a["windows"][...], b["windows"][...])
+                    np.testing.assert_array_equal(a["activations"][...], b["activations"][...])
+            assert one[name] == split[name], name
+        assert read_json(one_dir / folder / "manifest.json", "m") == read_json(split_dir / folder / "manifest.json", "m")
+        ActivationStore(split_dir / folder)
+
+
+def test_part_records_are_checked(tmp_path, tiny_model, tiny_corpus, monkeypatch) -> None:
+    config = prepared(tmp_path, tiny_model, tiny_corpus, monkeypatch, **{
+        "activations.train_tokens": 3000, "activations.shard_tokens": 600, "activations.extract_jobs": 2})
+    settings = extraction_settings(config, "train", device="cpu")
+    with pytest.raises(UserError, match="extract_jobs is 2"):
+        extract_part(settings, 2)
+    extract(settings)
+    record_path = Path(settings["part_files"][1])
+    record = read_json(record_path, "part")
+    write_json(record_path, {**record, "shards": record["shards"][1:]})  # a gap
+    with pytest.raises(UserError, match="part-0001.json"):
+        write_manifests(settings)
+    changed = {**settings, "skip_positions": 2}  # records from other settings
+    with pytest.raises(UserError, match="other settings"):
+        write_manifests(changed)
+
+
+def test_shards_of_another_corpus_are_extracted_again(tmp_path, tiny_model, tiny_corpus, monkeypatch) -> None:
+    corpus = tmp_path / "text"
+    corpus.mkdir()
+    for path in tiny_corpus.glob("*.txt"):
+        (corpus / path.name).write_text(path.read_text())
+    config = prepared(tmp_path, tiny_model, corpus, monkeypatch, **{
+        "activations.train_tokens": 1500, "activations.shard_tokens": 500})
+    settings = extraction_settings(config, "train", device="cpu")
+    extract(settings)
+    folder = Path(settings["output_dirs"]["resid2"])
+    before = shard_bytes(folder)
+    for path in corpus.glob("*.txt"):  # the same names, other text: the same settings
+        path.write_text(make_text(500 + int(path.stem[3:]), 110))
+    prepare_corpus(config["corpus"], Path(corpus_dir(config)))
+    extract(settings)
+    after = shard_bytes(folder)
+    assert list(after) == list(before) and all(after[name] != before[name] for name in before)
+    fingerprint = read_json(Path(corpus_dir(config)) / "corpus.json", "corpus")["fingerprint"]
+    assert ActivationStore(folder).manifest["corpus_fingerprint"] == fingerprint

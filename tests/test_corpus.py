@@ -13,11 +13,12 @@ from conftest import make_text
 from saesweep.data.corpus import (
     Document,
     is_eval_document,
-    load_documents,
+    iter_documents,
     prepare_corpus,
     read_split,
-    split_documents,
+    write_split,
     token_windows,
+    window_blocks,
 )
 from saesweep.core.errors import UserError
 
@@ -38,13 +39,19 @@ def files_corpus(folder: Path, **extra) -> dict:
             "max_documents": None, **extra}
 
 
+def split_documents(documents: list[Document], eval_fraction: float, folder: Path) -> tuple[list[Document], list[Document]]:
+    """(train, eval) as ``write_split`` writes them into ``folder``."""
+    write_split(iter(documents), eval_fraction, folder)
+    return list(read_split(folder / "train.jsonl")), list(read_split(folder / "eval.jsonl"))
+
+
 @pytest.fixture()
 def many_documents() -> list[Document]:
     return [Document(f"docs/{i:03d}.txt", f"text {i}") for i in range(200)]
 
 
-def test_split_is_disjoint_complete_and_near_the_fraction(many_documents) -> None:
-    train, held_out = split_documents(many_documents, 0.25)
+def test_split_is_disjoint_complete_and_near_the_fraction(many_documents, tmp_path: Path) -> None:
+    train, held_out = split_documents(many_documents, 0.25, tmp_path)
     train_names, eval_names = {d.name for d in train}, {d.name for d in held_out}
     assert train_names and eval_names
     assert not train_names & eval_names
@@ -53,28 +60,34 @@ def test_split_is_disjoint_complete_and_near_the_fraction(many_documents) -> Non
     assert all(is_eval_document(d.name, 0.25) for d in held_out)
 
 
-def test_split_is_deterministic_and_independent_of_order_and_other_documents(many_documents) -> None:
-    train, held_out = split_documents(many_documents, 0.25)
+def test_split_is_deterministic_and_independent_of_order_and_other_documents(many_documents, tmp_path: Path) -> None:
+    train, held_out = split_documents(many_documents, 0.25, tmp_path / "a")
     shuffled = many_documents[:]
     random.Random(1).shuffle(shuffled)
-    train2, held_out2 = split_documents(shuffled, 0.25)
+    train2, held_out2 = split_documents(shuffled, 0.25, tmp_path / "b")
     assert {d.name for d in train2} == {d.name for d in train}
     assert {d.name for d in held_out2} == {d.name for d in held_out}
     # a document's side does not depend on which other documents exist
     subset = many_documents[::3]
-    _, held_out3 = split_documents(subset, 0.25)
+    _, held_out3 = split_documents(subset, 0.25, tmp_path / "c")
     assert {d.name for d in held_out3} == {d.name for d in held_out} & {d.name for d in subset}
     # nor on the text
     renamed = [Document(d.name, d.text + " more") for d in many_documents]
-    assert {d.name for d in split_documents(renamed, 0.25)[1]} == {d.name for d in held_out}
+    assert {d.name for d in split_documents(renamed, 0.25, tmp_path / "d")[1]} == {d.name for d in held_out}
 
 
 @pytest.mark.parametrize("fraction", [1e-12, 1 - 1e-12])
-def test_split_gives_each_side_a_document_even_at_extreme_fractions(fraction) -> None:
-    documents = [Document(f"d{i}", "x") for i in range(5)]
-    train, held_out = split_documents(documents, fraction)
+def test_split_gives_each_side_a_document_even_at_extreme_fractions(fraction, tmp_path: Path) -> None:
+    documents = [Document(f"d{i}", "x" * (i + 1)) for i in range(5)]
+    train, held_out = split_documents(documents, fraction, tmp_path)
     assert len(train) >= 1 and len(held_out) >= 1
     assert len(train) + len(held_out) == 5
+    # the moved document is the last of train (or the first of eval); the order is kept
+    assert train + held_out == documents
+    assert (len(held_out), len(train)) == ((1, 4) if fraction < 0.5 else (4, 1))
+    summary = write_split(iter(documents), fraction, tmp_path / "again")
+    assert summary["count"] == {"train": len(train), "eval": len(held_out)}
+    assert summary["characters"] == {"train": sum(len(d.text) for d in train), "eval": sum(len(d.text) for d in held_out)}
     assert not {d.name for d in train} & {d.name for d in held_out}
 
 
@@ -86,24 +99,25 @@ def test_load_files_glob_sorted_non_empty(tmp_path: Path) -> None:
     (tmp_path / "skip.md").write_text("not matched")
     (tmp_path / "sub" / "c.txt").write_text("sea")
     corpus = files_corpus(tmp_path, include=[f"{tmp_path}/*.txt", f"{tmp_path}/**/c.txt"])
-    documents = load_documents(corpus)
+    documents = list(iter_documents(corpus))
     assert [Path(d.name).name for d in documents] == ["a.txt", "b.txt", "c.txt"]
     assert [d.text for d in documents] == ["ay", "bee", "sea"]
-    assert len(load_documents({**corpus, "max_documents": 2})) == 2
+    assert len(list(iter_documents({**corpus, "max_documents": 2}))) == 2
 
 
 def test_missing_files_name_corpus_include(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"corpus\.include"):
-        load_documents(files_corpus(tmp_path / "nothing-here"))
+        list(iter_documents(files_corpus(tmp_path / "nothing-here")))
     (tmp_path / "only.txt").write_text("one document")
     with pytest.raises(UserError, match="at least 2"):
-        load_documents(files_corpus(tmp_path))
+        prepare_corpus(files_corpus(tmp_path), tmp_path / "out")
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())  # nothing half-written
 
 
 def test_prepare_corpus_writes_the_split(tmp_path: Path, tiny_corpus: Path) -> None:
     out = tmp_path / "out"
     summary = prepare_corpus(files_corpus(tiny_corpus), out)
-    train, held_out = read_split(out / "train.jsonl"), read_split(out / "eval.jsonl")
+    train, held_out = list(read_split(out / "train.jsonl")), list(read_split(out / "eval.jsonl"))
     assert len(train) == summary["train_documents"] > 0 and len(held_out) == summary["eval_documents"] > 0
     assert len(train) + len(held_out) == 12
     assert not {d.name for d in train} & {d.name for d in held_out}
@@ -122,7 +136,7 @@ def test_prepare_corpus_writes_the_split(tmp_path: Path, tiny_corpus: Path) -> N
     (changed / "doc00.txt").write_text("different")
     assert prepare_corpus(files_corpus(changed), tmp_path / "c")["fingerprint"] != summary["fingerprint"]
     with pytest.raises(UserError, match="does not exist"):
-        read_split(tmp_path / "absent.jsonl")
+        list(read_split(tmp_path / "absent.jsonl"))
 
 
 def test_token_windows_join_documents_with_eos() -> None:
@@ -162,3 +176,29 @@ def test_token_windows_with_the_tiny_tokenizer(tiny_model: Path) -> None:
     assert windows.flatten().tolist() == stream[: windows.numel()]
     assert (windows == tokenizer.eos_token_id).sum() >= 2
     assert token_windows(documents, tokenizer, 16, False, max_windows=5).shape == (5, 16)
+
+
+def test_window_blocks_stream_the_same_windows_lazily() -> None:
+    documents = [Document(f"d{i}", " ".join("x" * (1 + (i * 7 + j) % 5) for j in range(3 + i % 4))) for i in range(40)]
+    whole = token_windows(documents, WordTokenizer(), context=5, prepend_bos=False, max_windows=1000)
+    for block in (1, 3, 7, len(whole), 1000):
+        blocks = list(window_blocks(documents, WordTokenizer(), 5, False, 1000, block))
+        assert all(len(b) == block for b in blocks[:-1]) and 0 < len(blocks[-1]) <= block
+        assert torch.equal(torch.cat(blocks), whole), block
+    capped = list(window_blocks(documents, WordTokenizer(), 5, True, 10, 4))
+    assert [len(b) for b in capped] == [4, 4, 2]
+    assert torch.equal(torch.cat(capped), token_windows(documents, WordTokenizer(), 5, True, 10))
+
+    pulled = []
+
+    def reading():
+        for document in documents:
+            pulled.append(document.name)
+            yield document
+
+    stream = window_blocks(reading(), WordTokenizer(), 5, False, 1000, 2)
+    first = next(stream)
+    assert torch.equal(first, whole[:2])
+    assert len(pulled) < 10  # two windows need a few documents, not the corpus
+    list(window_blocks(reading(), WordTokenizer(), 5, False, 3, 2))
+    assert len(pulled) < 10 + len(documents)  # the last window reached: the rest is never read

@@ -330,7 +330,7 @@ def test_sweep_runs_through_sbatch_on_gpus_and_equals_a_local_run(sweeps: Sweeps
     assert local_rules_of(run.output) == LOCAL_RULES
     expected = Counter({rule: n for rule, n in stats.items() if rule not in LOCAL_RULES})
     assert run.rules() == expected, (run.rules(), stats)
-    assert sum(expected.values()) == 10  # prepare_corpus, 2 extract, 2 train, 2 evaluate, 3 aggregation
+    assert sum(expected.values()) == 12  # prepare_corpus, 2 extract parts, 2 manifests, 2 train, 2 evaluate, 3 aggregation
     # the ids Snakemake got back from sbatch = the ids slurmctld logged as submitted
     assert {int(i) for i in re.findall(r"with SLURM jobid (\d+)", run.output)} == set(run.new_ids)
     for job in run.jobs.values():

@@ -39,12 +39,13 @@ def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.Compl
 def sweep(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, tiny_corpus: Path) -> Path:
     """The tiny sweep, run once for all tests of this module."""
     workdir = tmp_path_factory.mktemp("sweep")
-    # twice the default budget in smaller batches: enough steps for the k ordering to show
+    # twice the default budget in smaller batches: enough steps for the k ordering to show;
+    # the training tokens extracted by two part jobs
     config = tiny_config(
         tiny_model,
         tiny_corpus,
         **{"sweep.n_latents": [64, 128, 256], "sweep.archs": {"relu": {"l1_coef": [0.1, 1.0]}},
-           "train.tokens.base": 24000, "train.batch_size": 128},
+           "train.tokens.base": 24000, "train.batch_size": 128, "activations.extract_jobs": 2},
     )
     write_config(workdir / "config.yaml", config)
     snakemake(workdir)
@@ -138,9 +139,31 @@ def test_nothing_left_to_do_then_one_cell_reruns_alone(sweep: Path) -> None:
     assert "Nothing to be done" in snakemake(sweep, "-n").stdout
     target = "results/tiny/cells/resid2/topk-n64-k4-s0/metrics.json"
     result = snakemake(sweep, "--forcerun", "train_cell", "-n", target)
-    jobs = {line.split()[0]: int(line.split()[1]) for line in result.stdout.splitlines()
+    jobs = job_counts(result.stdout)
+    assert jobs.get("train_cell") == 1 and jobs.get("evaluate_cell") == 1
+    assert "extract_part" not in jobs and "extract_train_manifests" not in jobs
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """Rule → job count from the job stats Snakemake prints."""
+    return {line.split()[0]: int(line.split()[1]) for line in output.splitlines()
             if len(line.split()) == 2 and line.split()[1].isdigit()}
-    assert jobs.get("train_cell") == 1 and jobs.get("evaluate_cell") == 1 and "extract_train_activations" not in jobs
+
+
+def test_extraction_split_into_part_jobs_feeds_the_manifests(tmp_path: Path, tiny_model: Path, tiny_corpus: Path) -> None:
+    write_config(tmp_path / "config.yaml", tiny_config(tiny_model, tiny_corpus, **{"activations.extract_jobs": 3}))
+    result = snakemake(tmp_path, "-n", "-p")
+    jobs = job_counts(result.stdout)
+    assert jobs["extract_part"] == 3 + 1  # three parts of the training tokens, one of the held-out ones
+    assert jobs["extract_train_manifests"] == jobs["extract_eval_manifests"] == 1
+    for part in range(3):
+        assert f"results/tiny/activations/train-parts/part-{part:04d}.json" in result.stdout
+        assert f"--part {part:04d}" in result.stdout
+    assert "results/tiny/activations/eval-parts/part-0000.json" in result.stdout
+    assert "part-0003.json" not in result.stdout
+    # training reads only the manifest: one cell's training asks for the parts through it
+    target = "results/tiny/cells/resid2/topk-n64-k4-s0/sae.safetensors"
+    assert job_counts(snakemake(tmp_path, "-n", target).stdout)["extract_part"] == 3 + 1
 
 
 def test_bad_config_names_the_key(sweep: Path, tmp_path: Path, tiny_model: Path, tiny_corpus: Path) -> None:

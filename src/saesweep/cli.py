@@ -54,9 +54,15 @@ def load_settings(path: str) -> dict[str, Any]:
 
 
 def stage_extract(args: argparse.Namespace) -> None:
-    from saesweep.data.activations import extract
+    from saesweep.data.activations import extract, extract_part, write_manifests
 
-    extract(load_settings(args.settings))
+    settings = load_settings(args.settings)
+    if args.part is not None:
+        extract_part(settings, args.part)
+    elif args.manifests:
+        write_manifests(settings)
+    else:
+        extract(settings)
 
 
 def stage_train(args: argparse.Namespace) -> None:
@@ -159,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--out", required=True)
     sub = stage("extract", stage_extract, "run the LM and write activation shards of every site")
     sub.add_argument("--settings", required=True)
+    only = sub.add_mutually_exclusive_group()
+    only.add_argument("--part", type=int, help="only this part's shards and record (0 ≤ PART < the settings' number of part_files)")
+    only.add_argument("--manifests", action="store_true", help="only the manifests, from the parts' records")
     sub = stage("train", stage_train, "train (or resume) one SAE cell")
     sub.add_argument("--settings", required=True)
     sub.add_argument("--out", required=True, help="the cell's folder")

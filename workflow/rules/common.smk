@@ -57,6 +57,7 @@ wildcard_constraints:
     site=r"(resid|mlp|attn)[0-9]+",
     cell=r"[a-z0-9]+-n[0-9]+(-[a-z]+[0-9][0-9.e+-]*)+-s[0-9]+",
     stage=r"train|eval",
+    part=r"[0-9]+",
     name=r"[A-Za-z0-9][A-Za-z0-9_.-]*",
     external_stage=r"import|eval",
 
@@ -92,6 +93,11 @@ def all_manifests(split):
     ]
 
 
+def extraction_parts(split):
+    """The record of every extraction part job of a split (config key activations.extract_jobs)."""
+    return job.extraction_settings(config, split)["part_files"]
+
+
 def settings_json(wildcards):
     """The resolved settings of one cell's train or eval job, as JSON."""
     build = job.train_settings if wildcards.stage == "train" else job.eval_settings
@@ -104,6 +110,18 @@ def model_width():
     return (
         json.loads(path.read_text()).get("hidden_size", 4096) if path.exists() else 4096
     )
+
+
+def extract_mem_mb(wildcards):
+    """Memory of an extraction part job: a fixed 3 GB for the interpreter and torch, 6 · d²
+    kB for the model, and one shard (what streaming extraction holds): each site's rows in
+    the storage dtype, plus a float64 copy of one site's rows for the shard's sums."""
+    activations = config["activations"]
+    storage_bytes = 2 if activations["storage_dtype"] == "float16" else 4
+    shard_bytes = (
+        activations["shard_tokens"] * model_width() * (len(SITES) * storage_bytes + 8)
+    )
+    return int(3000 + 6 * model_width() * model_width() / 1000 + shard_bytes / 1e6)
 
 
 def train_mem_mb(wildcards):

@@ -13,7 +13,13 @@ Layout of one site's folder::
 Row r of ``activations`` is position ``skip + r % (context − skip)`` of window
 ``r // (context − skip)``. Every file is written under a temporary name and renamed
 when complete; the manifest comes last, so a folder with a manifest is complete.
-An interrupted extraction resumes at the first shard index missing for some site.
+
+Extraction streams: documents → token windows → one shard's windows → batches, so its
+memory is one shard's worth whatever the token count. It may be split over J jobs
+(one per ``settings["part_files"]``): part j owns a contiguous range of shard indices,
+writes those shards of every site and then its record ``settings["part_files"][j]``; one
+last step writes the manifests from the records. A killed part resumes: shards already
+written with the same settings are kept.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import numpy as np
 import torch
 
 from saesweep import __version__
-from saesweep.data.corpus import read_split, token_windows
+from saesweep.data.corpus import read_split, window_blocks
 from saesweep.core.errors import UserError
 from saesweep.core.files import atomic_path, read_json, sha256_file, write_json
 from saesweep.data.lm import capture_sites, load_lm
@@ -38,6 +44,8 @@ from saesweep.core.progress import Progress
 from saesweep.core.provenance import provenance
 
 STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32}
+# Settings keys that say how the extraction is split over jobs, not what it writes.
+JOB_KEYS = ("part_files",)
 
 
 def shard_name(index: int) -> str:
@@ -46,31 +54,45 @@ def shard_name(index: int) -> str:
 
 
 def extract(settings: dict[str, Any], loaded: tuple[torch.nn.Module, Any] | None = None) -> None:
-    """Run the LM over the split's token windows and write every site's shards and manifest.
+    """Every part of the extraction in this process, then the manifests: what the
+    workflow's part jobs (one per ``settings["part_files"]``) and its manifest job do together.
+    ``loaded``: the (model, tokenizer) when already in memory."""
+    loaded = loaded or load_lm(settings["model"], resolve_device(settings["device"]))
+    for part in range(len(settings["part_files"])):
+        extract_part(settings, part, loaded)
+    write_manifests(settings)
 
-    ``settings`` keys: model, sites, output_dirs (site → folder), corpus_file,
-    corpus_summary, context, skip_positions, batch_size, tokens, shard_tokens,
-    storage_dtype, device. ``loaded``: the (model, tokenizer) when already in memory."""
-    device = resolve_device(settings["device"])
-    lm, tokenizer = loaded or load_lm(settings["model"], device)
+
+def content_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings that decide what the shards hold: all but how the work is split over
+    jobs (``JOB_KEYS``), so that the shards and manifest of J jobs are those of one job."""
+    return {key: value for key, value in settings.items() if key not in JOB_KEYS}
+
+
+def planned_windows(settings: dict[str, Any]) -> tuple[int, int]:
+    """(windows asked for, windows per shard): W = ceil(tokens / kept), where kept =
+    context − skip_positions, and max(1, shard_tokens // kept) windows per shard."""
     kept = settings["context"] - settings["skip_positions"]
-    documents = read_split(Path(settings["corpus_file"]))
-    windows = token_windows(
-        documents, tokenizer, settings["context"], settings["model"]["prepend_bos"], math.ceil(settings["tokens"] / kept)
-    )
-    if len(windows) * kept < settings["tokens"]:
-        print(
-            f"the corpus gives {len(windows) * kept} tokens, fewer than the {settings['tokens']} asked for; "
-            "extracting all of them",
-            file=sys.stderr,
-        )
+    return math.ceil(settings["tokens"] / kept), max(1, settings["shard_tokens"] // kept)
+
+
+def part_shards(settings: dict[str, Any], part: int) -> range:
+    """The shard indices part ``part`` of J = ``len(settings["part_files"])`` owns: with S = ceil(W /
+    windows per shard) planned shards, [⌊part·S/J⌋, ⌊(part+1)·S/J⌋). Shard i holds windows
+    [i·w, (i+1)·w) of the one window stream, so the parts' shards together are exactly
+    the shards of a single job."""
+    jobs = len(settings["part_files"])
+    if not 0 <= part < jobs:
+        raise UserError(f"extraction part {part} does not exist: config key activations.extract_jobs is {jobs}")
+    windows, per_shard = planned_windows(settings)
+    planned = math.ceil(windows / per_shard)
+    return range(part * planned // jobs, (part + 1) * planned // jobs)
+
+
+def shard_attributes(settings: dict[str, Any]) -> dict[str, Any]:
+    """Attributes of every shard and manifest of the extraction (the site's name aside)."""
     fingerprint = read_json(settings["corpus_summary"], "corpus summary")["fingerprint"]
-    windows_per_shard = max(1, settings["shard_tokens"] // kept)
-    n_shards = math.ceil(len(windows) / windows_per_shard)
-    folders = {site: Path(folder) for site, folder in settings["output_dirs"].items()}
-    for folder in folders.values():
-        folder.mkdir(parents=True, exist_ok=True)
-    attributes = {
+    return {
         "model": settings["model"]["id"],
         "revision": settings["model"].get("revision") or "",
         "compute_dtype": settings["model"]["dtype"],
@@ -79,21 +101,85 @@ def extract(settings: dict[str, Any], loaded: tuple[torch.nn.Module, Any] | None
         "skip_positions": settings["skip_positions"],
         "corpus_fingerprint": fingerprint,
         "code_version": __version__,
-        "settings_hash": provenance(settings)["settings_hash"],
+        "settings_hash": provenance(content_settings(settings))["settings_hash"],
     }
-    progress = Progress(f"extract {'/'.join(folders)}", len(windows) * kept)
-    for index in range(n_shards):
-        shard_windows = windows[index * windows_per_shard : (index + 1) * windows_per_shard]
-        if all(shard_is_current(folder / shard_name(index), attributes) for folder in folders.values()):
-            progress.update((index + 1) * windows_per_shard * kept)
-            continue
-        activations = forward_windows(lm, shard_windows, list(folders), settings, device)
-        for site, folder in folders.items():
-            write_shard(folder / shard_name(index), activations[site], shard_windows, {**attributes, "site": site})
-        progress.update(min(len(windows), (index + 1) * windows_per_shard) * kept)
+
+
+def extract_part(settings: dict[str, Any], part: int, loaded: tuple[torch.nn.Module, Any] | None = None) -> None:
+    """Write every site's shards of part ``part`` (``part_shards``), then its record.
+
+    The token windows are streamed one shard at a time (windows before the part's first
+    shard are tokenized and dropped), so memory is one shard's windows and activations
+    whatever the number of tokens. A shard already written with the same content
+    settings is kept, so a killed part resumes where it stopped. The record lists the
+    shards written; fewer than owned means the corpus ended inside this part."""
+    owned = part_shards(settings, part)
+    device = resolve_device(settings["device"])
+    lm, tokenizer = loaded or load_lm(settings["model"], device)
+    kept = settings["context"] - settings["skip_positions"]
+    windows, per_shard = planned_windows(settings)
+    last_window = min(windows, owned.stop * per_shard)
+    attributes = shard_attributes(settings)
+    folders = {site: Path(folder) for site, folder in settings["output_dirs"].items()}
+    for folder in folders.values():
+        folder.mkdir(parents=True, exist_ok=True)
+    progress = Progress(
+        f"extract {'/'.join(folders)} part {part} of {len(settings['part_files'])}",
+        max(0, last_window - owned.start * per_shard) * kept,
+    )
+    written, done = [], 0
+    if owned:
+        blocks = window_blocks(
+            read_split(Path(settings["corpus_file"])), tokenizer, settings["context"],
+            settings["model"]["prepend_bos"], last_window, per_shard,
+        )
+        for index, shard_windows in enumerate(blocks):
+            if index < owned.start:
+                continue
+            if not all(shard_is_current(folder / shard_name(index), attributes) for folder in folders.values()):
+                activations = forward_windows(lm, shard_windows, list(folders), settings, device)
+                for site, folder in folders.items():
+                    write_shard(folder / shard_name(index), activations[site], shard_windows, {**attributes, "site": site})
+            written.append(index)
+            done += len(shard_windows) * kept
+            progress.update(done)
     progress.finish()
-    for site, folder in folders.items():
-        write_manifest(folder, n_shards, {**attributes, "site": site}, settings)
+    write_json(settings["part_files"][part], {
+        "part": part, "jobs": len(settings["part_files"]), "settings_hash": attributes["settings_hash"],
+        "owned": [owned.start, owned.stop], "shards": written, "tokens": done,
+    })
+
+
+def write_manifests(settings: dict[str, Any]) -> None:
+    """Every site's manifest from the records of the extraction's parts.
+
+    The parts' shards must follow each other from shard 0 with no gap, and a part that
+    stopped short (the corpus ended) must be followed by empty parts only. The
+    statistics are then summed from the shards in index order, exactly as for one job."""
+    attributes = shard_attributes(settings)
+    n_shards, ended = 0, False
+    for part, path in enumerate(settings["part_files"]):
+        record = read_json(path, "extraction part record")
+        if record["settings_hash"] != attributes["settings_hash"] or record["jobs"] != len(settings["part_files"]):
+            raise UserError(f"extraction part record {path} comes from other settings; extract that part again")
+        indices = record["shards"]
+        owned = part_shards(settings, part)
+        in_order = indices == list(range(owned.start, owned.start + len(indices))) and len(indices) <= len(owned)
+        if not in_order or (ended and indices):
+            raise UserError(f"extraction part record {path} lists shards {indices}, not the part's {list(owned)}")
+        n_shards += len(indices)
+        ended = ended or len(indices) < len(owned)
+    if n_shards == 0:
+        raise UserError(f"the corpus {settings['corpus_file']} gives no window for the extraction")
+    kept = settings["context"] - settings["skip_positions"]
+    for site, folder in settings["output_dirs"].items():
+        manifest = write_manifest(Path(folder), n_shards, {**attributes, "site": site}, content_settings(settings))
+    if manifest["tokens"] < settings["tokens"]:
+        print(
+            f"the corpus gives {manifest['tokens']} tokens ({manifest['tokens'] // kept} windows), fewer than the "
+            f"{settings['tokens']} asked for; extracted all of them",
+            file=sys.stderr,
+        )
 
 
 def resolve_device(device: str) -> str:
@@ -112,23 +198,28 @@ def forward_windows(
     order, in the storage dtype: {site: (w · (context − skip), d)}."""
     skip = settings["skip_positions"]
     dtype = STORAGE_DTYPES[settings["storage_dtype"]]
-    pieces: dict[str, list[np.ndarray]] = {site: [] for site in sites}
+    rows_per_window = windows.shape[1] - skip
+    out: dict[str, np.ndarray] = {}
     for start in range(0, len(windows), settings["batch_size"]):
         batch = windows[start : start + settings["batch_size"]].to(device)
         captured = capture_sites(lm, batch, sites)
+        rows = slice(start * rows_per_window, (start + len(batch)) * rows_per_window)
         for site in sites:
-            values = captured[site][:, skip:].float().flatten(0, 1)
-            pieces[site].append(values.cpu().numpy().astype(dtype))
-    return {site: np.concatenate(parts) for site, parts in pieces.items()}
+            values = captured[site][:, skip:].float().flatten(0, 1).cpu().numpy()
+            if site not in out:
+                out[site] = np.empty((len(windows) * rows_per_window, values.shape[1]), dtype=dtype)
+            out[site][rows] = values
+    return out
 
 
 def shard_is_current(path: Path, attributes: dict[str, Any]) -> bool:
-    """A finished shard from the same settings (it only exists under its name once complete)."""
+    """A finished shard from the same settings and the same corpus (it only exists under
+    its name once complete)."""
     if not path.exists():
         return False
     try:
         with h5py.File(path, "r") as shard:
-            return shard.attrs.get("settings_hash") == attributes["settings_hash"]
+            return all(shard.attrs.get(key) == attributes[key] for key in ("settings_hash", "corpus_fingerprint"))
     except OSError:
         return False
 
@@ -146,7 +237,7 @@ def write_shard(path: Path, activations: np.ndarray, windows: torch.Tensor, attr
             shard.attrs["sum_squares"] = float(np.square(wide).sum())
 
 
-def write_manifest(folder: Path, n_shards: int, attributes: dict[str, Any], settings: dict[str, Any]) -> None:
+def write_manifest(folder: Path, n_shards: int, attributes: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
     """Manifest of a site's folder: shards with sizes and sha256, and the statistics
     μ = Σa / N, m = Σ‖a‖² / N − ‖μ‖² (mean squared norm of a − μ), s = sqrt(m / d)."""
     shards, total, total_sum, total_squares = [], 0, None, 0.0
@@ -162,19 +253,18 @@ def write_manifest(folder: Path, n_shards: int, attributes: dict[str, Any], sett
         shards.append({"file": path.name, "tokens": tokens, "bytes": path.stat().st_size, "sha256": sha256_file(path)})
     mean = total_sum / total
     mean_squared_norm = total_squares / total - float(mean @ mean)
-    write_json(
-        folder / "manifest.json",
-        {
-            **attributes,
-            "d": int(width),
-            "tokens": total,
-            "shards": shards,
-            "mean": mean.tolist(),
-            "mean_squared_norm": mean_squared_norm,
-            "scale": math.sqrt(mean_squared_norm / width),
-            "provenance": provenance(settings),
-        },
-    )
+    manifest = {
+        **attributes,
+        "d": int(width),
+        "tokens": total,
+        "shards": shards,
+        "mean": mean.tolist(),
+        "mean_squared_norm": mean_squared_norm,
+        "scale": math.sqrt(mean_squared_norm / width),
+        "provenance": provenance(settings),
+    }
+    write_json(folder / "manifest.json", manifest)
+    return manifest
 
 
 @dataclass

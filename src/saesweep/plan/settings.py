@@ -41,8 +41,16 @@ def corpus_dir(config: dict[str, Any]) -> str:
     return f"resources/corpus/{config['corpus']['name']}"
 
 
+def extraction_part_file(config: dict[str, Any], split: str, part: str) -> str:
+    """``results/{run}/activations/{split}-parts/part-{part}.json``: the record one extraction
+    part job leaves (``part`` as written: ``0003``, from zero)."""
+    return f"{run_dir(config)}/activations/{split}-parts/part-{part}.json"
+
+
 def extraction_settings(config: dict[str, Any], split: str, device: str = "auto") -> dict[str, Any]:
-    """What ``saesweep extract`` needs for one split (train or eval)."""
+    """What ``saesweep extract`` needs for one split (train or eval). ``part_files``: the
+    record of each part job, as many as config key activations.extract_jobs for training
+    tokens; held-out tokens are few and take one part."""
     activations = config["activations"]
     return {
         "split": split,
@@ -58,6 +66,10 @@ def extraction_settings(config: dict[str, Any], split: str, device: str = "auto"
         "shard_tokens": activations["shard_tokens"],
         "storage_dtype": activations["storage_dtype"],
         "device": device,
+        "part_files": [
+            extraction_part_file(config, split, f"{part:04d}")
+            for part in range(activations["extract_jobs"] if split == "train" else 1)
+        ],
     }
 
 
