@@ -28,10 +28,13 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from saesweep.sae.collectives import Collectives
 
 # Codes are sparse CSR tensors built with valid (sorted, unique) indices; torch's notice that
 # CSR support is in beta and that invariant checks are off is not actionable.
@@ -92,6 +95,9 @@ class StepContext:
     """Tokens seen / the cell's budget, in [0, 1] (for penalty warm-ups)."""
     fire_threshold: float
     """A latent fires on a token when its value exceeds this."""
+    collectives: Collectives | None = None
+    """The other processes of a distributed cell (``sae.collectives``); None: one process.
+    With latent shards, ``dead_mask`` covers this process's latents only."""
 
 
 @dataclass
@@ -129,6 +135,13 @@ class SparseAutoencoder(nn.Module):
     """The registered architecture whose inference rule this one's is (its own name for most;
     BatchTopK's is JumpReLU's with one θ for every latent): the form other tools' files carry
     (``interop``). None: no such form."""
+    shardable: ClassVar[bool] = False
+    """Whether the training step runs across processes (``train.distributed``: latent
+    shards and data-parallel replicas, see ``sae.collectives``); the config refuses a
+    distributed cell of an architecture without it."""
+    replicated: ClassVar[tuple[str, ...]] = ("b_pre", "act_mean", "act_scale")
+    """Tensors every latent shard holds whole; every other parameter or buffer whose leading
+    dimension is n is per-latent (split over shards by rows), the rest (scalars) replicated."""
     example: ClassVar[dict[str, Any]]
     """Parameters for the standard tests' planted dictionary (64 unit directions in d = 32,
     3 active per token with magnitudes in [1, 2]), a setting that reaches L0 ≈ 3 there."""
