@@ -343,11 +343,11 @@ def spawn(worker: Callable[..., None], settings: dict[str, Any], folder: Path, t
     machine (rank = index). When a rank fails, the others are stopped and a UserError names
     it; SIGTERM is passed on to every rank (each then checkpoints) and ends in Interrupted."""
     world = Layout.of(settings).world
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(world))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     try:
         context = mp.start_processes(worker, (settings, folder, threads), nprocs=world, join=False, start_method="spawn")
     finally:
-        for key in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE"):
+        for key in ("MASTER_ADDR", "MASTER_PORT"):
             os.environ.pop(key, None)
     terminated: list[int] = []
 
@@ -365,12 +365,14 @@ def spawn(worker: Callable[..., None], settings: dict[str, Any], folder: Path, t
         code = getattr(failure, "exit_code", None)
         if terminated and code in (EXIT_INTERRUPTED, -signal.SIGTERM):
             raise Interrupted(f"SIGTERM: the {world} ranks of {folder} stopped at their last checkpoint") from None
-        how = "raised an exception" if code is None else (
+        if code is None:  # an unexpected exception: its traceback, which the rank could not print
+            print(failure, file=sys.stderr, flush=True)
+        how = "raised an exception (traceback above)" if code is None else (
             f"was killed by signal {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
         )
         raise UserError(
-            f"cell {folder}: rank {failure.error_index} of {world} {how}; the other ranks were stopped "
-            "(see the log above); a rerun resumes from the last complete checkpoint"
+            f"cell {folder}: rank {failure.error_index} of {world} {how}; the other ranks were stopped; "
+            "a rerun resumes from the last complete checkpoint"
         ) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
