@@ -40,7 +40,7 @@ from saesweep.core.files import write_json
 from saesweep.plan.config import validate_config
 from saesweep.sae.export import load_sae
 from saesweep.sae.base import StepContext
-from saesweep.sae.registry import build_sae, resolve_params
+from saesweep.sae.registry import ARCHITECTURES, build_sae, resolve_params
 from saesweep.train.distributed import CHECKPOINT, Placement, free_port, init_process_groups
 from saesweep.train.trainer import train_cell
 from test_train import cell_settings, extracted  # noqa: F401 (a fixture)
@@ -60,7 +60,7 @@ def distributed(settings: dict, data_parallel: int, latent_shards: int) -> dict:
 def single(extracted, tmp_path_factory) -> dict[str, Path]:  # noqa: F811
     """Each cell trained by one process."""
     folders = {}
-    for cell in (CELL, "multitopk-n256-k4-s1"):
+    for cell in (CELL, "multitopk-n256-k4-s1", "gated-n256-l1-s1"):
         folders[cell] = tmp_path_factory.mktemp("single") / "cell"
         train_cell(cell_settings(extracted, cell, **OVERRIDES), folders[cell])
     return folders
@@ -87,9 +87,10 @@ def step_gradients(sae, x: torch.Tensor, dead: torch.Tensor, collectives=None) -
 
 
 def step_problem(arch: str, dead_fraction: float, seed: int = 0):
-    """An initialised SAE (d = 32, n = 256, k = 4), a batch of 64 and a dead mask."""
+    """An initialised SAE (d = 32, n = 256; k = 4, or the architecture's example setting), a
+    batch of 64 and a dead mask."""
     generator = torch.Generator().manual_seed(seed)
-    params = resolve_params(arch, {"k": 4}, "test")
+    params = resolve_params(arch, {"k": 4} if arch in ("topk", "multitopk") else ARCHITECTURES[arch].example, "test")
     sae = build_sae(arch, 32, 256, params)
     sae.initialise(torch.randn(200, 32, generator=generator), generator)
     dead = torch.rand(256, generator=generator) < dead_fraction
@@ -123,21 +124,31 @@ def compare_steps(rank: int, layout: tuple[int, int], port: int, expected: dict)
         torch.distributed.destroy_process_group()
 
 
+SHARDABLE = [name for name, cls in ARCHITECTURES.items() if cls.shardable]
+
+
+def test_every_architecture_but_batchtopk_can_be_distributed() -> None:
+    assert SHARDABLE == ["topk", "multitopk", "relu", "jumprelu", "gated"]
+
+
 @pytest.mark.parametrize("layout", [(1, 2), (2, 1), (2, 2), (1, 4)])
 def test_the_distributed_step_is_the_single_process_step(layout) -> None:
-    """Loss parts and gradients of TopK and Multi-TopK, with many (half) and few (1%) dead
-    latents (AuxK over all of them, or some shards without any), on every rank."""
+    """Loss parts and gradients of every shardable architecture, TopK and Multi-TopK with many
+    (half) and few (1%) dead latents (AuxK over all of them, or some shards without any), on
+    every rank."""
     expected = {}
-    for key in (("topk", 0.5), ("topk", 0.01), ("multitopk", 0.5), ("multitopk", 0.01)):
+    problems = [(arch, 0.5) for arch in SHARDABLE] + [("topk", 0.01), ("multitopk", 0.01)]
+    for key in problems:
         sae, x, dead = step_problem(*key)
         expected[key] = {name: value.clone() for name, value in step_gradients(sae, x, dead).items()}
-        assert expected[key]["aux_loss"] > 0
+        if ARCHITECTURES[key[0]].uses_auxk:
+            assert expected[key]["aux_loss"] > 0
     mp.spawn(compare_steps, (layout, free_port(), expected), nprocs=layout[0] * layout[1])
 
 
 @pytest.mark.parametrize(
     ("cell", "data_parallel", "latent_shards"),
-    [(CELL, 1, 2), (CELL, 2, 1), (CELL, 2, 2), ("multitopk-n256-k4-s1", 1, 4)],
+    [(CELL, 1, 2), (CELL, 2, 1), (CELL, 2, 2), ("multitopk-n256-k4-s1", 1, 4), ("gated-n256-l1-s1", 2, 2)],
 )
 def test_distributed_training_is_the_single_process_training(
     extracted, single, tmp_path, cell, data_parallel, latent_shards  # noqa: F811
@@ -145,7 +156,8 @@ def test_distributed_training_is_the_single_process_training(
     settings = distributed(cell_settings(extracted, cell, **OVERRIDES), data_parallel, latent_shards)
     train_cell(settings, tmp_path / "cell")
     log = read_log(tmp_path / "cell")
-    assert log.dead_fraction.max() > 0 and log.aux_loss.max() > 0  # AuxK and dead tracking were exercised
+    if cell.startswith(("topk", "multitopk")):  # AuxK and dead tracking were exercised
+        assert log.dead_fraction.max() > 0 and log.aux_loss.max() > 0
     assert_close_training(single[cell], tmp_path / "cell")
     # the export is one ordinary SAE, read as any other; no checkpoint file is left
     sae, cfg = load_sae(tmp_path / "cell")
@@ -156,9 +168,9 @@ def test_distributed_training_is_the_single_process_training(
 def test_config_refuses_what_cannot_be_distributed(tiny_model, tiny_corpus) -> None:
     from conftest import tiny_config
 
-    with pytest.raises(UserError, match=r"train\.distributed: architecture relu cannot be trained"):
+    with pytest.raises(UserError, match=r"train\.distributed: architecture batchtopk cannot be trained"):
         validate_config(tiny_config(tiny_model, tiny_corpus, **{
-            "sweep.archs": {"relu": {"l1_coef": [0.1]}}, "train.distributed.latent_shards": 2,
+            "sweep.archs": {"batchtopk": {"k": [4]}}, "train.distributed.latent_shards": 2,
         }))
     with pytest.raises(UserError, match=r"train\.distributed\.latent_shards: 3 does not divide n_latents = 64"):
         validate_config(tiny_config(tiny_model, tiny_corpus, **{"train.distributed.latent_shards": 3}))

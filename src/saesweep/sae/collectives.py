@@ -44,6 +44,10 @@ class Collectives:
         """Σ over data-parallel replicas (in place where distributed)."""
         return tensor
 
+    def data_count(self, count: int) -> int:
+        """Σ of an integer over data-parallel replicas (rows of the global batch)."""
+        return count
+
     def batch_variance(self, x: torch.Tensor) -> torch.Tensor:
         """V = ‖x − mean(x)‖²_F of the global batch (``base.batch_variance`` here)."""
         return batch_variance(x)

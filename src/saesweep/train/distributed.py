@@ -134,6 +134,9 @@ class ProcessGroups(Collectives):
             dist.all_reduce(tensor, group=self.data_group)
         return tensor
 
+    def data_count(self, count: int) -> int:
+        return int(self.data_sum(torch.tensor(count, device=self.device)).item())
+
     def batch_variance(self, x: torch.Tensor) -> torch.Tensor:
         """V = Σ_b ‖x_b − m‖² with m the global batch's mean (two sums over replicas)."""
         if self.layout.data_parallel == 1:

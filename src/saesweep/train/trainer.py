@@ -227,9 +227,9 @@ class Trainer:
             accumulator.update(x, sae(x))
         return accumulator.result()["normalised_mse"]
 
-    def step(self, x: torch.Tensor, batch_tokens: int | None = None) -> dict[str, float]:
-        """One optimisation step on batch x (this replica's rows of a global batch of
-        ``batch_tokens`` rows when distributed); returns the step's loss parts."""
+    def step(self, x: torch.Tensor) -> dict[str, float]:
+        """One optimisation step on batch x (this replica's rows of the global batch when
+        distributed); returns the step's loss parts."""
         settings = self.settings
         lr = lr_at(settings, self.tokens_seen)
         for group in self.optimizer.param_groups:
@@ -255,7 +255,7 @@ class Trainer:
         self.sae.before_optimizer_step()
         self.optimizer.step()
         self.sae.after_optimizer_step()
-        batch_tokens = len(x) if batch_tokens is None else batch_tokens
+        batch_tokens = self.groups.data_count(len(x)) if self.groups else len(x)
         self.tokens_since_fired += batch_tokens
         if self.groups:
             fired = torch.zeros_like(self.tokens_since_fired, dtype=torch.bool)
@@ -286,7 +286,7 @@ class Trainer:
         try:
             for batch in stream:
                 x = self.groups.layout.data_slice(batch) if self.groups else batch
-                parts = self.step(x, len(batch))
+                parts = self.step(x)
                 window_tokens += len(batch)
                 self.elapsed = time.perf_counter() - started
                 heldout_due = bool(pending) and self.tokens_seen >= pending[0]
