@@ -1,6 +1,7 @@
 """One cell trained by several processes (train.distributed, gloo on the CPU): latent shards,
 data-parallel replicas and both give the single-process step and training; a rank that
-dies fails the job with a message naming it, and a rerun resumes to the uninterrupted weights.
+dies fails the job with a message naming it, SIGTERM makes every rank checkpoint, and a
+rerun resumes to the weights of an uninterrupted distributed run, bit for bit.
 
 Tolerances. One step: the distributed step computes the single-process formulas with sums
 split differently (the encoder product per block of latents, reconstructions and V as
@@ -188,28 +189,54 @@ def worker_pids(launcher: int) -> list[int]:
     return [int(pid) for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
 
 
-def test_a_dead_rank_fails_the_job_and_a_rerun_resumes(extracted, tmp_path) -> None:  # noqa: F811
+@pytest.fixture(scope="module")
+def uninterrupted(extracted, tmp_path_factory) -> tuple[Path, Path]:  # noqa: F811
+    """A two-shard cell trained without interruption, and its settings file."""
     settings = distributed(cell_settings(extracted, "topk-n512-k8-s2", **LONG), 1, 2)
-    uninterrupted = tmp_path / "uninterrupted"
-    train_cell(settings, uninterrupted)
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    train_cell(settings, folder / "cell")
+    write_json(folder / "settings.json", {key: value for key, value in settings.items() if key != "threads"})
+    return folder / "cell", folder / "settings.json"
 
-    write_json(tmp_path / "settings.json", {key: value for key, value in settings.items() if key != "threads"})
-    folder = tmp_path / "killed"
-    command = [sys.executable, "-m", "saesweep.cli", "train", "--settings", str(tmp_path / "settings.json"),
-               "--out", str(folder), "--threads", "2"]
+
+def start_after_checkpoint(settings: Path, folder: Path) -> tuple[subprocess.Popen, list[str]]:
+    """``saesweep train`` of the cell in a subprocess, returned once its first checkpoint exists."""
+    command = [sys.executable, "-m", "saesweep.cli", "train", "--settings", str(settings), "--out", str(folder),
+               "--threads", "2"]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.monotonic() + 300
     while not (folder / CHECKPOINT).exists():
         assert process.poll() is None and time.monotonic() < deadline, "no checkpoint before the job ended"
         time.sleep(0.05)
-    os.kill(worker_pids(process.pid)[1], signal.SIGKILL)
-    _, stderr = process.communicate(timeout=300)
-    assert process.returncode == 2, stderr
-    assert "rank 1 of 2 was killed by signal SIGKILL" in stderr and "resumes" in stderr
-    assert not (folder / "sae.safetensors").exists()
+    return process, command
 
+
+def resume(command: list[str], folder: Path, uninterrupted: Path) -> None:
     rerun = subprocess.run(command, stderr=subprocess.PIPE, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
     assert "resuming from" in rerun.stderr
     assert_same_training(uninterrupted, folder)
     assert not list(folder.glob("checkpoint*"))
+
+
+def test_a_dead_rank_fails_the_job_and_a_rerun_resumes(uninterrupted, tmp_path) -> None:
+    folder = tmp_path / "killed"
+    process, command = start_after_checkpoint(uninterrupted[1], folder)
+    os.kill(worker_pids(process.pid)[1], signal.SIGKILL)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 2, stderr
+    assert "rank 1 of 2 was killed by signal SIGKILL" in stderr and "resumes" in stderr
+    assert not (folder / "sae.safetensors").exists()
+    resume(command, folder, uninterrupted[0])
+
+
+def test_sigterm_checkpoints_every_rank_and_a_rerun_resumes(uninterrupted, tmp_path) -> None:
+    folder = tmp_path / "terminated"
+    process, command = start_after_checkpoint(uninterrupted[1], folder)
+    first = (folder / CHECKPOINT).stat().st_mtime_ns
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 143, stderr
+    assert (folder / CHECKPOINT).stat().st_mtime_ns > first  # written on SIGTERM, by every rank
+    assert len(list(folder.glob("checkpoint-*-shard*of2.pt"))) == 2
+    resume(command, folder, uninterrupted[0])

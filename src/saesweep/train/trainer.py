@@ -383,8 +383,8 @@ def train_cell(settings: dict[str, Any], folder: Path) -> None:
 def train_rank(settings: dict[str, Any], folder: Path, placement: Placement) -> None:
     """One rank of a distributed cell: join the process group, train, leave it."""
     device = resolve_device(settings["device"])
-    if device == "cuda":
-        device = f"cuda:{placement.local_rank}"
+    if device == "cuda":  # one GPU per rank: its local rank among the GPUs it sees
+        device = f"cuda:{placement.local_rank % torch.cuda.device_count()}"
         torch.cuda.set_device(device)
     groups = init_process_groups(settings, placement, device)
     try:
