@@ -3,7 +3,11 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+# The default sweep, unless --configfile names another: a config given on the command line
+# replaces it whole (Snakemake would otherwise merge the two, e.g. both files' grids).
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
 
 
 report: "workflow/report/workflow.rst"

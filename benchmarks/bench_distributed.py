@@ -59,7 +59,7 @@ def rank_main(rank: int, args: argparse.Namespace, ranks: int, port: int, out: s
     optimizer = make_adam(sae.parameters(), 1e-4, 6.25e-10)
     x = torch.randn(args.batch, args.d, generator=torch.Generator().manual_seed(1234))
     dead = torch.rand(groups.n_local, generator=generator) < DEAD_FRACTION
-    context = StepContext(dead, args.d // 2, 1 / 32, 0.5, 1e-3, groups)
+    context = StepContext(dead, args.d // 2, 1 / 32, 0.5, 1e-3, collectives=groups)
     times = []
     for step in range(args.steps + 1):
         torch.distributed.barrier()

@@ -98,7 +98,7 @@ def tiny_config(model: Path, corpus: Path, **overrides: Any) -> dict[str, Any]:
                         "eval_tokens": 2000, "shard_tokens": 1500, "storage_dtype": "float32"},
         "sweep": {"n_latents": [64, 256], "k": [4, 16], "seeds": [0]},
         "train": {"tokens": {"base": 12000, "n_ref": 64, "n_exponent": 0.0}, "batch_size": 256,
-                  "lr": {"base": 4e-3, "n_ref": 64}, "auxk": {"k_aux": 16},
+                  "lr": {"base": 4e-3, "n_ref": 64},
                   "dead": {"min_tokens": 2000, "factor": 10}, "geometric_median_sample": 512,
                   "checkpoint_every_tokens": 3000, "log_every_tokens": 1024, "device": "cpu"},
         "evaluate": {"tokens": 2000, "downstream_windows": 8, "analysis_windows": 32, "explain_latents": 8,

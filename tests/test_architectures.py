@@ -48,6 +48,28 @@ def example_params(name: str) -> dict:
     return resolve_params(name, ARCHITECTURES[name].example, "example")
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_tied_initialisation_and_its_ablation(name: str) -> None:
+    """tied_init 1 (the default): the encoder starts as the decoder's transpose; 0: an
+    independent encoder with entries in [−1/√d, 1/√d] and the same decoder; each the same for
+    the same seed."""
+    d, n = 16, 64
+    sample = torch.randn(256, d, generator=torch.Generator().manual_seed(1))
+
+    def initialised(tied: int) -> torch.nn.Module:
+        sae = build_sae(name, d, n, resolve_params(name, {**ARCHITECTURES[name].example, "tied_init": tied}, "example"))
+        sae.initialise(sample, torch.Generator().manual_seed(0))
+        return sae
+
+    tied, untied = initialised(1), initialised(0)
+    assert torch.equal(tied.W_enc, tied.W_dec)
+    assert torch.equal(untied.W_dec, tied.W_dec)
+    assert untied.W_enc.abs().max() <= 1 / math.sqrt(d)
+    cosine = torch.nn.functional.cosine_similarity(untied.W_enc, untied.W_dec, dim=1)
+    assert cosine.abs().mean() < 0.5  # independent directions, not the decoder's
+    assert torch.equal(initialised(0).W_enc, untied.W_enc)
+
+
 # --- the step against the reference ---------------------------------------------------------
 
 
@@ -157,7 +179,6 @@ def planted_settings(name: str, activations: Path, **changes) -> dict:
         "site": "resid0", "arch": name, "params": example_params(name), "n_latents": 128, "seed": 0,
         "activations": str(activations), "on_exhausted": "cycle", "tokens": 200_000, "batch_size": 256,
         "lr": 3e-3, "warmup_tokens": 0, "decay": "linear", "decay_fraction": 0.2, "adam_eps": 6.25e-10,
-        "auxk": {"enabled": ARCHITECTURES[name].uses_auxk, "k_aux": 16, "coef": 1 / 32},
         "dead": {"threshold": 1e-3, "window_tokens": 3000}, "geometric_median_sample": 512,
         "checkpoint_every_tokens": 10**9, "log_every_tokens": 4096, "heldout": {"points": 0}, "device": "cpu", "autocast_bf16": False,
         "threads": 1,

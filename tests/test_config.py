@@ -64,7 +64,6 @@ def test_defaults_are_filled_without_touching_given_values() -> None:
     assert train["batch_size"] == 1024
     assert train["tokens"]["base"] == 300000 and train["tokens"]["max"] is None
     assert train["lr"]["base"] == pytest.approx(2e-4) and train["lr"]["n_ref"] == 16384
-    assert train["auxk"] == {"enabled": True, "k_aux": 512, "coef": 0.03125}
     assert train["adam_eps"] == pytest.approx(6.25e-10)
     assert config["evaluate"]["k_transfer_factors"] == [0.5, 1, 2, 4]  # section given, missing keys filled
     assert config["scaling"]["bootstrap"] == 20
@@ -90,7 +89,9 @@ def test_defaults_are_filled_without_touching_given_values() -> None:
         ({"sweep.k": [0]}, "sweep.k[0]"),
         ({"train.lr.base": -1.0}, "train.lr.base"),
         ({"train.batch_size": 1.5}, "train.batch_size"),
-        ({"train.auxk.enabled": "yes"}, "train.auxk.enabled"),
+        ({"train.auxk.enabled": False}, "train.auxk"),  # moved: AuxK's settings are cell parameters
+        ({"sweep.archs": {"batchtopk": {"k": [4], "tied_init": [2]}}}, "sweep.archs.batchtopk.tied_init"),
+        ({"sweep.archs": {"relu": [{"l1_coef": [1]}, {"l1_coef": [-1]}]}}, "sweep.archs.relu[1].l1_coef"),
         ({"corpus.eval_fraction": 1.0}, "corpus.eval_fraction"),
         ({"corpus.source": "ftp"}, "corpus.source"),
         ({"model.dtype": "float64"}, "model.dtype"),
@@ -232,6 +233,21 @@ def test_an_architecture_may_have_its_own_dictionary_sizes() -> None:
     assert sizes == {"topk": [32, 64, 128, 256, 512], "relu": [64, 256]}
     with pytest.raises(UserError, match="sweep.archs.topk.n_latents"):
         validate_config(base_config(**{"sweep.k": None, "sweep.archs": {"topk": {"k": [4], "n_latents": [1]}}}))
+
+
+def test_a_list_of_grids_gives_the_union_of_their_cells() -> None:
+    """The dead-latent study's shape: a 2 × 2 (tied init × AuxK) plus variants of one corner,
+    a cell that two grids both give appearing once, in the order first given."""
+    grids = {"topk": [{"k": [8], "tied_init": [0, 1], "aux_coef": [0, 0.03125]},
+                      {"k": [8], "aux_coef": [0.03125], "k_aux": [256, 512], "aux_error_norm": [0, 1]}]}
+    config = validate_config(base_config(**{"sweep.k": None, "sweep.n_latents": [64], "sweep.archs": grids}))
+    names = [cell.name for cell in sweep_cells(config)]
+    assert names == ["topk-n64-k8-ti0-s0", "topk-n64-k8-ax0.03125-ti0-s0", "topk-n64-k8-s0", "topk-n64-k8-ax0.03125-s0",
+                     "topk-n64-k8-ax0.03125-ka256-s0", "topk-n64-k8-ax0.03125-ka256-ae1-s0",
+                     "topk-n64-k8-ax0.03125-ae1-s0"]
+    with pytest.raises(UserError, match=r"sweep.archs.topk\[1\]: k=64 must be smaller"):
+        validate_config(base_config(**{"sweep.k": None, "sweep.n_latents": [64],
+                                       "sweep.archs": {"topk": [{"k": [8]}, {"k": [64]}]}}))
 
 
 def test_every_architecture_declares_distinct_tags_and_a_required_knob() -> None:

@@ -49,7 +49,7 @@ from test_train import cell_settings, extracted  # noqa: F401 (a fixture)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # AuxK acts here: the dead window (2000 tokens) is short against the budget (12000)
-CELL = "topk-n256-k4-s1"
+CELL = "topk-n256-k4-ax0.03125-ka16-s1"
 OVERRIDES = {"train.log_every_tokens": 512}
 
 
@@ -61,7 +61,7 @@ def distributed(settings: dict, data_parallel: int, latent_shards: int) -> dict:
 def single(extracted, tmp_path_factory) -> dict[str, Path]:  # noqa: F811
     """Each cell trained by one process."""
     folders = {}
-    for cell in (CELL, "multitopk-n256-k4-s1", "gated-n256-l1-s1"):
+    for cell in (CELL, "multitopk-n256-k4-ax0.03125-ka16-s1", "gated-n256-l1-s1"):
         folders[cell] = tmp_path_factory.mktemp("single") / "cell"
         train_cell(cell_settings(extracted, cell, **OVERRIDES), folders[cell])
     return folders
@@ -78,16 +78,18 @@ def assert_close_training(a: Path, b: Path) -> None:
         torch.testing.assert_close(weights_a[name], weights_b[name], rtol=0, atol=2e-2, msg=name)
 
 
-def step_gradients(sae, x: torch.Tensor, dead: torch.Tensor, collectives=None) -> dict[str, torch.Tensor]:
-    """Loss parts and gradients of one training step (AuxK on, k_aux = 16, α = 1/32)."""
-    context = StepContext(dead, 16, 1 / 32, 0.5, 1e-3, collectives)
+def step_gradients(sae, x: torch.Tensor, dead: torch.Tensor, normaliser: str,
+                   collectives=None) -> dict[str, torch.Tensor]:
+    """Loss parts and gradients of one training step (AuxK on, k_aux = 16, α = 1/32, L_aux
+    divided by ``normaliser``'s variance)."""
+    context = StepContext(dead, 16, 1 / 32, 0.5, 1e-3, aux_normaliser=normaliser, collectives=collectives)
     out = sae.training_step(x, context)
     if collectives is not None:
         collectives.sum_gradients(sae)
     return {**{name: part for name, part in out.parts.items()}, **{name: p.grad for name, p in sae.named_parameters()}}
 
 
-def step_problem(arch: str, dead_fraction: float, seed: int = 0):
+def step_problem(arch: str, dead_fraction: float, normaliser: str = "input", seed: int = 0):
     """An initialised SAE (d = 32, n = 256; k = 4, or the architecture's example setting), a
     batch of 64 and a dead mask."""
     generator = torch.Generator().manual_seed(seed)
@@ -115,7 +117,7 @@ def compare_steps(rank: int, layout: tuple[int, int], port: int, expected: dict)
                 for name, parameter in full.named_parameters():
                     sae.get_parameter(name).copy_(groups.local_block(full, name, parameter))
             start, stop = groups.offset, groups.offset + groups.n_local
-            got = step_gradients(sae, groups.layout.data_slice(x), dead[start:stop], groups)
+            got = step_gradients(sae, groups.layout.data_slice(x), dead[start:stop], key[2], groups)
             for name, value in reference.items():
                 if value.dim() and name != "b_pre":
                     value = value[start:stop]
@@ -135,13 +137,14 @@ def test_every_architecture_but_batchtopk_can_be_distributed() -> None:
 @pytest.mark.parametrize("layout", [(1, 2), (2, 1), (2, 2), (1, 4)])
 def test_the_distributed_step_is_the_single_process_step(layout) -> None:
     """Loss parts and gradients of every shardable architecture, TopK and Multi-TopK with many
-    (half) and few (1%) dead latents (AuxK over all of them, or some shards without any), on
-    every rank."""
+    (half) and few (1%) dead latents (AuxK over all of them, or some shards without any; L_aux
+    over V or over the error's variance), on every rank."""
     expected = {}
-    problems = [(arch, 0.5) for arch in SHARDABLE] + [("topk", 0.01), ("multitopk", 0.01)]
+    problems = [(arch, 0.5, "input") for arch in SHARDABLE]
+    problems += [("topk", 0.01, "input"), ("multitopk", 0.01, "input"), ("topk", 0.5, "error"), ("topk", 0.01, "error")]
     for key in problems:
         sae, x, dead = step_problem(*key)
-        expected[key] = {name: value.clone() for name, value in step_gradients(sae, x, dead).items()}
+        expected[key] = {name: value.clone() for name, value in step_gradients(sae, x, dead, key[2]).items()}
         if ARCHITECTURES[key[0]].uses_auxk:
             assert expected[key]["aux_loss"] > 0
     mp.spawn(compare_steps, (layout, free_port(), expected), nprocs=layout[0] * layout[1])
@@ -149,7 +152,7 @@ def test_the_distributed_step_is_the_single_process_step(layout) -> None:
 
 @pytest.mark.parametrize(
     ("cell", "data_parallel", "latent_shards"),
-    [(CELL, 1, 2), (CELL, 2, 1), (CELL, 2, 2), ("multitopk-n256-k4-s1", 1, 4), ("gated-n256-l1-s1", 2, 2)],
+    [(CELL, 1, 2), (CELL, 2, 1), (CELL, 2, 2), ("multitopk-n256-k4-ax0.03125-ka16-s1", 1, 4), ("gated-n256-l1-s1", 2, 2)],
 )
 def test_distributed_training_is_the_single_process_training(
     extracted, single, tmp_path, cell, data_parallel, latent_shards  # noqa: F811

@@ -84,7 +84,6 @@ def cells(raw_activations, tmp_path_factory) -> dict[str, Path]:
             "n_latents": N, "seed": 0, "activations": str(raw_activations), "on_exhausted": "cycle",
             "tokens": 16384, "batch_size": 256, "lr": 3e-3, "warmup_tokens": 0, "decay": "none",
             "decay_fraction": 0.2, "adam_eps": 6.25e-10,
-            "auxk": {"enabled": ARCHITECTURES[name].uses_auxk, "k_aux": 16, "coef": 1 / 32},
             "dead": {"threshold": 1e-3, "window_tokens": 3000}, "geometric_median_sample": 512,
             "checkpoint_every_tokens": 10**9, "log_every_tokens": 4096, "heldout": {"points": 0}, "device": "cpu", "autocast_bf16": False,
             "threads": 1,

@@ -10,6 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from saesweep.sae import topk_kernels as kernels
 from saesweep.sae.topk_kernels import SelectionStep, dense_reference_step, sparse_step
 from saesweep.sae.topk import TopKSAE
+from saesweep.sae.base import batch_variance
 
 PARAMETERS = ("W_enc", "b_enc", "W_dec", "b_pre")
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
@@ -36,16 +37,16 @@ def make_sae(d: int, n: int, k: int, dtype: torch.dtype, seed: int = 0) -> TopKS
     return sae
 
 
-def run(step, sae: TopKSAE, x, dead_mask, k_aux, aux_coef, project: bool = False):
-    out = step(sae, x, dead_mask, k_aux, aux_coef)
+def run(step, sae: TopKSAE, x, dead_mask, k_aux, aux_coef, project: bool = False, aux_normaliser: str = "input"):
+    out = step(sae, x, dead_mask, k_aux, aux_coef, aux_normaliser=aux_normaliser)
     if project:
         sae.before_optimizer_step()
     return out, {name: getattr(sae, name).grad.clone() for name in PARAMETERS}
 
 
-def assert_same_step(sae, x, dead_mask, k_aux, aux_coef, rtol, atol, project=False) -> SelectionStep:
-    ref, ref_grads = run(dense_reference_step, sae, x, dead_mask, k_aux, aux_coef, project)
-    out, grads = run(sparse_step, sae, x, dead_mask, k_aux, aux_coef, project)
+def assert_same_step(sae, x, dead_mask, k_aux, aux_coef, rtol, atol, project=False, aux_normaliser="input") -> SelectionStep:
+    ref, ref_grads = run(dense_reference_step, sae, x, dead_mask, k_aux, aux_coef, project, aux_normaliser)
+    out, grads = run(sparse_step, sae, x, dead_mask, k_aux, aux_coef, project, aux_normaliser)
     # Same selected set per row (the order within a row is unspecified, as for topk).
     ref_order, order = ref.indices.argsort(dim=1), out.indices.argsort(dim=1)
     assert torch.equal(ref.indices.gather(1, ref_order), out.indices.gather(1, order))
@@ -105,6 +106,27 @@ def test_sparse_and_dense_auxk_paths(monkeypatch, dense_fraction, d, n, k, dead_
     x = torch.randn(40, d, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     out = assert_same_step(sae, x, random_dead(n, dead_fraction), k_aux, 0.5, rtol=1e-10, atol=1e-12, project=True)
     assert out.aux_loss > 0
+
+
+@pytest.mark.parametrize("dense_fraction", [0.0, 2.0])
+def test_error_normalised_auxk(monkeypatch, dense_fraction):
+    """aux_normaliser "error" divides L_aux by V_e = ‖e − ē‖² of the step's error instead of by
+    V: the sparse step still matches the reference (dense and sparse AuxK products), and its
+    AuxK loss and AuxK gradient are exactly V / V_e times those with "input"."""
+    monkeypatch.setattr(kernels, "_DENSE_AUX_FRACTION", dense_fraction)
+    sae = make_sae(16, 512, 8, torch.float64)
+    x = torch.randn(40, 16, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    dead = random_dead(512, 0.5)
+    by_error = assert_same_step(sae, x, dead, 16, 0.5, rtol=1e-10, atol=1e-12, aux_normaliser="error")
+    by_input, input_grads = run(sparse_step, sae, x, dead, 16, 0.5)
+    _, main_grads = run(sparse_step, sae, x, dead, 16, 0.0)
+    _, error_grads = run(sparse_step, sae, x, dead, 16, 0.5, aux_normaliser="error")
+    error = x - sae.b_pre - torch.zeros(40, 512, dtype=x.dtype).scatter(1, by_input.indices, by_input.values) @ sae.W_dec
+    ratio = batch_variance(x) / batch_variance(error)
+    assert abs(ratio.item() - 1) > 0.5  # the two normalisers differ in this setting
+    torch.testing.assert_close(by_error.aux_loss, by_input.aux_loss * ratio)
+    for name in ("W_enc", "W_dec", "b_enc"):
+        torch.testing.assert_close(error_grads[name] - main_grads[name], (input_grads[name] - main_grads[name]) * ratio)
 
 
 @pytest.mark.parametrize(

@@ -117,6 +117,29 @@ def test_training_curves(cells: pd.DataFrame, tmp_path: Path) -> None:
     )
 
 
+def test_dead_latents(cells: pd.DataFrame, tmp_path: Path) -> None:
+    """Both dead-latent measures against tokens per latent, one panel per (site, arch, n), the
+    expected firings of a uniform-rate latent in each legend entry."""
+    steps = pd.DataFrame({"tokens": [1000, 2000, 4000, 8000]})
+    logs = cells[["site", "arch", "curve", "sparsity", "n_latents", "k", "seed"]].merge(steps, how="cross")
+    logs = logs.assign(
+        dead_fraction=0.3, heldout_dead_fraction=0.2, heldout_expected_firings=8192 * logs["k"] / logs["n_latents"],
+        window_expected_firings=50.0,
+    )
+    logs.loc[logs["tokens"] == 2000, "heldout_dead_fraction"] = np.nan  # a log row between held-out points
+    text = check_written(
+        plots.plot_dead_latents(logs, tmp_path / "dead_latents", TITLE),
+        "training tokens per latent (tokens / n, log scale)",
+        "never fires on the held-out tokens",
+        "no firing in the training dead window",
+        "k8: expect 16 held-out, 50 window firings",  # n = 4096: 8192 · 8 / 4096
+        "topk · n=512",
+    )
+    assert text.count("topk · n=") == 10  # 2 sites × 5 sizes
+    empty = check_written(plots.plot_dead_latents(logs.drop(columns="heldout_dead_fraction"), tmp_path / "none", TITLE))
+    assert "no training log with held-out points" in empty
+
+
 def test_all_non_positive_values_fall_back_to_a_linear_axis(cells: pd.DataFrame, tmp_path: Path) -> None:
     negative = cells.assign(delta_lm_loss=-cells["delta_lm_loss"].abs() - 1e-3)
     fits = fit_scaling_laws(negative, ["delta_lm_loss"], bootstrap=0)

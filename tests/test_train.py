@@ -86,6 +86,17 @@ def test_loss_falls_and_outputs_are_complete(extracted, tmp_path) -> None:
     with torch.no_grad():
         expected = (heldout - sae(heldout)).pow(2).sum() / (heldout - heldout.mean(0)).pow(2).sum()
     assert curve.heldout_nmse.iloc[-1] == pytest.approx(expected.item(), rel=1e-5)
+    # beside it, the latents that never fire on those tokens and the firings a latent at the
+    # uniform rate L0 / n would have there and in the dead window
+    with torch.no_grad():
+        codes = sae.encode(heldout).to_dense()
+    never = (codes <= settings["dead"]["threshold"]).all(dim=0).float().mean().item()
+    rate = (codes > 0).sum().item() / len(heldout) / 64
+    final = curve.iloc[-1]
+    assert final.heldout_dead_fraction == pytest.approx(never)
+    assert final.heldout_expected_firings == pytest.approx(len(heldout) * rate)
+    assert final.window_expected_firings == pytest.approx(settings["dead"]["window_tokens"] * rate)
+    assert log.heldout_dead_fraction.notna().sum() == len(curve)
 
 
 def test_nan_loss_stops_without_outputs(extracted, tmp_path) -> None:
@@ -201,11 +212,11 @@ def test_auxk_acts_only_on_dead_latents(extracted, tmp_path) -> None:
     (0.43 vs 0.29 here; the same on every small setting tried, also with the dense reference
     step): the dead latents AuxK selects have positive pre-activations larger than their
     projection on the residual, so its encoder gradient lowers them."""
-    overrides = {"train.dead.min_tokens": 1000, "train.dead.factor": 1, "train.log_every_tokens": 256,
-                 "train.auxk.k_aux": 16}
+    overrides = {"train.dead.min_tokens": 1000, "train.dead.factor": 1, "train.log_every_tokens": 256}
     logs, dead = {}, {}
     for enabled in (True, False):
-        settings = cell_settings(extracted, "topk-n512-k2-s0", **overrides, **{"train.auxk.enabled": enabled})
+        cell = "topk-n512-k2-ax0.03125-ka16-s0" if enabled else "topk-n512-k2-ka16-s0"  # α = 1/32 or 0 (off)
+        settings = cell_settings(extracted, cell, **overrides)
         train_cell(settings, tmp_path / str(enabled))
         logs[enabled] = read_log(tmp_path / str(enabled)).drop(columns=TIMING_COLUMNS)
         dead[enabled] = read_json(tmp_path / str(enabled) / "cfg.json", "cfg")["training"]["final_dead_fraction"]

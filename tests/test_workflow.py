@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -16,6 +17,8 @@ from safetensors.torch import load_file
 
 from conftest import REPO, tiny_config, write_config
 from saesweep.analysis.scaling import predict
+from saesweep.plan.cells import sweep_cells
+from saesweep.plan.config import load_config
 
 pytestmark = pytest.mark.workflow
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
@@ -152,9 +155,16 @@ SHIPPED = sorted((REPO / "config").glob("*.yaml"))
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
 def test_every_shipped_config_dry_runs(path: Path, tmp_path: Path) -> None:
+    """Each shipped config, given with --configfile beside the default config/config.yaml (as a
+    user runs it from the repository), plans exactly its own cells: it replaces the default
+    rather than merging into it."""
     (tmp_path / "config.yaml").write_text(path.read_text())
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.yaml").write_text((REPO / "config" / "config.yaml").read_text())
     result = snakemake(tmp_path, "-n")
     assert "aggregate" in result.stdout and "evaluate_cell" in result.stdout
+    planned = set(re.findall(r"cells/[^/\s]+/([^/\s]+)/metrics\.json", result.stdout))
+    assert planned == {cell.name for cell in sweep_cells(load_config(path))}
 
 
 def test_external_saes_are_evaluated_into_the_table_and_the_figures(sweep: Path, tmp_path: Path) -> None:

@@ -43,6 +43,7 @@ FIGURES = (
             "interpretability",
             "compute_frontier",
             "training_curves",
+            "dead_latents",
         )
     }
     | {

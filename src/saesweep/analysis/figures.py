@@ -15,8 +15,8 @@ def draw_all(cells_path: Path, logs_path: Path, fits_path: Path, folder: Path, t
     """Write ``{metric}_vs_n``, ``{metric}_vs_k``, ``{metric}_joint`` for each fitted
     metric, and ``dead_fraction``, ``frontier``, ``sparsity_frontier`` and
     ``sparsity_frontier_delta_lm_loss`` (architectures against measured L0), ``k_transfer``
-    and ``k_transfer_delta_lm_loss``, ``interpretability``, ``compute_frontier`` and
-    ``training_curves`` (PNG and SVG)."""
+    and ``k_transfer_delta_lm_loss``, ``interpretability``, ``compute_frontier``,
+    ``training_curves`` and ``dead_latents`` (PNG and SVG)."""
     cells = with_curves(pd.read_parquet(cells_path))
     logs = with_curves(pd.read_parquet(logs_path))
     fits = json.loads(Path(fits_path).read_text())
@@ -35,4 +35,5 @@ def draw_all(cells_path: Path, logs_path: Path, fits_path: Path, folder: Path, t
     written += plots.plot_interpretability(cells, folder / "interpretability", title)
     written += plots.plot_compute_frontier(logs, fits, folder / "compute_frontier", title)
     written += plots.plot_training_curves(logs, folder / "training_curves", title)
+    written += plots.plot_dead_latents(logs, folder / "dead_latents", title)
     return written

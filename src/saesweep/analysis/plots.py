@@ -1,4 +1,5 @@
-"""Figures of a sweep: metrics against n and k with their fitted laws, the joint law, dead latents,
+"""Figures of a sweep: metrics against n and k with their fitted laws, the joint law, dead latents
+(against n, and during training against tokens per latent),
 the ΔLM-loss / NMSE frontier, Multi-TopK curves, interpretability against n and training curves.
 
 Every function draws one panel per (site, arch) group, titles the figure with ``title``,
@@ -351,6 +352,48 @@ def plot_dead_fraction(cells: pd.DataFrame, stem: str | Path, title: str) -> lis
     for ax, (site, arch) in zip(axes, groups):
         _lines_per_curve(ax, _rows(cells, site, arch), "dead_fraction")
         ax.set_ylim(-0.02, 1.02)
+    return _save(fig, stem)
+
+
+def plot_dead_latents(train_logs: pd.DataFrame, stem: str | Path, title: str) -> list[Path]:
+    """Dead latents during training against tokens per latent (training tokens / n, log
+    scale), one panel per (site, arch, n), one colour per curve (e.g. the dead-latent study's
+    variants ``k8-ax0-ti0``): solid with markers, the fraction that never fires on the
+    held-out sample (``heldout_dead_fraction``); dashed, the fraction without a firing in the
+    training dead window (``dead_fraction``, what AuxK acts on). Each legend entry gives the
+    firings a latent at the uniform rate L0 / n would have in the held-out sample and in
+    the window (at the last held-out point): a latent silent for far fewer is rare, not dead."""
+    if "heldout_dead_fraction" not in train_logs.columns:
+        train_logs = train_logs.assign(heldout_dead_fraction=np.nan)
+    logs = train_logs[train_logs["heldout_dead_fraction"].notna()]
+    keys = [tuple(key) for key in logs[["site", "arch", "n_latents"]].drop_duplicates().sort_values(["site", "arch", "n_latents"]).to_numpy()]
+    fig, axes = _figure([(site, f"{arch} · n={n}") for site, arch, n in keys], title)
+    for ax, (site, arch, n) in zip(axes, keys):
+        cells = _rows(train_logs, site, arch)
+        cells = cells[cells["n_latents"] == n]
+        curves = _curves(cells)
+        colours = _colours(curves, "tab10")
+        for (curve, seed), rows in cells.sort_values("tokens").groupby(["curve", "seed"]):
+            per_latent = rows["tokens"] / n
+            held = rows[rows["heldout_dead_fraction"].notna()]
+            last = held.iloc[-1]
+            label = (f"{curve}: expect {last['heldout_expected_firings']:.3g} held-out, "
+                     f"{last['window_expected_firings']:.3g} window firings")
+            first_seed = seed == cells["seed"].min()
+            ax.plot(held["tokens"] / n, held["heldout_dead_fraction"], "o-", ms=3, lw=1.2,
+                    color=colours[curve], label=label if first_seed else None)
+            ax.plot(per_latent, rows["dead_fraction"], "--", lw=1, color=colours[curve])
+        ax.set_xscale("log")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("training tokens per latent (tokens / n, log scale)")
+        ax.set_ylabel("dead latents (fraction of n)")
+        ax.grid(True, which="both", alpha=0.25)
+        handles, labels = ax.get_legend_handles_labels()
+        handles += [Line2D([], [], color="grey", marker="o", ms=3), Line2D([], [], color="grey", ls="--")]
+        labels += ["never fires on the held-out tokens", "no firing in the training dead window"]
+        ax.legend(handles, labels, fontsize=7)
+    if not keys:
+        _note(axes[0], "no training log with held-out points (train.heldout.points is 0)")
     return _save(fig, stem)
 
 

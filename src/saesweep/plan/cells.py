@@ -10,7 +10,9 @@ or a new grid axis whose values include the default, renames no existing cell. V
 written as the shortest text that reads back to the same number.
 
 ``sweep.archs`` maps each architecture to its grid (every parameter a list of values; the
-cells are their product); ``sweep.k`` is shorthand for ``archs: {topk: {k: …}}``.
+cells are their product) or to a list of such grids (the union of their cells: e.g. a 2 × 2
+ablation plus variants of one of its corners, without the whole product); ``sweep.k`` is
+shorthand for ``archs: {topk: {k: …}}``.
 """
 
 from __future__ import annotations
@@ -98,26 +100,34 @@ def parse_cell(name: str) -> Cell:
     return cell
 
 
-def arch_grids(sweep: dict[str, Any]) -> dict[str, dict[str, list[Any]]]:
-    """``sweep.archs``, with ``sweep.k`` as TopK's grid when given."""
-    grids = {arch: dict(grid) for arch, grid in sweep.get("archs", {}).items()}
+def arch_grids(sweep: dict[str, Any]) -> list[tuple[str, str, dict[str, list[Any]]]]:
+    """``sweep.archs`` as (architecture, its config key, one grid) triples, a list of grids
+    giving one triple each, with ``sweep.k`` as TopK's grid when given."""
+    archs = sweep.get("archs", {})
     if "k" in sweep:
-        if "topk" in grids:
+        if "topk" in archs:
             raise UserError("config key sweep.k: give TopK's k either as sweep.k or in sweep.archs.topk, not both")
-        grids = {"topk": {"k": sweep["k"]}, **grids}
-    if not grids:
+        archs = {"topk": {"k": sweep["k"]}, **archs}
+    if not archs:
         raise UserError("config key sweep.archs: no architecture; give sweep.archs (or sweep.k for TopK)")
+    grids = []
+    for arch, given in archs.items():
+        key = "config key " + ("sweep.k" if arch == "topk" and "k" in sweep else f"sweep.archs.{arch}")
+        if isinstance(given, list):
+            grids += [(arch, f"{key}[{index}]", dict(grid)) for index, grid in enumerate(given)]
+        else:
+            grids.append((arch, key, dict(given)))
     return grids
 
 
 def sweep_cells(config: dict[str, Any]) -> list[Cell]:
-    """Every cell of the sweep: for each architecture, its grid × n_latents × seeds, where an
-    architecture's own ``n_latents`` list in its grid replaces ``sweep.n_latents``. Unknown
-    architectures or parameters, bad values and impossible cells (k ≥ n) name their key."""
+    """Every cell of the sweep: for each architecture's grid, its product × n_latents × seeds,
+    where a grid's own ``n_latents`` list replaces ``sweep.n_latents``; a cell that two grids
+    both give appears once. Unknown architectures or parameters, bad values and impossible
+    cells (k ≥ n) name their key."""
     sweep = config["sweep"]
-    cells = []
-    for arch, grid in arch_grids(sweep).items():
-        key = "config key " + ("sweep.k" if arch == "topk" and "k" in sweep else f"sweep.archs.{arch}")
+    cells: dict[str, Cell] = {}
+    for arch, key, grid in arch_grids(sweep):
         sizes = grid.pop("n_latents", sweep["n_latents"])
         names = list(grid)
         for values in itertools.product(*(grid[name] for name in names)):
@@ -127,5 +137,5 @@ def sweep_cells(config: dict[str, Any]) -> list[Cell]:
                     problem = architecture(arch).problem(n, cell.parameters)
                     if problem:
                         raise UserError(f"{key}: {problem}")
-                    cells.append(cell)
-    return cells
+                    cells.setdefault(cell.name, cell)
+    return list(cells.values())

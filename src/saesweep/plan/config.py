@@ -48,6 +48,11 @@ def validate_config(raw: Any) -> dict[str, Any]:
     """Schema check, defaults, then the cross-key checks; returns a new dict."""
     if not isinstance(raw, dict):
         raise UserError("config must be a mapping of keys (run, model, corpus, ...)")
+    if isinstance(raw.get("train"), dict) and "auxk" in raw["train"]:
+        raise UserError(
+            "config key train.auxk: AuxK's settings are parameters of the architectures that use it, "
+            "per cell: sweep.archs.{arch}.aux_coef (0 turns AuxK off), k_aux, aux_error_norm (config/README.md)"
+        )
     config = copy.deepcopy(raw)
     error = jsonschema.exceptions.best_match(
         jsonschema.Draft202012Validator(load_schema()).iter_errors(config)

@@ -14,7 +14,6 @@ from saesweep.core.errors import UserError
 from saesweep.core.sites import transformer_lens_hook
 from saesweep.plan.cells import parse_cell
 from saesweep.plan.config import dead_window, learning_rate, token_budget
-from saesweep.sae.registry import architecture
 
 
 def run_dir(config: dict[str, Any]) -> str:
@@ -64,10 +63,9 @@ def extraction_settings(config: dict[str, Any], split: str, device: str = "auto"
 
 def train_settings(config: dict[str, Any], site: str, cell_name: str) -> dict[str, Any]:
     """What ``saesweep train`` needs for one cell: the recipe resolved for its architecture,
-    parameters and n (AuxK only where the architecture uses it)."""
+    parameters (AuxK's among them, where the architecture uses it) and n."""
     cell = parse_cell(cell_name)
     train = config["train"]
-    uses_auxk = architecture(cell.arch).uses_auxk
     return {
         "site": site,
         "arch": cell.arch,
@@ -83,7 +81,6 @@ def train_settings(config: dict[str, Any], site: str, cell_name: str) -> dict[st
         "decay": train["lr"]["decay"],
         "decay_fraction": train["lr"]["decay_fraction"],
         "adam_eps": train["adam_eps"],
-        "auxk": {**train["auxk"], "enabled": train["auxk"]["enabled"] and uses_auxk},
         "dead": {"threshold": train["dead"]["threshold"], "window_tokens": dead_window(train, cell.n_latents, cell.k)},
         "geometric_median_sample": train["geometric_median_sample"],
         "checkpoint_every_tokens": train["checkpoint_every_tokens"],

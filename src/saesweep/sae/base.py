@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -61,6 +62,8 @@ class Parameter:
     """The lower bound of valid values …"""
     minimum_allowed: bool = False
     """… which is itself valid when True (else values must exceed it)."""
+    maximum: float | None = None
+    """The largest valid value (inclusive), if any."""
 
     def check(self, value: Any) -> str | None:
         """Why ``value`` is not valid for this parameter, or None."""
@@ -71,6 +74,8 @@ class Parameter:
         below = value < self.minimum if self.minimum_allowed else value <= self.minimum
         if not math.isfinite(value) or below:
             return f"{value!r} must be {'at least' if self.minimum_allowed else 'larger than'} {self.minimum:g}"
+        if self.maximum is not None and value > self.maximum:
+            return f"{value!r} must be at most {self.maximum:g}"
         return None
 
 
@@ -79,6 +84,32 @@ LR_FACTOR = Parameter(
     "multiplies the learning-rate rule train.lr for this architecture (to tune each recipe's lr "
     "on the same budget)",
 )
+TIED_INIT = Parameter(
+    "tied_init", "ti", 1,
+    "1: the encoder starts as the decoder's transpose (Gao et al. 2024, §2.4); 0: an independent "
+    "random encoder, U(−1/√d, 1/√d) as torch.nn.Linear's default (the paper's ablation)",
+    integer=True, minimum_allowed=True, maximum=1,
+)
+# AuxK (Gao et al. 2024, §2.4), parameters of the architectures that use it (``uses_auxk``).
+AUX_COEF = Parameter(
+    "aux_coef", "ax", 0.0,
+    "α, the weight of the AuxK loss; 0 (the default): off. The paper's 1/32 raised the dead fraction "
+    "at every budget tried here (config/README.md, 'Dead latents: when AuxK helps')",
+    minimum_allowed=True,
+)
+K_AUX = Parameter(
+    "k_aux", "ka", 512,
+    "latents of the auxiliary reconstruction, capped by the number of dead latents (paper: 512; "
+    "'a power of two close to d_model / 2')",
+    integer=True,
+)
+AUX_ERROR_NORM = Parameter(
+    "aux_error_norm", "ae", 0,
+    "what L_aux is divided by: 0, the inputs' batch variance V (as the main loss, SAELens); 1, the "
+    "variance of the error it reconstructs (openai/sparse_autoencoder's code)",
+    integer=True, minimum_allowed=True, maximum=1,
+)
+AUXK_PARAMETERS = (AUX_COEF, K_AUX, AUX_ERROR_NORM)
 
 
 @dataclass
@@ -95,6 +126,9 @@ class StepContext:
     """Tokens seen / the cell's budget, in [0, 1] (for penalty warm-ups)."""
     fire_threshold: float
     """A latent fires on a token when its value exceeds this."""
+    aux_normaliser: str = "input"
+    """AuxK: what L_aux is divided by (``auxk_normaliser``): ``input`` (V, as the main loss)
+    or ``error`` (the error's own variance, as openai/sparse_autoencoder's code)."""
     collectives: Collectives | None = None
     """The other processes of a distributed cell (``sae.collectives``); None: one process.
     With latent shards, ``dead_mask`` covers this process's latents only."""
@@ -124,7 +158,7 @@ class SparseAutoencoder(nn.Module):
     """Decoder rows kept at unit norm: the gradient's radial part is removed before each step
     and the rows renormalised after it."""
     uses_auxk: ClassVar[bool] = False
-    """Whether the AuxK loss (train.auxk) applies to this architecture."""
+    """Whether the AuxK loss applies to this architecture (its parameters ``AUXK_PARAMETERS``)."""
     decoder_init_norm: ClassVar[float] = 1.0
     """Norm of the random decoder rows at initialisation."""
     adam_betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
@@ -144,7 +178,8 @@ class SparseAutoencoder(nn.Module):
     dimension is n is per-latent (split over shards by rows), the rest (scalars) replicated."""
     example: ClassVar[dict[str, Any]]
     """Parameters for the standard tests' planted dictionary (64 unit directions in d = 32,
-    3 active per token with magnitudes in [1, 2]), a setting that reaches L0 ≈ 3 there."""
+    3 active per token with magnitudes in [1, 2]), a setting that reaches L0 ≈ 3 there (with
+    AuxK on where the architecture has it, so that the standard tests exercise it)."""
 
     def __init__(self, d: int, n: int, params: dict[str, Any]) -> None:
         super().__init__()
@@ -152,7 +187,8 @@ class SparseAutoencoder(nn.Module):
         problem = self.problem(n, params)
         if problem:
             raise ValueError(problem)
-        self.params = dict(params)
+        defaults = {p.name: p.default for p in self.all_arch_parameters() if p.default is not None}
+        self.params = {**defaults, **params}
         self.W_enc = nn.Parameter(torch.empty(n, d))
         self.b_enc = nn.Parameter(torch.zeros(n))
         self.W_dec = nn.Parameter(torch.empty(n, d))
@@ -162,8 +198,17 @@ class SparseAutoencoder(nn.Module):
 
     @classmethod
     def all_arch_parameters(cls) -> tuple[Parameter, ...]:
-        """The architecture's parameters and the shared ones, knob first."""
-        return (*cls.arch_parameters, LR_FACTOR)
+        """The architecture's parameters, AuxK's where it uses AuxK, and the shared ones, knob first."""
+        return (*cls.arch_parameters, *(AUXK_PARAMETERS if cls.uses_auxk else ()), TIED_INIT, LR_FACTOR)
+
+    def auxk_settings(self) -> tuple[int, float, str]:
+        """AuxK's (k_aux, α, normaliser: ``input`` or ``error``) from the parameters; (0, 0,
+        ``input``), i.e. off, for an architecture without AuxK."""
+        if not self.uses_auxk:
+            return 0, 0.0, "input"
+        params = self.params
+        normaliser = "error" if params["aux_error_norm"] else "input"
+        return int(params["k_aux"]), float(params["aux_coef"]), normaliser
 
     @classmethod
     def problem(cls, n: int, params: dict[str, Any]) -> str | None:
@@ -182,12 +227,16 @@ class SparseAutoencoder(nn.Module):
 
     @torch.no_grad()
     def initialise(self, sample: torch.Tensor, generator: torch.Generator) -> None:
-        """Random decoder rows of norm ``decoder_init_norm``, encoder = decoder (the transpose
-        in matrix form: the tied initialisation), b_enc = 0, b_pre = geometric median of
-        ``sample`` (normalised inputs)."""
+        """Random decoder rows of norm ``decoder_init_norm``; encoder = decoder (the transpose
+        in matrix form: the tied initialisation) or, with ``tied_init`` 0, independent entries
+        U(−1/√d, 1/√d); b_enc = 0, b_pre = geometric median of ``sample`` (normalised inputs)."""
         directions = torch.randn(self.n, self.d, generator=generator)
         self.W_dec.copy_(self.decoder_init_norm * directions / directions.norm(dim=1, keepdim=True))
-        self.W_enc.copy_(self.W_dec)
+        if self.params[TIED_INIT.name]:
+            self.W_enc.copy_(self.W_dec)
+        else:
+            bound = 1 / math.sqrt(self.d)
+            self.W_enc.copy_(torch.rand(self.n, self.d, generator=generator) * 2 * bound - bound)
         self.b_enc.zero_()
         self.b_pre.copy_(geometric_median(sample.float()))
 
@@ -282,25 +331,35 @@ def auxk_loss(
     pre: torch.Tensor,
     error: torch.Tensor,
     variance: torch.Tensor,
-    dead_mask: torch.Tensor | None,
-    k_aux: int,
-    aux_coef: float,
+    context: StepContext,
 ) -> torch.Tensor:
     """The AuxK loss of Gao et al. (2024) on dense pre-activations (unweighted): with
     k_a = min(k_aux, number of dead latents),
 
         z_a    = ReLU(TopK_{k_a}(pre restricted to dead latents))
-        L_aux  = ‖stopgrad(e) − z_a W_dec‖²_F / V,    e = x − x̂,
+        L_aux  = ‖stopgrad(e) − z_a W_dec‖²_F / N,    e = x − x̂,
 
-    which the loss adds with weight α = ``aux_coef``. Zero when no latent is dead, k_aux = 0
-    or α = 0 (nothing is computed then)."""
+    N from ``auxk_normaliser``, which the loss adds with weight α = ``aux_coef``. Zero when no
+    latent is dead, k_aux = 0 or α = 0 (nothing is computed then)."""
+    dead_mask, k_aux = context.dead_mask, context.k_aux
     n_dead = 0 if dead_mask is None else int(dead_mask.sum())
-    if n_dead == 0 or k_aux <= 0 or aux_coef <= 0:
+    if n_dead == 0 or k_aux <= 0 or context.aux_coef <= 0:
         return torch.zeros((), dtype=pre.dtype, device=pre.device)
     dead_pre = pre.masked_fill(~dead_mask, float("-inf"))
     values, indices = dead_pre.topk(min(k_aux, n_dead), dim=1, sorted=False)
     codes = torch.zeros_like(pre).scatter(1, indices, values.relu())
-    return (error.detach() - codes @ W_dec).pow(2).sum() / variance
+    normaliser = auxk_normaliser(variance, error, context.aux_normaliser)
+    return (error.detach() - codes @ W_dec).pow(2).sum() / normaliser
+
+
+def auxk_normaliser(variance: torch.Tensor, error: torch.Tensor, kind: str,
+                    variance_of: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """What L_aux is divided by: V, the inputs' batch variance (``input``: L_aux in the main
+    loss's unit), or V_e = ‖e − mean_batch(e)‖²_F of the detached error it reconstructs
+    (``error``: openai/sparse_autoencoder's code; V_e ≈ NMSE · V, so α weighs the auxiliary
+    loss about 1/NMSE times more than with ``input``). ``variance_of`` computes V_e (default
+    ``batch_variance``; a distributed step's is over the global batch)."""
+    return (variance_of or batch_variance)(error.detach()) if kind == "error" else variance
 
 
 def batch_variance(x: torch.Tensor) -> torch.Tensor:

@@ -42,7 +42,7 @@ class BatchTopKSAE(SparseAutoencoder):
     )
     uses_auxk: ClassVar[bool] = True
     inference_family: ClassVar[str] = "jumprelu"
-    example: ClassVar[dict[str, Any]] = {"k": 3}
+    example: ClassVar[dict[str, Any]] = {"k": 3, "aux_coef": 1 / 32, "k_aux": 16}
 
     def __init__(self, d: int, n: int, params: dict[str, Any]) -> None:
         super().__init__(d, n, params)
@@ -73,7 +73,7 @@ class BatchTopKSAE(SparseAutoencoder):
         error = x - (codes @ self.W_dec + self.b_pre)
         variance = batch_variance(x)
         mse = error.pow(2).sum() / variance
-        aux = auxk_loss(self.W_dec, pre, error, variance, context.dead_mask, context.k_aux, context.aux_coef)
+        aux = auxk_loss(self.W_dec, pre, error, variance, context)
         self.update_threshold(codes)
         return mse + context.aux_coef * aux, {"mse": mse, "aux_loss": aux}, codes
 

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from saesweep.sae.base import StepContext, StepOutput
+from saesweep.sae.base import StepContext, StepOutput, auxk_normaliser
 from saesweep.sae.collectives import LOCAL, Collectives
 
 if TYPE_CHECKING:
@@ -272,7 +272,8 @@ class SupportBatch:
         # large share of them, as it usually is
         support = Support.from_row_indices(positions, n_dead)
         codes = self.gather(support, dead, dead_pre).relu()
-        return (error.detach() - self.decode(codes, support, dead)).pow(2).sum() / self.variance
+        normaliser = auxk_normaliser(self.variance, error, context.aux_normaliser)
+        return (error.detach() - self.decode(codes, support, dead)).pow(2).sum() / normaliser
 
 
 def support_step(sae: SparseAutoencoder, x: torch.Tensor, context: StepContext) -> StepOutput:

@@ -37,7 +37,7 @@ class TopKSAE(SparseAutoencoder):
     shardable: ClassVar[bool] = True
     k_override: ClassVar[bool] = True
     inference_family: ClassVar[str] = "topk"
-    example: ClassVar[dict[str, Any]] = {"k": 3}
+    example: ClassVar[dict[str, Any]] = {"k": 3, "aux_coef": 1 / 32, "k_aux": 16}
 
     def __init__(self, d: int, n: int, params: dict[str, Any]) -> None:
         super().__init__(d, n, params)
@@ -62,15 +62,16 @@ class TopKSAE(SparseAutoencoder):
 
     def reference_step(self, x: torch.Tensor, context: StepContext) -> StepOutput:
         """The loss and gradients by plain dense autograd (``topk_kernels.dense_reference_step``)."""
-        return self._report(dense_reference_step(self, x, *self._auxk(context), self.wide()), context)
+        return self._report(dense_reference_step(self, x, *self._auxk(context)), context)
 
     def training_step(self, x: torch.Tensor, context: StepContext) -> StepOutput:
         """The sparse step (``topk_kernels.sparse_step``), across processes where distributed."""
-        step = sparse_step(self, x, *self._auxk(context), self.wide(), context.collectives or LOCAL)
+        step = sparse_step(self, x, *self._auxk(context), context.collectives or LOCAL)
         return self._report(step, context)
 
-    def _auxk(self, context: StepContext) -> tuple[torch.Tensor | None, int, float]:
-        return context.dead_mask, context.k_aux, context.aux_coef
+    def _auxk(self, context: StepContext) -> tuple[torch.Tensor | None, int, float, Wide | None, str]:
+        """The kernels' arguments after the batch: AuxK's, the wide selection, AuxK's normaliser."""
+        return context.dead_mask, context.k_aux, context.aux_coef, self.wide(), context.aux_normaliser
 
     def _report(self, step: SelectionStep, context: StepContext) -> StepOutput:
         parts = {"mse": step.mse_loss, "aux_loss": step.aux_loss}

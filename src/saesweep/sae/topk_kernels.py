@@ -12,7 +12,8 @@ Shared definitions (B tokens, x normalised inputs of shape (B, d)):
 AuxK (only when some latents are dead): with k_a = min(k_aux, number of dead latents),
     (I_a, v_a) = TopK_{k_a}(pre restricted to dead latents);  z_a = ReLU(v_a)
     ê      = Σ_j z_a,j W_dec[I_a,j]                       (no b_pre: e already excludes it)
-    L_aux  = ‖stopgrad(e) − ê‖²_F / V
+    L_aux  = ‖stopgrad(e) − ê‖²_F / N,   N = V, or V_e = ‖e − mean_batch(e)‖²_F with
+             ``aux_normaliser="error"`` (``base.auxk_normaliser``; N is a constant of the step)
     L      = L_mse + α · L_aux
 
 Multi-TopK (Gao et al. 2024, §5.3) adds a wide selection of k_w > k latents with weight w:
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from saesweep.sae.base import auxk_loss, batch_variance
+from saesweep.sae.base import StepContext, auxk_loss, auxk_normaliser, batch_variance
 from saesweep.sae.collectives import LOCAL, Collectives
 
 
@@ -64,6 +65,7 @@ def dense_reference_step(
     k_aux: int,
     aux_coef: float,
     wide: Wide | None = None,
+    aux_normaliser: str = "input",
 ) -> SelectionStep:
     """Loss and gradients (written to each parameter's ``.grad``) by dense autograd, for an
     SAE with ``k``, ``pre_activations``, ``W_dec`` and ``b_pre`` (TopK and Multi-TopK)."""
@@ -80,7 +82,8 @@ def dense_reference_step(
         wide_values, wide_indices = pre.topk(wide.k, dim=1, sorted=False)
         wide_latents = torch.zeros_like(pre).scatter(1, wide_indices, wide_values.relu())
         wide_loss = (x - wide_latents @ sae.W_dec - sae.b_pre).pow(2).sum() / variance
-    aux_loss = auxk_loss(sae.W_dec, pre, error, variance, dead_mask, k_aux, aux_coef)
+    context = StepContext(dead_mask, k_aux, aux_coef, 0.0, 0.0, aux_normaliser)
+    aux_loss = auxk_loss(sae.W_dec, pre, error, variance, context)
     loss = mse_loss + aux_coef * aux_loss + (wide.weight * wide_loss if wide is not None else 0)
     loss.backward()
     return SelectionStep(
@@ -107,6 +110,7 @@ def sparse_step(
     k_aux: int,
     aux_coef: float,
     wide: Wide | None = None,
+    aux_normaliser: str = "input",
     collectives: Collectives = LOCAL,
 ) -> SelectionStep:
     """The loss and gradients of ``dense_reference_step``, written by hand: only the encoder
@@ -116,7 +120,7 @@ def sparse_step(
     latents) its indices I, pre-activations v and reconstruction gradient
     G = ∂L/∂(Σ_j ReLU(v_j) W_dec[I_j]) of shape (B, d):
 
-        G_main = −2 e / V,   G_aux = 2α (ê − e) / V
+        G_main = −2 e / V,   G_aux = 2α (ê − e) / N
         δ_bj   = 1[v_bj > 0] · G_b · W_dec[I_bj]           (∂L/∂pre at the selected entries)
         ∂W_dec[i] = Σ_s Σ_{I_bj = i} ReLU(v_bj) G_b
         ∂W_enc[i] = Σ_s Σ_{I_bj = i} δ_bj c_b,   ∂b_enc[i] = Σ_s Σ_{I_bj = i} δ_bj
@@ -146,7 +150,7 @@ def sparse_step(
     device = x.device.type
     encoder_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
     with torch.autocast(device, enabled=False):
-        return _sparse_step(sae, x, dead_mask, k_aux, aux_coef, wide, encoder_dtype, collectives)
+        return _sparse_step(sae, x, dead_mask, k_aux, aux_coef, wide, encoder_dtype, aux_normaliser, collectives)
 
 
 def _sparse_step(
@@ -157,6 +161,7 @@ def _sparse_step(
     aux_coef: float,
     wide: Wide | None,
     encoder_dtype: torch.dtype | None,
+    aux_normaliser: str,
     comm: Collectives,
 ) -> SelectionStep:
     W_enc, b_enc, W_dec, b_pre = sae.W_enc, sae.b_enc, sae.W_dec, sae.b_pre
@@ -203,7 +208,8 @@ def _sparse_step(
     aux_loss = torch.zeros((), dtype=x.dtype, device=x.device)
     if k_a > 0 and dead.numel() == 0:  # latent shards only: every dead latent is elsewhere
         aux_residual = comm.shard_sum(torch.zeros_like(error)) - error
-        aux_loss = comm.data_sum(aux_residual.pow(2).sum()) / variance
+        normaliser = auxk_normaliser(variance, error, aux_normaliser, comm.batch_variance)
+        aux_loss = comm.data_sum(aux_residual.pow(2).sum()) / normaliser
     elif k_a > 0:
         dead_W_dec = W_dec[dead]
         aux_latents = aux_values.relu()
@@ -217,8 +223,9 @@ def _sparse_step(
                 aux_residual = comm.shard_sum(aux_codes @ dead_W_dec) - error
         else:
             aux_residual = comm.shard_sum(sparse_decode(dead_W_dec, aux_positions, aux_latents)) - error
-        aux_loss = comm.data_sum(aux_residual.pow(2).sum()) / variance
-        grad_aux = aux_residual * (2 * aux_coef / variance)
+        normaliser = auxk_normaliser(variance, error, aux_normaliser, comm.batch_variance)
+        aux_loss = comm.data_sum(aux_residual.pow(2).sum()) / normaliser
+        grad_aux = aux_residual * (2 * aux_coef / normaliser)
         if dense_aux:
             aux_grads = _dense_selection_grads(dead_W_dec, centred, aux_codes, grad_aux)
         else:

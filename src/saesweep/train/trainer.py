@@ -7,12 +7,14 @@ post-step hook (decoder renormalisation), dead-latent counters. Learning rate at
 W and decay over the last fraction f of a budget T:
     lr(t) = lr · min(1, t / W) · decay(t),   decay(t) = 1 before (1 − f)·T, then falls
     linearly (or as a half cosine) to 0 at T.
-A latent is dead when it has not fired (value > threshold) in the last ``window`` tokens.
+A latent is dead when it has not fired (value > threshold) in the last ``window`` tokens
+(``dead_fraction`` in the log; AuxK acts on these latents).
 
 The held-out curve: after the first step at or past each of the token counts
 T·2^(−j), j = points − 1 … 0 (log-spaced, the last at the budget T), the normalised MSE on
 the first ``heldout.tokens`` held-out activations (as the evaluation defines it) is logged
-as ``heldout_nmse``, so that a sweep gives L(n, tokens) for the compute frontier. Points
+as ``heldout_nmse``, so that a sweep gives L(n, tokens) for the compute frontier, beside
+the fraction of latents that never fire on those tokens (``heldout_measures``). Points
 before the learning-rate decay are not what a run with that budget would reach (its decay
 would come earlier), so they lie above it.
 
@@ -214,18 +216,31 @@ class Trainer:
         return self.groups.gather_module(self.sae, self.settings["arch"], self.settings["params"])
 
     @torch.no_grad()
-    def heldout_nmse(self) -> float | None:
-        """Normalised MSE of the current SAE on the held-out sample (as in the evaluation);
-        None on the ranks that do not write the log."""
+    def heldout_measures(self) -> dict[str, float | None]:
+        """The current SAE on the held-out sample of H tokens, as the evaluation defines each:
+        ``heldout_nmse``; ``heldout_dead_fraction``, the latents that never fire on it; and the
+        firings a latent at the uniform rate L0 / n would have (L0 measured on the sample) in
+        the sample, ``heldout_expected_firings`` = H · L0 / n, and in the training dead window
+        W, ``window_expected_firings`` = W · L0 / n: a latent silent for far fewer expected
+        firings than these may be rare, not dead. Distributed: on the SAE gathered to rank 0;
+        nothing on the other ranks (they do not write the log)."""
         sae = self.whole_sae()
         if sae is None:
-            return None
+            return {}
         sae = sae.to(self.device)
-        accumulator = ReconstructionAccumulator()
+        accumulator = ReconstructionAccumulator(sae.n, self.settings["dead"]["threshold"])
         for start in range(0, len(self.heldout), 4096):
             x = sae.normalise(self.heldout[start : start + 4096])
-            accumulator.update(x, sae(x))
-        return accumulator.result()["normalised_mse"]
+            codes = sae.encode(x)
+            accumulator.update(x, sae.decode(codes), codes.col_indices(), codes.values())
+        result = accumulator.result()
+        rate = result["l0"] / sae.n
+        return {
+            "heldout_nmse": result["normalised_mse"],
+            "heldout_dead_fraction": result["dead_fraction"],
+            "heldout_expected_firings": len(self.heldout) * rate,
+            "window_expected_firings": self.settings["dead"]["window_tokens"] * rate,
+        }
 
     def step(self, x: torch.Tensor) -> dict[str, float]:
         """One optimisation step on batch x (this replica's rows of the global batch when
@@ -234,13 +249,14 @@ class Trainer:
         lr = lr_at(settings, self.tokens_seen)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        auxk = settings["auxk"]
+        k_aux, aux_coef, aux_normaliser = self.sae.auxk_settings()
         context = StepContext(
-            dead_mask=self.dead_mask() if auxk["enabled"] else None,
-            k_aux=auxk["k_aux"],
-            aux_coef=auxk["coef"] if auxk["enabled"] else 0.0,
+            dead_mask=self.dead_mask() if aux_coef > 0 else None,
+            k_aux=k_aux,
+            aux_coef=aux_coef,
             progress=self.tokens_seen / settings["tokens"],
             fire_threshold=settings["dead"]["threshold"],
+            aux_normaliser=aux_normaliser,
             collectives=self.groups,
         )
         with torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16, enabled=settings["autocast_bf16"]):
@@ -297,7 +313,7 @@ class Trainer:
                         "tokens_per_s": window_tokens / max(time.perf_counter() - window_start, 1e-9),
                     }
                     if heldout_due:
-                        row["heldout_nmse"] = self.heldout_nmse()
+                        row |= self.heldout_measures()
                         pending = [t for t in pending if t > self.tokens_seen]
                     self.log_rows.append(row)
                     window_tokens, window_start = 0, time.perf_counter()
