@@ -124,15 +124,29 @@ def extract_mem_mb(wildcards):
     return int(3000 + 6 * model_width() * model_width() / 1000 + shard_bytes / 1e6)
 
 
+def train_processes():
+    """Processes of one training job: train.distributed's data_parallel × latent_shards."""
+    distributed = config["train"]["distributed"]
+    return distributed["data_parallel"] * distributed["latent_shards"]
+
+
+def train_threads(wildcards):
+    """CPU threads of a training job: 2, or one per process of a distributed cell."""
+    return max(2, train_processes())
+
+
 def train_mem_mb(wildcards):
-    """Memory of a training job: parameters, gradients and Adam moments (4 · 2nd floats),
-    the batch's pre-activations and selections (3 · B · n floats), shards read ahead, and
-    a fixed 1.5 GB for the interpreter and torch."""
+    """Memory of a training job, per process times the processes: its latents' parameters,
+    gradients and Adam moments (4 · 2(n/S)d floats), its rows' pre-activations and
+    selections (3 · (B/D) · (n/S) floats), shards read ahead, and a fixed 1.5 GB for the
+    interpreter and torch (D, S: train.distributed; 1 × 1 for one process)."""
     settings = job.train_settings(config, wildcards.site, wildcards.cell)
-    n, batch = settings["n_latents"], settings["batch_size"]
+    distributed = config["train"]["distributed"]
+    n = settings["n_latents"] / distributed["latent_shards"]
+    batch = settings["batch_size"] / distributed["data_parallel"]
     floats = 4 * 2 * n * model_width() + 3 * batch * n
     shard_bytes = 8 * config["activations"]["shard_tokens"] * model_width() * 2
-    return int(1500 + (4 * floats + shard_bytes) / 1e6)
+    return int(train_processes() * (1500 + (4 * floats + shard_bytes) / 1e6))
 
 
 def train_runtime(wildcards):

@@ -1,4 +1,7 @@
 # One training job per cell; its settings file is the single source of truth for the cell.
+# A distributed cell (train.distributed) is one job whose `saesweep train` starts its
+# processes on the job's node (one GPU each: see profiles/slurm/config.yaml); a cell
+# spanning nodes is started by hand with srun or torchrun (README).
 
 
 rule cell_settings:
@@ -30,7 +33,7 @@ rule train_cell:
         f"{RUN}/benchmarks/train_cell/{{site}}/{{cell}}.tsv"
     conda:
         "../../envs/saesweep.yaml"
-    threads: 2
+    threads: train_threads
     resources:
         mem_mb=train_mem_mb,
         runtime=train_runtime,

@@ -21,6 +21,7 @@ import yaml
 from saesweep.core.errors import UserError
 from saesweep.core.sites import parse_site
 from saesweep.plan.cells import sweep_cells
+from saesweep.sae.registry import architecture
 
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
 
@@ -101,6 +102,33 @@ def check_cross_keys(config: dict[str, Any]) -> None:
     budget = config["train"]["tokens"]
     if budget["max"] is not None and budget["max"] < budget["min"]:
         raise UserError("config key train.tokens.max: smaller than train.tokens.min")
+    check_distributed(config)
+
+
+def check_distributed(config: dict[str, Any]) -> None:
+    """A distributed cell needs an architecture whose step runs across processes, n a
+    multiple of the latent shards and a batch of at least one row per replica."""
+    train = config["train"]
+    distributed = train["distributed"]
+    shards, replicas = distributed["latent_shards"], distributed["data_parallel"]
+    if shards * replicas == 1:
+        return
+    for cell in sweep_cells(config):
+        if not architecture(cell.arch).shardable:
+            raise UserError(
+                f"config key train.distributed: architecture {cell.arch} cannot be trained by several "
+                "processes (its training step has no latent-sharded or data-parallel form); "
+                "set data_parallel and latent_shards to 1"
+            )
+        if cell.n_latents % shards:
+            raise UserError(
+                f"config key train.distributed.latent_shards: {shards} does not divide n_latents = {cell.n_latents}"
+            )
+    if train["batch_size"] < replicas:
+        raise UserError(
+            f"config key train.distributed.data_parallel: {replicas} replicas need train.batch_size of at least "
+            f"{replicas} (got {train['batch_size']})"
+        )
 
 
 def check_evaluation_sizes(config: dict[str, Any]) -> None:

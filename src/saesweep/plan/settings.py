@@ -102,7 +102,17 @@ def train_settings(config: dict[str, Any], site: str, cell_name: str) -> dict[st
         },
         "device": train["device"],
         "autocast_bf16": train["autocast_bf16"],
+        **distributed_settings(train),
     }
+
+
+def distributed_settings(train: dict[str, Any]) -> dict[str, Any]:
+    """``{"distributed": …}`` (processes and timeout) for a cell of several processes; nothing
+    for one, so single-process cells keep their settings (and results) as they were."""
+    distributed = train["distributed"]
+    if distributed["data_parallel"] * distributed["latent_shards"] == 1:
+        return {}
+    return {"distributed": {key: distributed[key] for key in ("data_parallel", "latent_shards", "timeout_s")}}
 
 
 def eval_settings(config: dict[str, Any], site: str, cell_name: str) -> dict[str, Any]:

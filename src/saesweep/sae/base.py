@@ -28,10 +28,14 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from saesweep.sae.collectives import Collectives
 
 # Codes are sparse CSR tensors built with valid (sorted, unique) indices; torch's notice that
 # CSR support is in beta and that invariant checks are off is not actionable.
@@ -125,6 +129,9 @@ class StepContext:
     aux_normaliser: str = "input"
     """AuxK: what L_aux is divided by (``auxk_normaliser``): ``input`` (V, as the main loss)
     or ``error`` (the error's own variance, as openai/sparse_autoencoder's code)."""
+    collectives: Collectives | None = None
+    """The other processes of a distributed cell (``sae.collectives``); None: one process.
+    With latent shards, ``dead_mask`` covers this process's latents only."""
 
 
 @dataclass
@@ -162,6 +169,13 @@ class SparseAutoencoder(nn.Module):
     """The registered architecture whose inference rule this one's is (its own name for most;
     BatchTopK's is JumpReLU's with one θ for every latent): the form other tools' files carry
     (``interop``). None: no such form."""
+    shardable: ClassVar[bool] = False
+    """Whether the training step runs across processes (``train.distributed``: latent
+    shards and data-parallel replicas, see ``sae.collectives``); the config refuses a
+    distributed cell of an architecture without it."""
+    replicated: ClassVar[tuple[str, ...]] = ("b_pre", "act_mean", "act_scale")
+    """Tensors every latent shard holds whole; every other parameter or buffer whose leading
+    dimension is n is per-latent (split over shards by rows), the rest (scalars) replicated."""
     example: ClassVar[dict[str, Any]]
     """Parameters for the standard tests' planted dictionary (64 unit directions in d = 32,
     3 active per token with magnitudes in [1, 2]), a setting that reaches L0 ≈ 3 there."""
@@ -337,12 +351,14 @@ def auxk_loss(
     return (error.detach() - codes @ W_dec).pow(2).sum() / normaliser
 
 
-def auxk_normaliser(variance: torch.Tensor, error: torch.Tensor, kind: str) -> torch.Tensor:
+def auxk_normaliser(variance: torch.Tensor, error: torch.Tensor, kind: str,
+                    variance_of: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """What L_aux is divided by: V, the inputs' batch variance (``input``: L_aux in the main
     loss's unit), or V_e = ‖e − mean_batch(e)‖²_F of the detached error it reconstructs
     (``error``: openai/sparse_autoencoder's code; V_e ≈ NMSE · V, so α weighs the auxiliary
-    loss about 1/NMSE times more than with ``input``)."""
-    return batch_variance(error.detach()) if kind == "error" else variance
+    loss about 1/NMSE times more than with ``input``). ``variance_of`` computes V_e (default
+    ``batch_variance``; a distributed step's is over the global batch)."""
+    return (variance_of or batch_variance)(error.detach()) if kind == "error" else variance
 
 
 def batch_variance(x: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,8 @@ rates). The first batch sets θ directly.
 
 The training step is ``support_kernels.support_step`` on the selection itself, found
 without sorting the batch: the k·B largest entries are taken among those above 3θ/4 (exact
-whenever at least k·B entries lie there, else among all entries).
+whenever at least k·B entries lie there, else among all entries). That selection spans the
+whole batch and every latent, so this step has no distributed form (not ``shardable``).
 """
 
 from __future__ import annotations

@@ -37,6 +37,7 @@ class GatedSAE(SparseAutoencoder):
         Parameter("l1_coef", "l", None, "λ, the weight of the gate's L1 penalty"),
     )
     adam_betas: ClassVar[tuple[float, float]] = (0.0, 0.999)
+    shardable: ClassVar[bool] = True
     inference_family: ClassVar[str] = "gated"
     example: ClassVar[dict[str, Any]] = {"l1_coef": 1.0}
 
@@ -91,9 +92,9 @@ class GatedSAE(SparseAutoencoder):
         gate = batch.gather(support)
         cols = support.cols
         codes = ((gate - self.b_enc[cols]) * self.r_mag.exp()[cols] + self.b_mag[cols]).relu()
-        mse = batch.error(codes, support).pow(2).sum() / batch.variance
-        l1 = gate.sum() / len(batch.x) / rms_norm(batch.variance, len(batch.x))
-        gate_reconstruction = batch.decode(gate, support, frozen=True) + self.b_pre.detach()
-        aux = (batch.x - gate_reconstruction).pow(2).sum() / batch.variance
+        mse = batch.data_total(batch.error(codes, support).pow(2).sum()) / batch.variance
+        l1 = batch.total(gate.sum()) / batch.rows / rms_norm(batch.variance, batch.rows)
+        gate_reconstruction = batch.shard_total(batch.decode(gate, support, frozen=True)) + self.b_pre.detach()
+        aux = batch.data_total((batch.x - gate_reconstruction).pow(2).sum()) / batch.variance
         loss = mse + float(self.params["l1_coef"]) * l1 + aux
         return loss, {"mse": mse, "l1": l1, "aux_loss": aux}, support, codes

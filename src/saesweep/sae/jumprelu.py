@@ -73,6 +73,7 @@ class JumpReLUSAE(SparseAutoencoder):
         Parameter("threshold_init", "t", 0.01, "θ₀, every latent's initial threshold (SAELens: 0.01)"),
     )
     adam_betas: ClassVar[tuple[float, float]] = (0.0, 0.999)
+    shardable: ClassVar[bool] = True
     inference_family: ClassVar[str] = "jumprelu"
     example: ClassVar[dict[str, Any]] = {"l0_coef": 0.1, "threshold_init": 0.3}
 
@@ -119,6 +120,6 @@ class JumpReLUSAE(SparseAutoencoder):
         pre = batch.gather(support)
         threshold = self.log_threshold.exp()[support.cols]
         codes = _JumpReLU.apply(pre, threshold, bandwidth)
-        mse = batch.error(codes, support).pow(2).sum() / batch.variance
-        l0 = _Step.apply(pre, threshold, bandwidth).sum() / len(batch.x)
+        mse = batch.data_total(batch.error(codes, support).pow(2).sum()) / batch.variance
+        l0 = batch.total(_Step.apply(pre, threshold, bandwidth).sum()) / batch.rows
         return mse + float(self.params["l0_coef"]) * l0, {"mse": mse, "l0": l0}, support, codes

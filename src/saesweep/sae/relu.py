@@ -33,6 +33,7 @@ class ReLUSAE(SparseAutoencoder):
         Parameter("l1_warmup", "wu", 0.05, "share of the budget over which λ rises linearly from 0 (Anthropic: 5%)", minimum_allowed=True),
     )
     unit_norm_decoder: ClassVar[bool] = False
+    shardable: ClassVar[bool] = True
     decoder_init_norm: ClassVar[float] = 0.1
     inference_family: ClassVar[str] = "relu"
     example: ClassVar[dict[str, Any]] = {"l1_coef": 0.3}
@@ -63,7 +64,7 @@ class ReLUSAE(SparseAutoencoder):
         Σ_i ‖W_dec[i]‖ Σ_{(b,i)∈R} z_bi, one sum per latent."""
         support = Support.from_mask(batch.pre > 0)
         codes = batch.gather(support)
-        mse = batch.error(codes, support).pow(2).sum() / batch.variance
-        per_latent = codes.new_zeros(self.n).index_add(0, support.cols, codes)
-        l1 = (per_latent @ self.W_dec.norm(dim=1)) / len(batch.x) / rms_norm(batch.variance, len(batch.x))
+        mse = batch.data_total(batch.error(codes, support).pow(2).sum()) / batch.variance
+        per_latent = codes.new_zeros(self.W_dec.shape[0]).index_add(0, support.cols, codes)
+        l1 = batch.total(per_latent @ self.W_dec.norm(dim=1)) / batch.rows / rms_norm(batch.variance, batch.rows)
         return mse + self.penalty_weight(context.progress) * l1, {"mse": mse, "l1": l1}, support, codes

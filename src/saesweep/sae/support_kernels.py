@@ -19,6 +19,14 @@ products. Where R holds more than ``DENSE_FRACTION`` of the B · n entries (ReLU
 initialisation hold half), the same formulas run as dense products over R scattered into a
 (B, n) matrix, which are faster there. The dense autograd of the architecture's
 ``training_loss`` is the reference these gradients are tested against.
+
+Distributed (``sae.collectives``): a process holds a block of latents and a slice of the
+rows. Supports that are elementwise in pre (ReLU, JumpReLU, Gated) are then its block's
+entries; a reconstruction is the shard sum of the partial decodes, and the loss's sums over
+latents or rows (``SupportBatch.total``) are sums over processes in the forward and the
+identity in the backward (every process computes the loss from the same totals, so the
+gradient reaching its part is the total's); ∂b_pre's encoder path is summed over shards.
+Each process then holds its share of the gradients, summed over replicas by the trainer.
 """
 
 from __future__ import annotations
@@ -30,7 +38,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from saesweep.sae.base import StepContext, StepOutput, auxk_normaliser, batch_variance
+from saesweep.sae.base import StepContext, StepOutput, auxk_normaliser
+from saesweep.sae.collectives import LOCAL, Collectives
 
 if TYPE_CHECKING:
     from saesweep.sae.base import SparseAutoencoder
@@ -147,9 +156,10 @@ class _Gather(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, pre: torch.Tensor, b_enc: torch.Tensor, b_pre: torch.Tensor, centred: torch.Tensor,
-                sae: SparseAutoencoder, support: Support, latents: torch.Tensor | None) -> torch.Tensor:
+                sae: SparseAutoencoder, support: Support, latents: torch.Tensor | None,
+                collectives: Collectives) -> torch.Tensor:
         ctx.save_for_backward(centred)
-        ctx.W_enc, ctx.support, ctx.latents = sae.W_enc, support, latents
+        ctx.W_enc, ctx.support, ctx.latents, ctx.collectives = sae.W_enc, support, latents, collectives
         return pre[support.rows, support.cols]
 
     @staticmethod
@@ -160,7 +170,7 @@ class _Gather(torch.autograd.Function):
         support.add_transposed_product(W_enc.grad, delta, centred, latents)
         grad_b_enc = delta.new_zeros(support.shape[1]).index_add_(0, support.cols, delta)
         rows = W_enc.detach() if latents is None else W_enc.detach()[latents]
-        return None, grad_b_enc, -(grad_b_enc @ rows), None, None, None, None
+        return None, grad_b_enc, ctx.collectives.shard_sum(-(grad_b_enc @ rows)), None, None, None, None, None
 
 
 class _Decode(torch.autograd.Function):
@@ -186,6 +196,18 @@ class _Decode(torch.autograd.Function):
         return support.sample(grad, rows), None, None, None, None
 
 
+class _Total(torch.autograd.Function):
+    """``reduce(tensor)`` (a sum over processes) in the forward, the identity in the backward."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor, reduce: Any) -> torch.Tensor:
+        return reduce(tensor.clone())
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
 @dataclass
 class SupportBatch:
     """One training batch as an architecture's support loss sees it."""
@@ -198,7 +220,26 @@ class SupportBatch:
     centred: torch.Tensor
     """c = x − b_pre (B, d), part of the autograd graph through b_pre."""
     variance: torch.Tensor
-    """V, the batch's total variance."""
+    """V, the global batch's total variance."""
+    collectives: Collectives = LOCAL
+    """The other processes of a distributed cell (``sae.collectives``)."""
+    rows: int = 0
+    """B, the global batch's rows (this process's slice: ``x``)."""
+
+    def shard_total(self, partial: torch.Tensor) -> torch.Tensor:
+        """Σ over latent shards of a partial result (e.g. a partial decode), differentiable."""
+        comm = self.collectives
+        return partial if comm.shards == 1 else _Total.apply(partial, comm.shard_sum)
+
+    def data_total(self, partial: torch.Tensor) -> torch.Tensor:
+        """Σ over data-parallel replicas of a sum over this process's rows, differentiable."""
+        comm = self.collectives
+        return partial if comm is LOCAL else _Total.apply(partial, comm.data_sum)
+
+    def total(self, partial: torch.Tensor) -> torch.Tensor:
+        """Σ over every process of a sum over its latents and rows, differentiable."""
+        comm = self.collectives
+        return partial if comm is LOCAL else _Total.apply(partial, lambda t: comm.data_sum(comm.shard_sum(t)))
 
     def gather(self, support: Support, latents: torch.Tensor | None = None, pre: torch.Tensor | None = None) -> torch.Tensor:
         """pre_R, differentiable w.r.t. W_enc, b_enc and b_pre; with ``latents`` (m,), R is a
@@ -206,7 +247,7 @@ class SupportBatch:
         sae = self.sae
         b_enc = sae.b_enc if latents is None else sae.b_enc[latents]
         source = self.pre if pre is None else pre
-        return _Gather.apply(source, b_enc, sae.b_pre, self.centred.detach(), sae, support, latents)
+        return _Gather.apply(source, b_enc, sae.b_pre, self.centred.detach(), sae, support, latents, self.collectives)
 
     def decode(self, values: torch.Tensor, support: Support, latents: torch.Tensor | None = None,
                frozen: bool = False) -> torch.Tensor:
@@ -215,8 +256,8 @@ class SupportBatch:
         return _Decode.apply(values, self.sae, support, latents, frozen)
 
     def error(self, values: torch.Tensor, support: Support) -> torch.Tensor:
-        """e = x − x̂ = c − S W_dec for codes with ``values`` on R."""
-        return self.centred - self.decode(values, support)
+        """e = x − x̂ = c − S W_dec for codes with ``values`` on R (summed over latent shards)."""
+        return self.centred - self.shard_total(self.decode(values, support))
 
     def auxk_loss(self, error: torch.Tensor, context: StepContext) -> torch.Tensor:
         """``base.auxk_loss`` on the support of each row's top-k_a dead pre-activations."""
@@ -238,7 +279,9 @@ class SupportBatch:
 def support_step(sae: SparseAutoencoder, x: torch.Tensor, context: StepContext) -> StepOutput:
     """Loss and gradients (into ``.grad``) of ``sae.support_loss``, the architecture's loss on
     its support, equal to plain autograd of its ``training_loss``. The SAE provides
-    ``support_loss(batch, context) → (loss, parts, support, code values on it)``. Inside
+    ``support_loss(batch, context) → (loss, parts, support, code values on it)``, written
+    with ``batch.rows`` for B and ``batch.total`` / ``data_total`` around its sums so that it
+    also holds distributed (``shardable``). Inside
     ``torch.autocast`` the encoder product, the step's one dense product, runs in the
     autocast dtype (e.g. bf16) and is cast back; everything else runs in the parameters' dtype."""
     dense = (sae.W_enc, sae.W_dec)
@@ -246,8 +289,9 @@ def support_step(sae: SparseAutoencoder, x: torch.Tensor, context: StepContext) 
         parameter.grad = _dense_grad(parameter) if any(parameter is d for d in dense) else None
     with torch.no_grad():
         pre = sae.pre_activations(x).to(x.dtype)
+    comm = context.collectives or LOCAL
     with torch.autocast(x.device.type, enabled=False):
-        batch = SupportBatch(sae, x, pre, x - sae.b_pre, batch_variance(x))
+        batch = SupportBatch(sae, x, pre, x - sae.b_pre, comm.batch_variance(x), comm, comm.data_count(len(x)))
         loss, parts, support, codes = sae.support_loss(batch, context)
         loss.backward()
     fired = support.cols[codes.detach() > context.fire_threshold]

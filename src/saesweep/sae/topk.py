@@ -10,7 +10,8 @@ openai/sparse_autoencoder. Multi-TopK trains the same SAE on
 
 so that it stays good when evaluated with more active latents than k (a progressive code).
 Both may be evaluated at any k′ (``k_override``). Their training step is the sparse one of
-``topk_kernels``: only the encoder product is dense.
+``topk_kernels``: only the encoder product is dense; it runs over latent shards and
+data-parallel replicas (``shardable``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any, ClassVar
 import torch
 
 from saesweep.sae.base import Parameter, SparseAutoencoder, StepContext, StepOutput, rows_csr
+from saesweep.sae.collectives import LOCAL
 from saesweep.sae.topk_kernels import SelectionStep, Wide, dense_reference_step, sparse_step
 
 K = Parameter("k", "k", None, "active latents per token", integer=True)
@@ -32,6 +34,7 @@ class TopKSAE(SparseAutoencoder):
     reference: ClassVar[str] = "Gao et al. 2024, Scaling and evaluating sparse autoencoders (openai/sparse_autoencoder)"
     arch_parameters: ClassVar[tuple[Parameter, ...]] = (K,)
     uses_auxk: ClassVar[bool] = True
+    shardable: ClassVar[bool] = True
     k_override: ClassVar[bool] = True
     inference_family: ClassVar[str] = "topk"
     example: ClassVar[dict[str, Any]] = {"k": 3, "k_aux": 16}
@@ -62,8 +65,9 @@ class TopKSAE(SparseAutoencoder):
         return self._report(dense_reference_step(self, x, *self._auxk(context)), context)
 
     def training_step(self, x: torch.Tensor, context: StepContext) -> StepOutput:
-        """The sparse step (``topk_kernels.sparse_step``)."""
-        return self._report(sparse_step(self, x, *self._auxk(context)), context)
+        """The sparse step (``topk_kernels.sparse_step``), across processes where distributed."""
+        step = sparse_step(self, x, *self._auxk(context), context.collectives or LOCAL)
+        return self._report(step, context)
 
     def _auxk(self, context: StepContext) -> tuple[torch.Tensor | None, int, float, Wide | None, str]:
         """The kernels' arguments after the batch: AuxK's, the wide selection, AuxK's normaliser."""

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from saesweep.sae.base import StepContext, auxk_loss, auxk_normaliser, batch_variance
+from saesweep.sae.collectives import LOCAL, Collectives
 
 
 
@@ -110,6 +111,7 @@ def sparse_step(
     aux_coef: float,
     wide: Wide | None = None,
     aux_normaliser: str = "input",
+    collectives: Collectives = LOCAL,
 ) -> SelectionStep:
     """The loss and gradients of ``dense_reference_step``, written by hand: only the encoder
     product is dense; no autograd graph, no gradient w.r.t. x, no dense (B, n) gradient.
@@ -135,11 +137,20 @@ def sparse_step(
     are cast back; everything else runs in the parameters' dtype. Multi-TopK's wide selection
     (``wide``) is taken in the same pass (the top-k are the k largest of its top-k_w) and adds
     its own G_wide = −2w e_w / V selection to the gradients.
+
+    Distributed (``collectives``, see ``sae.collectives``): this process holds a block of
+    the latents (``dead_mask`` is its block's) and a slice of the global batch. Each
+    selection is merged from every shard's local top-k; a reconstruction is the shard sum
+    of the partial ones Σ_{i in shard} z_i W_dec[i]; V and the loss numerators are sums
+    over the global batch, so the gradients written are this process's share of the
+    single-process ones (data-parallel replicas then sum them); ∂b_pre's encoder path is
+    summed over shards, so b_pre, held by every shard, gets the same gradient on each.
+    The reported ``indices`` are local latent indices.
     """
     device = x.device.type
     encoder_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
     with torch.autocast(device, enabled=False):
-        return _sparse_step(sae, x, dead_mask, k_aux, aux_coef, wide, encoder_dtype, aux_normaliser)
+        return _sparse_step(sae, x, dead_mask, k_aux, aux_coef, wide, encoder_dtype, aux_normaliser, collectives)
 
 
 def _sparse_step(
@@ -151,6 +162,7 @@ def _sparse_step(
     wide: Wide | None,
     encoder_dtype: torch.dtype | None,
     aux_normaliser: str,
+    comm: Collectives,
 ) -> SelectionStep:
     W_enc, b_enc, W_dec, b_pre = sae.W_enc, sae.b_enc, sae.W_dec, sae.b_pre
     dead = (
@@ -158,47 +170,61 @@ def _sparse_step(
         if dead_mask is not None and k_aux > 0 and aux_coef > 0
         else x.new_empty(0, dtype=torch.long)
     )
-    k_a = min(k_aux, dead.numel())
+    k_a = min(k_aux, comm.shard_count(dead.numel()))
     centred = x - b_pre
     k_selected = sae.k if wide is None else wide.k
+    # this shard's candidates: its top-k of its own latents (all of them when it has fewer)
+    k_local, k_a_local = min(k_selected, W_enc.shape[0]), min(k_a, dead.numel())
     if encoder_dtype is None or encoder_dtype == x.dtype:
-        values, indices, aux_values, aux_positions = _select(centred, W_enc, b_enc, k_selected, dead, k_a)
+        values, indices, aux_values, aux_positions = _select(centred, W_enc, b_enc, k_local, dead, k_a_local)
     else:
         low = (t.to(encoder_dtype) for t in (centred, W_enc, b_enc))
-        values, indices, aux_values, aux_positions = _select(*low, k_selected, dead, k_a)
+        values, indices, aux_values, aux_positions = _select(*low, k_local, dead, k_a_local)
         values, aux_values = values.to(x.dtype), aux_values.to(x.dtype)
     if wide is not None:
         wide_values, wide_indices = values, indices
-        values, positions = wide_values.topk(sae.k, dim=1, sorted=False)
+        values, positions = wide_values.topk(min(sae.k, k_local), dim=1, sorted=False)
         indices = wide_indices.gather(1, positions)
+        wide_values, wide_indices = comm.merge(wide_values, wide_indices, wide.k)
+    values, indices = comm.merge(values, indices, sae.k)
+    if k_a > 0:
+        aux_values, aux_positions = comm.merge(aux_values, aux_positions, k_a, dead)
 
-    variance = batch_variance(x)
+    variance = comm.batch_variance(x)
     latents = values.relu()
-    error = centred - sparse_decode(W_dec, indices, latents)
-    mse_loss = error.pow(2).sum() / variance
+    error = centred - comm.shard_sum(sparse_decode(W_dec, indices, latents))
+    mse_loss = comm.data_sum(error.pow(2).sum()) / variance
     grad_main = error * (-2 / variance)
     grads = tuple(_grad_target(p) for p in (W_dec, W_enc, b_enc))
     _selection_grads(W_dec, centred, indices, values, grad_main, out=grads)
     wide_loss = torch.zeros((), dtype=x.dtype, device=x.device)
     if wide is not None:
-        wide_error = centred - sparse_decode(W_dec, wide_indices, wide_values.relu())
-        wide_loss = wide_error.pow(2).sum() / variance
+        wide_error = centred - comm.shard_sum(sparse_decode(W_dec, wide_indices, wide_values.relu()))
+        wide_loss = comm.data_sum(wide_error.pow(2).sum()) / variance
         grad_wide = wide_error * (-2 * wide.weight / variance)
         for grad, wide_grad in zip(grads, _selection_grads(W_dec, centred, wide_indices, wide_values, grad_wide)):
             grad += wide_grad
         grad_main = grad_main + grad_wide
     aux_loss = torch.zeros((), dtype=x.dtype, device=x.device)
-    if k_a > 0:
+    if k_a > 0 and dead.numel() == 0:  # latent shards only: every dead latent is elsewhere
+        aux_residual = comm.shard_sum(torch.zeros_like(error)) - error
+        normaliser = auxk_normaliser(variance, error, aux_normaliser, comm.batch_variance)
+        aux_loss = comm.data_sum(aux_residual.pow(2).sum()) / normaliser
+    elif k_a > 0:
         dead_W_dec = W_dec[dead]
         aux_latents = aux_values.relu()
         dense_aux = k_a >= _DENSE_AUX_FRACTION * dead.numel()
         if dense_aux:
-            aux_codes = x.new_zeros(x.shape[0], dead.numel()).scatter_(1, aux_positions, aux_latents)
-            aux_residual = torch.addmm(error, aux_codes, dead_W_dec, beta=-1)
+            # scatter_add_: entries of other shards all sit at position 0 with value 0
+            aux_codes = x.new_zeros(x.shape[0], dead.numel()).scatter_add_(1, aux_positions, aux_latents)
+            if comm.shards == 1:
+                aux_residual = torch.addmm(error, aux_codes, dead_W_dec, beta=-1)
+            else:
+                aux_residual = comm.shard_sum(aux_codes @ dead_W_dec) - error
         else:
-            aux_residual = sparse_decode(dead_W_dec, aux_positions, aux_latents) - error
-        normaliser = auxk_normaliser(variance, error, aux_normaliser)
-        aux_loss = aux_residual.pow(2).sum() / normaliser
+            aux_residual = comm.shard_sum(sparse_decode(dead_W_dec, aux_positions, aux_latents)) - error
+        normaliser = auxk_normaliser(variance, error, aux_normaliser, comm.batch_variance)
+        aux_loss = comm.data_sum(aux_residual.pow(2).sum()) / normaliser
         grad_aux = aux_residual * (2 * aux_coef / normaliser)
         if dense_aux:
             aux_grads = _dense_selection_grads(dead_W_dec, centred, aux_codes, grad_aux)
@@ -208,7 +234,7 @@ def _sparse_step(
             grad.index_add_(0, dead, dead_grad)
 
     sae.W_dec.grad, sae.W_enc.grad, sae.b_enc.grad = grads
-    sae.b_pre.grad = grad_main.sum(dim=0) - grads[2] @ W_enc
+    sae.b_pre.grad = grad_main.sum(dim=0) - comm.shard_sum(grads[2] @ W_enc)
     loss = mse_loss + aux_coef * aux_loss + (wide.weight * wide_loss if wide is not None else 0)
     return SelectionStep(loss, mse_loss, aux_loss, wide_loss, indices, latents)
 

@@ -21,6 +21,12 @@ would come earlier), so they lie above it.
 Checkpoints (weights, Adam state, counters, tokens seen, log, RNG state) are written
 atomically every ``checkpoint_every_tokens`` and on SIGTERM; a rerun resumes from the
 last one and, on CPU, ends with the same weights as an uninterrupted run.
+
+A cell with ``distributed`` settings (D data-parallel replicas × S latent shards) runs the
+same loop in each of its D·S processes; ``train.distributed`` holds the process groups,
+the layout, the sharded checkpoints and the launcher, and the loop calls it only where
+the processes must agree (a step's collectives, the log's dead fraction, the held-out
+curve and the outputs, gathered to rank 0).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import torch
 
 from saesweep.data.activations import ActivationStore, resolve_device
 from saesweep.core.errors import Interrupted, UserError
+from saesweep.sae.base import SparseAutoencoder
 from saesweep.sae.export import save_sae
 from saesweep.core.files import atomic_path
 from saesweep.data.loader import BatchStream
@@ -45,8 +52,10 @@ from saesweep.core.progress import Progress
 from saesweep.core.provenance import provenance
 from saesweep.sae.base import StepContext
 from saesweep.sae.registry import build_sae
-
-CHECKPOINT = "checkpoint.pt"
+from saesweep.train.distributed import (
+    CHECKPOINT, EXIT_INTERRUPTED, EXIT_USER_ERROR, Layout, Placement, ProcessGroups, init_process_groups,
+    placement_from_environment, spawn,
+)
 
 
 class TrainingDiverged(UserError):
@@ -82,23 +91,31 @@ def make_adam(parameters: Any, lr: float, eps: float, betas: tuple[float, float]
 
 
 class Trainer:
-    """The state of one cell's training, from scratch or from its checkpoint."""
+    """The state of one cell's training, from scratch or from its checkpoint; with
+    ``groups``, one rank's part of a distributed cell (its latents, its rows of each batch)."""
 
-    def __init__(self, settings: dict[str, Any], folder: Path) -> None:
-        self.settings, self.folder = settings, Path(folder)
-        self.device = resolve_device(settings["device"])
+    def __init__(self, settings: dict[str, Any], folder: Path, groups: ProcessGroups | None = None) -> None:
+        self.settings, self.folder, self.groups = settings, Path(folder), groups
+        self.device = groups.device if groups else resolve_device(settings["device"])
         self.store = ActivationStore(settings["activations"])
         n = settings["n_latents"]
-        self.sae = build_sae(settings["arch"], self.store.d, n, settings["params"]).to(self.device)
+        self.sae = build_sae(settings["arch"], self.store.d, n, settings["params"])
+        if groups:
+            groups.shard_module(self.sae)
+        self.sae = self.sae.to(self.device)
         self.optimizer = make_adam(self.sae.parameters(), settings["lr"], settings["adam_eps"], self.sae.adam_betas)
-        self.tokens_since_fired = torch.zeros(n, dtype=torch.long, device=self.device)
+        n_held = groups.n_local if groups else n
+        self.tokens_since_fired = torch.zeros(n_held, dtype=torch.long, device=self.device)
         self.tokens_seen = 0
         self.steps = 0
         self.log_rows: list[dict[str, float]] = []
         self.elapsed = 0.0
         self.hash = provenance(settings)["settings_hash"]
         heldout = settings["heldout"]
-        self.heldout = ActivationStore(heldout["activations"]).head(heldout["tokens"]).to(self.device) if heldout["points"] else None
+        self.curve = bool(heldout["points"])
+        self.heldout = ActivationStore(heldout["activations"]).head(heldout["tokens"]) if self.curve and self.leader else None
+        if self.heldout is not None:
+            self.heldout = self.heldout.to(self.device)
         if not self.resume():
             self.initialise()
 
@@ -114,14 +131,26 @@ class Trainer:
             cpu = build_sae(self.settings["arch"], self.store.d, self.sae.n, self.settings["params"])
             cpu.initialise(sample, generator)
             for name, parameter in cpu.named_parameters():
-                self.sae.get_parameter(name).copy_(parameter)
+                block = self.groups.local_block(cpu, name, parameter) if self.groups else parameter
+                self.sae.get_parameter(name).copy_(block)
 
-    def checkpoint_state(self) -> dict[str, Any]:
+    @property
+    def leader(self) -> bool:
+        """Whether this process writes the outputs and the log (rank 0, or the only one)."""
+        return self.groups is None or self.groups.layout.rank == 0
+
+    def shard_state(self) -> dict[str, Any]:
+        """What each latent shard checkpoints: its weights, Adam state and counters."""
         return {
-            "settings_hash": self.hash,
             "sae": self.sae.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "tokens_since_fired": self.tokens_since_fired,
+        }
+
+    def shared_state(self) -> dict[str, Any]:
+        """What the whole cell checkpoints once."""
+        return {
+            "settings_hash": self.hash,
             "tokens_seen": self.tokens_seen,
             "steps": self.steps,
             "log_rows": self.log_rows,
@@ -129,23 +158,36 @@ class Trainer:
             "rng": torch.get_rng_state(),
         }
 
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {**self.shared_state(), **self.shard_state()}
+
     def save_checkpoint(self) -> None:
+        if self.groups:
+            self.groups.save_checkpoint(self.folder, self.tokens_seen, self.shard_state(), self.shared_state())
+            return
         with atomic_path(self.folder / CHECKPOINT) as temporary:
             torch.save(self.checkpoint_state(), temporary)
 
     def resume(self) -> bool:
-        """Load the checkpoint if it exists and was made from the same settings."""
+        """Load the checkpoint if it exists and was made from the same settings (and, when
+        distributed, the same layout, with every shard's file present)."""
         path = self.folder / CHECKPOINT
-        if not path.exists():
-            return False
-        try:
-            state = torch.load(path, map_location=self.device, weights_only=False)
-        except Exception as error:  # a damaged checkpoint is reported and ignored
-            print(f"ignoring unreadable checkpoint {path}: {error}", file=sys.stderr)
-            return False
-        if state["settings_hash"] != self.hash:
-            print(f"ignoring checkpoint {path}: made from other settings", file=sys.stderr)
-            return False
+        if self.groups:
+            found = self.groups.load_checkpoint(self.folder, self.hash)
+            if found is None:
+                return False
+            state = {**found[0], **found[1]}
+        else:
+            if not path.exists():
+                return False
+            try:
+                state = torch.load(path, map_location=self.device, weights_only=False)
+            except Exception as error:  # a damaged checkpoint is reported and ignored
+                print(f"ignoring unreadable checkpoint {path}: {error}", file=sys.stderr)
+                return False
+            if state["settings_hash"] != self.hash:
+                print(f"ignoring checkpoint {path}: made from other settings", file=sys.stderr)
+                return False
         self.sae.load_state_dict(state["sae"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.tokens_since_fired = state["tokens_since_fired"].to(self.device)
@@ -159,21 +201,40 @@ class Trainer:
         """Latents that have not fired within the dead window."""
         return self.tokens_since_fired >= self.settings["dead"]["window_tokens"]
 
+    def dead_fraction(self) -> float:
+        """The share of the cell's latents that are dead (over every shard)."""
+        if self.groups is None:
+            return self.dead_mask().float().mean().item()
+        return self.groups.shard_count(int(self.dead_mask().sum())) / self.settings["n_latents"]
+
+    def whole_sae(self) -> SparseAutoencoder | None:
+        """The SAE being trained, whole: gathered to rank 0 when sharded (None elsewhere)."""
+        if self.groups is None:
+            return self.sae
+        if self.groups.shards == 1:
+            return self.sae if self.leader else None
+        return self.groups.gather_module(self.sae, self.settings["arch"], self.settings["params"])
+
     @torch.no_grad()
-    def heldout_measures(self) -> dict[str, float]:
+    def heldout_measures(self) -> dict[str, float | None]:
         """The current SAE on the held-out sample of H tokens, as the evaluation defines each:
         ``heldout_nmse``; ``heldout_dead_fraction``, the latents that never fire on it; and the
         firings a latent at the uniform rate L0 / n would have (L0 measured on the sample) in
         the sample, ``heldout_expected_firings`` = H · L0 / n, and in the training dead window
         W, ``window_expected_firings`` = W · L0 / n: a latent silent for far fewer expected
-        firings than these may be rare, not dead."""
-        accumulator = ReconstructionAccumulator(self.sae.n, self.settings["dead"]["threshold"])
+        firings than these may be rare, not dead. Distributed: on the SAE gathered to rank 0;
+        nothing on the other ranks (they do not write the log)."""
+        sae = self.whole_sae()
+        if sae is None:
+            return {}
+        sae = sae.to(self.device)
+        accumulator = ReconstructionAccumulator(sae.n, self.settings["dead"]["threshold"])
         for start in range(0, len(self.heldout), 4096):
-            x = self.sae.normalise(self.heldout[start : start + 4096])
-            codes = self.sae.encode(x)
-            accumulator.update(x, self.sae.decode(codes), codes.col_indices(), codes.values())
+            x = sae.normalise(self.heldout[start : start + 4096])
+            codes = sae.encode(x)
+            accumulator.update(x, sae.decode(codes), codes.col_indices(), codes.values())
         result = accumulator.result()
-        rate = result["l0"] / self.sae.n
+        rate = result["l0"] / sae.n
         return {
             "heldout_nmse": result["normalised_mse"],
             "heldout_dead_fraction": result["dead_fraction"],
@@ -182,7 +243,8 @@ class Trainer:
         }
 
     def step(self, x: torch.Tensor) -> dict[str, float]:
-        """One optimisation step on batch x; returns the step's loss parts."""
+        """One optimisation step on batch x (this replica's rows of the global batch when
+        distributed); returns the step's loss parts."""
         settings = self.settings
         lr = lr_at(settings, self.tokens_seen)
         for group in self.optimizer.param_groups:
@@ -195,6 +257,7 @@ class Trainer:
             progress=self.tokens_seen / settings["tokens"],
             fire_threshold=settings["dead"]["threshold"],
             aux_normaliser=aux_normaliser,
+            collectives=self.groups,
         )
         with torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16, enabled=settings["autocast_bf16"]):
             out = self.sae.training_step(x, context)
@@ -203,12 +266,20 @@ class Trainer:
                 f"cell {self.folder}: the loss became {out.loss.item()} at {self.tokens_seen} tokens; "
                 "lower train.lr.base or check the activations"
             )
+        if self.groups:
+            self.groups.sum_gradients(self.sae)
         self.sae.before_optimizer_step()
         self.optimizer.step()
         self.sae.after_optimizer_step()
-        self.tokens_since_fired += len(x)
-        self.tokens_since_fired[out.fired] = 0
-        self.tokens_seen += len(x)
+        batch_tokens = self.groups.data_count(len(x)) if self.groups else len(x)
+        self.tokens_since_fired += batch_tokens
+        if self.groups:
+            fired = torch.zeros_like(self.tokens_since_fired, dtype=torch.bool)
+            fired[out.fired] = True
+            self.tokens_since_fired[self.groups.any_replica(fired)] = 0
+        else:
+            self.tokens_since_fired[out.fired] = 0
+        self.tokens_seen += batch_tokens
         self.steps += 1
         parts = {("nmse" if name == "mse" else name): value.item() for name, value in out.parts.items()}
         return {"loss": out.loss.item(), **parts, "lr": lr}
@@ -223,21 +294,22 @@ class Trainer:
         progress = Progress(f"train {self.folder.name}", settings["tokens"], done=self.tokens_seen)
         next_log = (self.tokens_seen // settings["log_every_tokens"] + 1) * settings["log_every_tokens"]
         next_checkpoint = self.tokens_seen + settings["checkpoint_every_tokens"]
-        pending = [t for t in heldout_points(settings) if t > self.tokens_seen] if self.heldout is not None else []
+        pending = [t for t in heldout_points(settings) if t > self.tokens_seen] if self.curve else []
         terminated: list[int] = []
         previous = signal.signal(signal.SIGTERM, lambda signum, _frame: terminated.append(signum))
         started = time.perf_counter() - self.elapsed
         window_tokens, window_start = 0, time.perf_counter()
         try:
-            for x in stream:
+            for batch in stream:
+                x = self.groups.layout.data_slice(batch) if self.groups else batch
                 parts = self.step(x)
-                window_tokens += len(x)
+                window_tokens += len(batch)
                 self.elapsed = time.perf_counter() - started
                 heldout_due = bool(pending) and self.tokens_seen >= pending[0]
                 if heldout_due or self.tokens_seen >= next_log or self.tokens_seen >= settings["tokens"]:
                     row = {
                         "tokens": self.tokens_seen, "step": self.steps, **parts,
-                        "dead_fraction": self.dead_mask().float().mean().item(),
+                        "dead_fraction": self.dead_fraction(),
                         "tokens_per_s": window_tokens / max(time.perf_counter() - window_start, 1e-9),
                     }
                     if heldout_due:
@@ -247,21 +319,28 @@ class Trainer:
                     window_tokens, window_start = 0, time.perf_counter()
                     if self.tokens_seen >= next_log:
                         next_log += settings["log_every_tokens"]
-                progress.update(self.tokens_seen)
+                if self.leader:
+                    progress.update(self.tokens_seen)
                 if self.tokens_seen >= next_checkpoint:
                     self.save_checkpoint()
                     next_checkpoint += settings["checkpoint_every_tokens"]
-                if terminated:
+                if self.groups.any_true(bool(terminated)) if self.groups else terminated:
                     self.save_checkpoint()
                     raise Interrupted(f"SIGTERM at {self.tokens_seen} tokens; checkpoint written")
         finally:
             signal.signal(signal.SIGTERM, previous)
-        progress.finish()
+        if self.leader:
+            progress.finish()
         self.write_outputs()
 
     def write_outputs(self) -> None:
-        """``train_log.parquet``, then ``sae.safetensors`` and ``cfg.json``; the checkpoint goes."""
+        """``train_log.parquet``, then ``sae.safetensors`` and ``cfg.json``; the checkpoint
+        goes. Distributed: rank 0 writes the SAE gathered from the shards, as one SAE."""
         settings = self.settings
+        dead_fraction = self.dead_fraction()
+        sae = self.whole_sae()
+        if sae is None:
+            return
         log = pd.DataFrame(self.log_rows)
         with atomic_path(self.folder / "train_log.parquet") as temporary:
             log.to_parquet(temporary, index=False)
@@ -285,19 +364,61 @@ class Trainer:
                 "steps": self.steps,
                 "wall_time_s": self.elapsed,
                 "tokens_per_s": self.tokens_seen / max(self.elapsed, 1e-9),
-                "final_dead_fraction": self.dead_mask().float().mean().item(),
+                "final_dead_fraction": dead_fraction,
                 "final_nmse": log["nmse"].iloc[-1] if len(log) else float("nan"),
                 "epochs": self.tokens_seen / self.store.tokens,
             },
             "settings": settings,
             "provenance": provenance(settings),
         }
-        save_sae(self.sae, self.folder, cfg)
-        (self.folder / CHECKPOINT).unlink(missing_ok=True)
+        save_sae(sae, self.folder, cfg)
+        if self.groups:
+            self.groups.remove_checkpoint(self.folder)
+        else:
+            (self.folder / CHECKPOINT).unlink(missing_ok=True)
 
 
 def train_cell(settings: dict[str, Any], folder: Path) -> None:
-    """Train (or resume) the cell described by ``settings`` into ``folder``."""
+    """Train (or resume) the cell described by ``settings`` into ``folder``: in this
+    process, as one rank of a distributed cell started by torchrun or srun, or by starting
+    the cell's ranks here (``train.distributed``)."""
     Path(folder).mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(settings.get("threads") or torch.get_num_threads())
-    Trainer(settings, folder).run()
+    if Layout.of(settings).world == 1:
+        torch.set_num_threads(settings.get("threads") or torch.get_num_threads())
+        Trainer(settings, folder).run()
+        return
+    placement = placement_from_environment()
+    if placement is None:
+        spawn(spawned_rank, settings, Path(folder), settings.get("threads"))
+    else:
+        if settings.get("threads"):
+            torch.set_num_threads(settings["threads"])
+        train_rank(settings, Path(folder), placement)
+
+
+def train_rank(settings: dict[str, Any], folder: Path, placement: Placement) -> None:
+    """One rank of a distributed cell: join the process group, train, leave it."""
+    device = resolve_device(settings["device"])
+    if device == "cuda":  # one GPU per rank: its local rank among the GPUs it sees
+        device = f"cuda:{placement.local_rank % torch.cuda.device_count()}"
+        torch.cuda.set_device(device)
+    groups = init_process_groups(settings, placement, device)
+    try:
+        Trainer(settings, folder, groups).run()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def spawned_rank(index: int, settings: dict[str, Any], folder: Path, threads: int | None) -> None:
+    """Rank ``index`` started by ``distributed.spawn``: the job's threads shared out, errors
+    reported in one line and as ``saesweep train``'s exit codes."""
+    world = Layout.of(settings).world
+    torch.set_num_threads(max(1, (threads or torch.get_num_threads()) // world))
+    try:
+        train_rank(settings, folder, Placement(index, world, index))
+    except UserError as error:
+        print(f"saesweep train: rank {index}: error: {error}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER_ERROR)
+    except Interrupted as interruption:
+        print(f"saesweep train: rank {index}: {interruption}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_INTERRUPTED)
