@@ -49,7 +49,7 @@ from test_train import cell_settings, extracted  # noqa: F401 (a fixture)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # AuxK acts here: the dead window (2000 tokens) is short against the budget (12000)
-CELL = "topk-n256-k4-ax0.03125-ka16-s1"
+CELL = "topk-n256-k4-ka16-s1"
 OVERRIDES = {"train.log_every_tokens": 512}
 
 
@@ -61,7 +61,7 @@ def distributed(settings: dict, data_parallel: int, latent_shards: int) -> dict:
 def single(extracted, tmp_path_factory) -> dict[str, Path]:  # noqa: F811
     """Each cell trained by one process."""
     folders = {}
-    for cell in (CELL, "multitopk-n256-k4-ax0.03125-ka16-s1", "gated-n256-l1-s1"):
+    for cell in (CELL, "multitopk-n256-k4-ka16-s1", "gated-n256-l1-s1"):
         folders[cell] = tmp_path_factory.mktemp("single") / "cell"
         train_cell(cell_settings(extracted, cell, **OVERRIDES), folders[cell])
     return folders
@@ -152,7 +152,7 @@ def test_the_distributed_step_is_the_single_process_step(layout) -> None:
 
 @pytest.mark.parametrize(
     ("cell", "data_parallel", "latent_shards"),
-    [(CELL, 1, 2), (CELL, 2, 1), (CELL, 2, 2), ("multitopk-n256-k4-ax0.03125-ka16-s1", 1, 4), ("gated-n256-l1-s1", 2, 2)],
+    [(CELL, 1, 2), (CELL, 2, 1), (CELL, 2, 2), ("multitopk-n256-k4-ka16-s1", 1, 4), ("gated-n256-l1-s1", 2, 2)],
 )
 def test_distributed_training_is_the_single_process_training(
     extracted, single, tmp_path, cell, data_parallel, latent_shards  # noqa: F811

@@ -383,7 +383,7 @@ def plot_dead_latents(train_logs: pd.DataFrame, stem: str | Path, title: str) ->
         ax.set_ylabel("dead latents (fraction of n)")
         ax.grid(True, which="both", alpha=0.25)
         handles, labels = ax.get_legend_handles_labels()
-        handles += [Line2D([], [], color="grey", marker="o", ms=3), Line2D([], [], color="grey", ls="--")]
+        handles += [Line2D([], [], color="black", marker="o", ms=3), Line2D([], [], color="black", ls="--")]
         labels += ["never fires on the held-out tokens", "no firing in the training dead window"]
         ax.legend(handles, labels, fontsize=7)
     if not keys:
