@@ -36,6 +36,6 @@ for stage in ("train", "eval"):
             "../../envs/saesweep.yaml"
         threads: 2
         resources:
-            mem_mb=lambda wildcards: 3000 + 6 * model_width() * model_width() // 1000,
+            mem_mb=lambda wildcards: budget.extract_mem_mb(width()),
         shell:
             "saesweep extract --settings {input.settings:q} > {log} 2>&1"

@@ -3,19 +3,15 @@ import json
 import sys
 from pathlib import Path
 
-from saesweep.plan.cells import sweep_cells
-from saesweep.plan.config import check_sites_against_model, validate_config
 from saesweep.core.errors import UserError
+from saesweep.plan import budget
 from saesweep.plan import settings as job
+from saesweep.plan.cells import sweep_cells
+from saesweep.plan.config import check_against_model_folder, validate_config
 
 try:
     validated = validate_config(config)
-    model_config = Path(validated["model"]["id"], "config.json")
-    if model_config.exists():
-        # read the depth from the file: importing transformers would slow every job's start
-        depth = json.loads(model_config.read_text()).get("num_hidden_layers")
-        if depth is not None:
-            check_sites_against_model(validated, depth)
+    check_against_model_folder(validated)
 except UserError as error:
     sys.exit(f"saesweep: invalid config: {error}")
 config.clear()
@@ -97,30 +93,22 @@ def settings_json(wildcards):
     return json.dumps(build(config, wildcards.site, wildcards.cell), sort_keys=True)
 
 
-def model_width():
-    """Hidden size of the model when its config is on disk (for memory estimates), else 4096."""
-    path = Path(config["model"]["id"], "config.json")
-    return (
-        json.loads(path.read_text()).get("hidden_size", 4096) if path.exists() else 4096
-    )
+def width():
+    """The model's hidden size d for resource requests (read when asked: a model folder
+    that a rule makes appears after the workflow has started)."""
+    return budget.model_width(config)[0]
 
 
 def train_mem_mb(wildcards):
-    """Memory of a training job: parameters, gradients and Adam moments (4 · 2nd floats),
-    the batch's pre-activations and selections (3 · B · n floats), shards read ahead, and
-    a fixed 1.5 GB for the interpreter and torch."""
+    """Memory of a cell's training job (saesweep.plan.budget.train_mem_mb)."""
     settings = job.train_settings(config, wildcards.site, wildcards.cell)
-    n, batch = settings["n_latents"], settings["batch_size"]
-    floats = 4 * 2 * n * model_width() + 3 * batch * n
-    shard_bytes = 8 * config["activations"]["shard_tokens"] * model_width() * 2
-    return int(1500 + (4 * floats + shard_bytes) / 1e6)
+    return budget.train_mem_mb(settings, width(), config["activations"]["shard_tokens"])
 
 
 def train_runtime(wildcards):
-    """Minutes for a training job: a generous bound from tokens · n · d at 1 GFLOP/s·6."""
+    """Minutes asked for by a cell's training job (saesweep.plan.budget.train_runtime_min)."""
     settings = job.train_settings(config, wildcards.site, wildcards.cell)
-    flops = 6 * settings["tokens"] * settings["n_latents"] * model_width()
-    return int(10 + flops / 1e9 / 60)
+    return budget.train_runtime_min(settings, width())
 
 
 def external_metrics():

@@ -51,8 +51,8 @@ rule evaluate_external:
         "../../envs/saesweep.yaml"
     threads: 2
     resources:
-        mem_mb=lambda wildcards: 3000 + 2 * model_width() * model_width() // 1000,
-        runtime=30,
+        mem_mb=lambda wildcards: budget.evaluate_mem_mb(width()),
+        runtime=budget.EVALUATE_RUNTIME_MIN,
     params:
         folder=lambda wildcards, input: Path(input.cfg).parent,
     shell:
