@@ -118,3 +118,22 @@ def test_cli_prints_the_plan_and_names_a_bad_key(tmp_path, tiny_model, tiny_corp
     assert main(["plan", str(bad)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("saesweep plan: error: config key sweep.k") and "Traceback" not in err
+
+
+def test_the_workflow_reads_its_config_without_torch() -> None:
+    """What the Snakefile imports at every start (and every cluster job's start) leaves torch,
+    transformers and pandas unimported: they take seconds to load."""
+    code = ("import sys, saesweep.plan.budget, saesweep.plan.cells, saesweep.plan.config, saesweep.plan.settings; "
+            "print(sorted(m for m in ('torch', 'transformers', 'pandas') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def test_every_registered_architecture_is_its_declaration() -> None:
+    from saesweep.sae.catalog import DECLARATIONS
+
+    assert list(ARCHITECTURES) == list(DECLARATIONS)
+    for name, cls in ARCHITECTURES.items():
+        declared = DECLARATIONS[name]
+        assert (cls.name, cls.arch_parameters, cls.uses_auxk) == (declared.name, declared.parameters, declared.uses_auxk)
+        assert cls.all_arch_parameters() == declared.all_parameters()

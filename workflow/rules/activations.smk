@@ -23,7 +23,7 @@ for stage in ("train", "eval"):
         name:
             f"extract_{stage}_activations"
         input:
-            model_input,
+            MODEL_INPUT,
             corpus=rules.prepare_corpus.output,
             settings=f"{RUN}/activations/{stage}_settings.json",
         output:

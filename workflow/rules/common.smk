@@ -75,9 +75,9 @@ def final_targets():
     ]
 
 
-def model_input(wildcards):
-    """The local model folder when a rule of this workflow makes it, else nothing."""
-    return [config["model"]["id"]] if config["model"]["pypi_gguf"] else []
+# The local model folder when a rule of this workflow makes it (fetch_model), else nothing:
+# an input of the rules that load the LM.
+MODEL_INPUT = [config["model"]["id"]] if config["model"]["pypi_gguf"] else []
 
 
 def all_manifests(split):

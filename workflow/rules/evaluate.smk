@@ -3,7 +3,7 @@
 
 rule evaluate_cell:
     input:
-        model_input,
+        MODEL_INPUT,
         settings=f"{RUN}/cells/{{site}}/{{cell}}/eval_settings.json",
         weights=rules.train_cell.output.weights,
         cfg=rules.train_cell.output.cfg,
@@ -21,7 +21,7 @@ rule evaluate_cell:
         mem_mb=lambda wildcards: budget.evaluate_mem_mb(width()),
         runtime=budget.EVALUATE_RUNTIME_MIN,
     params:
-        folder=lambda wildcards, input: Path(input.cfg).parent,
+        folder=f"{RUN}/cells/{{site}}/{{cell}}",
     shell:
         "saesweep evaluate --settings {input.settings:q} --cell {params.folder:q} "
         "--out {output:q} > {log} 2>&1"

@@ -36,7 +36,7 @@ rule import_external:
 
 rule evaluate_external:
     input:
-        model_input,
+        MODEL_INPUT,
         settings=f"{RUN}/external/{{site}}/{{name}}/eval_settings.json",
         weights=rules.import_external.output.weights,
         cfg=rules.import_external.output.cfg,

@@ -14,7 +14,7 @@ from saesweep.core.errors import UserError
 from saesweep.core.sites import transformer_lens_hook
 from saesweep.plan.cells import parse_cell
 from saesweep.plan.config import dead_window, learning_rate, token_budget
-from saesweep.sae.registry import architecture
+from saesweep.sae.catalog import declaration
 
 
 def run_dir(config: dict[str, Any]) -> str:
@@ -67,7 +67,7 @@ def train_settings(config: dict[str, Any], site: str, cell_name: str) -> dict[st
     parameters and n (AuxK only where the architecture uses it)."""
     cell = parse_cell(cell_name)
     train = config["train"]
-    uses_auxk = architecture(cell.arch).uses_auxk
+    uses_auxk = declaration(cell.arch).uses_auxk
     return {
         "site": site,
         "arch": cell.arch,

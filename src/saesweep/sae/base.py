@@ -25,7 +25,6 @@ that are stored but zero (a TopK value clipped by ReLU) do not count as firing.
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -33,48 +32,12 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from saesweep.sae.catalog import LR_FACTOR, Parameter, problem
+
 # Codes are sparse CSR tensors built with valid (sorted, unique) indices; torch's notice that
 # CSR support is in beta and that invariant checks are off is not actionable.
 warnings.filterwarnings(
     "ignore", "Sparse (CSR tensor support is in beta|invariant checks are implicitly)", UserWarning
-)
-
-
-@dataclass(frozen=True)
-class Parameter:
-    """One parameter of an architecture, settable per cell in ``sweep.archs.{arch}``."""
-
-    name: str
-    """The config key, e.g. ``k`` or ``l1_coef``."""
-    tag: str
-    """Its short name in a cell's folder name, e.g. ``k`` in ``topk-n4096-k32-s0``: lower-case letters."""
-    default: int | float | None
-    """The value a cell takes when the sweep does not set it; ``None``: the sweep must set it."""
-    doc: str
-    """What it means and where its default comes from."""
-    integer: bool = False
-    """Whole numbers only (e.g. k)."""
-    minimum: float = 0.0
-    """The lower bound of valid values …"""
-    minimum_allowed: bool = False
-    """… which is itself valid when True (else values must exceed it)."""
-
-    def check(self, value: Any) -> str | None:
-        """Why ``value`` is not valid for this parameter, or None."""
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return f"{value!r} is not a number"
-        if self.integer and not float(value).is_integer():
-            return f"{value!r} is not a whole number"
-        below = value < self.minimum if self.minimum_allowed else value <= self.minimum
-        if not math.isfinite(value) or below:
-            return f"{value!r} must be {'at least' if self.minimum_allowed else 'larger than'} {self.minimum:g}"
-        return None
-
-
-LR_FACTOR = Parameter(
-    "lr_factor", "lr", 1.0,
-    "multiplies the learning-rate rule train.lr for this architecture (to tune each recipe's lr "
-    "on the same budget)",
 )
 
 
@@ -155,10 +118,7 @@ class SparseAutoencoder(nn.Module):
     @classmethod
     def problem(cls, n: int, params: dict[str, Any]) -> str | None:
         """Why a cell with n latents and ``params`` cannot exist (e.g. k ≥ n), or None."""
-        k = params.get("k")
-        if k is not None and not 0 < k < n:
-            return f"k={k} must be smaller than n_latents (got n_latents={n})"
-        return None
+        return problem(n, params)
 
     @classmethod
     def knob(cls) -> Parameter:
