@@ -47,8 +47,8 @@ EVALUATE_RUNTIME_MIN = 30
 ADAM_STATE_SLOTS = 2
 """Adam keeps two moments of every parameter (exp_avg, exp_avg_sq)."""
 
-CELL_RULES = ("cell_settings", "train_cell", "evaluate_cell")
 SWEEP_RULES = ("aggregate", "fit_laws", "plot_figures", "report_tables", "compare_architectures", "all")
+"""The rules with one job per run, after the cells."""
 
 
 def model_width(config: dict[str, Any]) -> tuple[int, str]:
