@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -188,6 +189,21 @@ def test_every_shipped_config_dry_runs(path: Path, tmp_path: Path) -> None:
     assert "aggregate" in result.stdout and "evaluate_cell" in result.stdout
     planned = set(re.findall(r"cells/[^/\s]+/([^/\s]+)/metrics\.json", result.stdout))
     assert planned == {cell.name for cell in sweep_cells(load_config(path))}
+
+
+PROFILES = [["--profile", str(REPO / "profiles" / "default")],
+            ["--profile", str(REPO / "profiles" / "slurm"), "--workflow-profile", "none"],
+            ["--profile", str(REPO / "profiles" / "slurm"), "--workflow-profile", str(REPO / "profiles" / "slurm-pack")]]
+
+
+@pytest.mark.parametrize("profile", PROFILES, ids=["default", "slurm", "slurm+pack"])
+def test_every_shipped_profile_dry_runs(profile: list[str], tmp_path: Path, tiny_model: Path, tiny_corpus: Path) -> None:
+    """Each profile's keys are options this Snakemake and its SLURM plugin accept; packing
+    puts every cell's train and evaluate jobs into groups of 4 cells."""
+    write_config(tmp_path / "config.yaml", tiny_config(tiny_model, tiny_corpus))  # 4 cells
+    result = snakemake(tmp_path, "-n", *profile)
+    groups = re.findall(r"Group job pack \(jobs in lexicogr. order\)", result.stdout)
+    assert len(groups) == (1 if "slurm-pack" in profile[-1] else 0), result.stdout[-3000:]
 
 
 def test_external_saes_are_evaluated_into_the_table_and_the_figures(sweep: Path, tmp_path: Path) -> None:

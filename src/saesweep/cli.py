@@ -28,6 +28,16 @@ def stage_check_config(args: argparse.Namespace) -> None:
     )
 
 
+def stage_plan(args: argparse.Namespace) -> None:
+    from saesweep.plan.budget import format_plan, plan
+    from saesweep.plan.config import check_against_model_folder, load_config
+
+    config = load_config(args.config)
+    check_against_model_folder(config)
+    print(f"{args.config}: valid")
+    print(format_plan(plan(config)))
+
+
 def stage_settings(args: argparse.Namespace) -> None:
     from saesweep.core.files import write_json
 
@@ -152,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     sub = stage("check-config", stage_check_config, "validate a config file and summarise the sweep")
+    sub.add_argument("config")
+    sub = stage("plan", stage_plan, "print what a config will run: jobs, tokens, bytes on disk, memory, hours")
     sub.add_argument("config")
     sub = stage("settings", stage_settings, "write a job's resolved settings (JSON) to a file")
     sub.add_argument("--json", required=True)

@@ -21,7 +21,7 @@ rule extraction_settings:
 
 rule extract_part:
     input:
-        model_input,
+        MODEL_INPUT,
         corpus=rules.prepare_corpus.output,
         settings=f"{RUN}/activations/{{stage}}_settings.json",
     output:

@@ -3,19 +3,15 @@ import json
 import sys
 from pathlib import Path
 
-from saesweep.plan.cells import sweep_cells
-from saesweep.plan.config import check_sites_against_model, validate_config
 from saesweep.core.errors import UserError
+from saesweep.plan import budget
 from saesweep.plan import settings as job
+from saesweep.plan.cells import sweep_cells
+from saesweep.plan.config import check_against_model_folder, validate_config
 
 try:
     validated = validate_config(config)
-    model_config = Path(validated["model"]["id"], "config.json")
-    if model_config.exists():
-        # read the depth from the file: importing transformers would slow every job's start
-        depth = json.loads(model_config.read_text()).get("num_hidden_layers")
-        if depth is not None:
-            check_sites_against_model(validated, depth)
+    check_against_model_folder(validated)
 except UserError as error:
     sys.exit(f"saesweep: invalid config: {error}")
 config.clear()
@@ -81,9 +77,9 @@ def final_targets():
     ]
 
 
-def model_input(wildcards):
-    """The local model folder when a rule of this workflow makes it, else nothing."""
-    return [config["model"]["id"]] if config["model"]["pypi_gguf"] else []
+# The local model folder when fetch_model makes it, else nothing (an input of every job
+# that loads the LM).
+MODEL_INPUT = [config["model"]["id"]] if config["model"]["pypi_gguf"] else []
 
 
 def all_manifests(split):
@@ -104,56 +100,34 @@ def settings_json(wildcards):
     return json.dumps(build(config, wildcards.site, wildcards.cell), sort_keys=True)
 
 
-def model_width():
-    """Hidden size of the model when its config is on disk (for memory estimates), else 4096."""
-    path = Path(config["model"]["id"], "config.json")
-    return (
-        json.loads(path.read_text()).get("hidden_size", 4096) if path.exists() else 4096
-    )
+def width():
+    """The model's hidden size d for resource requests (read when asked: a model folder
+    that a rule makes appears after the workflow has started)."""
+    return budget.model_width(config)[0]
 
 
 def extract_mem_mb(wildcards):
-    """Memory of an extraction part job: a fixed 3 GB for the interpreter and torch, 6 · d²
-    kB for the model, and one shard (what streaming extraction holds): each site's rows in
-    the storage dtype, plus a float64 copy of one site's rows for the shard's sums."""
-    activations = config["activations"]
-    storage_bytes = 2 if activations["storage_dtype"] == "float16" else 4
-    shard_bytes = (
-        activations["shard_tokens"] * model_width() * (len(SITES) * storage_bytes + 8)
-    )
-    return int(3000 + 6 * model_width() * model_width() / 1000 + shard_bytes / 1e6)
-
-
-def train_processes():
-    """Processes of one training job: train.distributed's data_parallel × latent_shards."""
-    distributed = config["train"]["distributed"]
-    return distributed["data_parallel"] * distributed["latent_shards"]
+    """Memory of an extraction part job (saesweep.plan.budget.extract_mem_mb)."""
+    return budget.extract_mem_mb(width(), config["activations"])
 
 
 def train_threads(wildcards):
     """CPU threads of a training job: 2, or one per process of a distributed cell."""
-    return max(2, train_processes())
+    settings = job.train_settings(config, wildcards.site, wildcards.cell)
+    replicas, shards = budget.train_processes(settings)
+    return max(2, replicas * shards)
 
 
 def train_mem_mb(wildcards):
-    """Memory of a training job, per process times the processes: its latents' parameters,
-    gradients and Adam moments (4 · 2(n/S)d floats), its rows' pre-activations and
-    selections (3 · (B/D) · (n/S) floats), shards read ahead, and a fixed 1.5 GB for the
-    interpreter and torch (D, S: train.distributed; 1 × 1 for one process)."""
+    """Memory of a cell's training job (saesweep.plan.budget.train_mem_mb)."""
     settings = job.train_settings(config, wildcards.site, wildcards.cell)
-    distributed = config["train"]["distributed"]
-    n = settings["n_latents"] / distributed["latent_shards"]
-    batch = settings["batch_size"] / distributed["data_parallel"]
-    floats = 4 * 2 * n * model_width() + 3 * batch * n
-    shard_bytes = 8 * config["activations"]["shard_tokens"] * model_width() * 2
-    return int(train_processes() * (1500 + (4 * floats + shard_bytes) / 1e6))
+    return budget.train_mem_mb(settings, width(), config["activations"]["shard_tokens"])
 
 
 def train_runtime(wildcards):
-    """Minutes for a training job: a generous bound from tokens · n · d at 1 GFLOP/s·6."""
+    """Minutes asked for by a cell's training job (saesweep.plan.budget.train_runtime_min)."""
     settings = job.train_settings(config, wildcards.site, wildcards.cell)
-    flops = 6 * settings["tokens"] * settings["n_latents"] * model_width()
-    return int(10 + flops / 1e9 / 60)
+    return budget.train_runtime_min(settings, width())
 
 
 def external_metrics():

@@ -3,7 +3,7 @@
 
 rule evaluate_cell:
     input:
-        model_input,
+        MODEL_INPUT,
         settings=f"{RUN}/cells/{{site}}/{{cell}}/eval_settings.json",
         weights=rules.train_cell.output.weights,
         cfg=rules.train_cell.output.cfg,
@@ -18,8 +18,8 @@ rule evaluate_cell:
         "../../envs/saesweep.yaml"
     threads: 2
     resources:
-        mem_mb=lambda wildcards: 3000 + 2 * model_width() * model_width() // 1000,
-        runtime=30,
+        mem_mb=lambda wildcards: budget.evaluate_mem_mb(width()),
+        runtime=budget.EVALUATE_RUNTIME_MIN,
     params:
         folder=lambda wildcards, input: Path(input.cfg).parent,
     shell:

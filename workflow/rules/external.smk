@@ -36,7 +36,7 @@ rule import_external:
 
 rule evaluate_external:
     input:
-        model_input,
+        MODEL_INPUT,
         settings=f"{RUN}/external/{{site}}/{{name}}/eval_settings.json",
         weights=rules.import_external.output.weights,
         cfg=rules.import_external.output.cfg,
@@ -51,8 +51,8 @@ rule evaluate_external:
         "../../envs/saesweep.yaml"
     threads: 2
     resources:
-        mem_mb=lambda wildcards: 3000 + 2 * model_width() * model_width() // 1000,
-        runtime=30,
+        mem_mb=lambda wildcards: budget.evaluate_mem_mb(width()),
+        runtime=budget.EVALUATE_RUNTIME_MIN,
     params:
         folder=lambda wildcards, input: Path(input.cfg).parent,
     shell:

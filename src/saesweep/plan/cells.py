@@ -20,10 +20,11 @@ from __future__ import annotations
 import itertools
 import re
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 from saesweep.core.errors import UserError
-from saesweep.sae.registry import architecture, resolve_params
+from saesweep.sae.catalog import declaration, problem, resolve_params
 
 CELL_PATTERN = re.compile(r"^[a-z0-9]+-n[0-9]+(-[a-z]+[0-9][0-9.e+-]*)+-s[0-9]+$")
 SEPARATOR = re.compile(r"-(?=[a-z])")
@@ -57,7 +58,7 @@ class Cell:
     @property
     def name(self) -> str:
         """The folder name (see the module docstring)."""
-        declared = architecture(self.arch).all_arch_parameters()
+        declared = declaration(self.arch).all_parameters()
         values = self.parameters
         parts = [
             f"{parameter.tag}{format_value(values[parameter.name])}"
@@ -79,12 +80,13 @@ def make_cell(arch: str, n_latents: int, given: dict[str, Any], seed: int, key: 
     return Cell(arch, n_latents, tuple(params.items()), seed)
 
 
+@cache
 def parse_cell(name: str) -> Cell:
-    """The inverse of ``Cell.name``."""
+    """The inverse of ``Cell.name`` (cached: the workflow asks it for every job of a cell)."""
     if CELL_PATTERN.match(name) is None:
         raise UserError(f"cell {name!r} is not of the form {{arch}}-n{{n_latents}}-{{parameters}}-s{{seed}}")
     arch, n_part, *param_parts, seed_part = SEPARATOR.split(name)
-    by_tag = {parameter.tag: parameter for parameter in architecture(arch, f"cell {name!r}").all_arch_parameters()}
+    by_tag = {parameter.tag: parameter for parameter in declaration(arch, f"cell {name!r}").all_parameters()}
     given: dict[str, Any] = {}
     for part in param_parts:
         tag = re.match(r"[a-z]+", part).group()
@@ -134,8 +136,8 @@ def sweep_cells(config: dict[str, Any]) -> list[Cell]:
             for n in sizes:
                 for seed in sweep["seeds"]:
                     cell = make_cell(arch, n, dict(zip(names, values)), seed, key)
-                    problem = architecture(arch).problem(n, cell.parameters)
-                    if problem:
-                        raise UserError(f"{key}: {problem}")
+                    impossible = problem(n, cell.parameters)
+                    if impossible:
+                        raise UserError(f"{key}: {impossible}")
                     cells.setdefault(cell.name, cell)
     return list(cells.values())

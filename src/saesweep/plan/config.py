@@ -10,6 +10,7 @@ workflow and the command line resolve a cell's settings the same way.
 from __future__ import annotations
 
 import copy
+import json
 import math
 from functools import cache
 from pathlib import Path
@@ -21,7 +22,7 @@ import yaml
 from saesweep.core.errors import UserError
 from saesweep.core.sites import parse_site
 from saesweep.plan.cells import sweep_cells
-from saesweep.sae.registry import architecture
+from saesweep.sae.catalog import declaration
 
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
 
@@ -114,7 +115,7 @@ def check_distributed(config: dict[str, Any]) -> None:
     if shards * replicas == 1:
         return
     for cell in sweep_cells(config):
-        if not architecture(cell.arch).shardable:
+        if not declaration(cell.arch).shardable:
             raise UserError(
                 f"config key train.distributed: architecture {cell.arch} cannot be trained by several "
                 "processes (its training step has no latent-sharded or data-parallel form); "
@@ -182,6 +183,21 @@ def check_external(config: dict[str, Any]) -> None:
         if entry["name"] in seen:
             raise UserError(f"config key {key}.name: {entry['name']!r} is used by another external SAE")
         seen.add(entry["name"])
+
+
+def check_against_model_folder(config: dict[str, Any]) -> None:
+    """When ``model.id`` is a local folder with a config.json: its sites against the model's
+    depth, and ``model.hidden_size`` (when given) against its width. Reads the JSON file
+    only (importing transformers would slow the start of every workflow job)."""
+    path = Path(config["model"]["id"], "config.json")
+    if not path.exists():
+        return
+    model = json.loads(path.read_text())
+    if model.get("num_hidden_layers") is not None:
+        check_sites_against_model(config, model["num_hidden_layers"])
+    given, width = config["model"]["hidden_size"], model.get("hidden_size")
+    if given is not None and width is not None and given != width:
+        raise UserError(f"config key model.hidden_size: {given}, but {path} says hidden_size {width}")
 
 
 def check_sites_against_model(config: dict[str, Any], n_layers: int) -> None:

@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
+from saesweep.sae.catalog import AUXK_PARAMETERS, LR_FACTOR, TIED_INIT, Parameter, problem
+
 if TYPE_CHECKING:
     from saesweep.sae.collectives import Collectives
 
@@ -42,74 +44,6 @@ if TYPE_CHECKING:
 warnings.filterwarnings(
     "ignore", "Sparse (CSR tensor support is in beta|invariant checks are implicitly)", UserWarning
 )
-
-
-@dataclass(frozen=True)
-class Parameter:
-    """One parameter of an architecture, settable per cell in ``sweep.archs.{arch}``."""
-
-    name: str
-    """The config key, e.g. ``k`` or ``l1_coef``."""
-    tag: str
-    """Its short name in a cell's folder name, e.g. ``k`` in ``topk-n4096-k32-s0``: lower-case letters."""
-    default: int | float | None
-    """The value a cell takes when the sweep does not set it; ``None``: the sweep must set it."""
-    doc: str
-    """What it means and where its default comes from."""
-    integer: bool = False
-    """Whole numbers only (e.g. k)."""
-    minimum: float = 0.0
-    """The lower bound of valid values …"""
-    minimum_allowed: bool = False
-    """… which is itself valid when True (else values must exceed it)."""
-    maximum: float | None = None
-    """The largest valid value (inclusive), if any."""
-
-    def check(self, value: Any) -> str | None:
-        """Why ``value`` is not valid for this parameter, or None."""
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return f"{value!r} is not a number"
-        if self.integer and not float(value).is_integer():
-            return f"{value!r} is not a whole number"
-        below = value < self.minimum if self.minimum_allowed else value <= self.minimum
-        if not math.isfinite(value) or below:
-            return f"{value!r} must be {'at least' if self.minimum_allowed else 'larger than'} {self.minimum:g}"
-        if self.maximum is not None and value > self.maximum:
-            return f"{value!r} must be at most {self.maximum:g}"
-        return None
-
-
-LR_FACTOR = Parameter(
-    "lr_factor", "lr", 1.0,
-    "multiplies the learning-rate rule train.lr for this architecture (to tune each recipe's lr "
-    "on the same budget)",
-)
-TIED_INIT = Parameter(
-    "tied_init", "ti", 1,
-    "1: the encoder starts as the decoder's transpose (Gao et al. 2024, §2.4); 0: an independent "
-    "random encoder, U(−1/√d, 1/√d) as torch.nn.Linear's default (the paper's ablation)",
-    integer=True, minimum_allowed=True, maximum=1,
-)
-# AuxK (Gao et al. 2024, §2.4), parameters of the architectures that use it (``uses_auxk``).
-AUX_COEF = Parameter(
-    "aux_coef", "ax", 1 / 32,
-    "α, the weight of the AuxK loss (paper: 1/32); 0 turns AuxK off, as the default sweep does: at "
-    "its budgets AuxK raised the dead fraction (config/README.md, 'Dead latents: when AuxK helps')",
-    minimum_allowed=True,
-)
-K_AUX = Parameter(
-    "k_aux", "ka", 512,
-    "latents of the auxiliary reconstruction, capped by the number of dead latents (paper: 512; "
-    "'a power of two close to d_model / 2')",
-    integer=True,
-)
-AUX_ERROR_NORM = Parameter(
-    "aux_error_norm", "ae", 0,
-    "what L_aux is divided by: 0, the inputs' batch variance V (as the main loss, SAELens); 1, the "
-    "variance of the error it reconstructs (openai/sparse_autoencoder's code)",
-    integer=True, minimum_allowed=True, maximum=1,
-)
-AUXK_PARAMETERS = (AUX_COEF, K_AUX, AUX_ERROR_NORM)
 
 
 @dataclass
@@ -212,10 +146,7 @@ class SparseAutoencoder(nn.Module):
     @classmethod
     def problem(cls, n: int, params: dict[str, Any]) -> str | None:
         """Why a cell with n latents and ``params`` cannot exist (e.g. k ≥ n), or None."""
-        k = params.get("k")
-        if k is not None and not 0 < k < n:
-            return f"k={k} must be smaller than n_latents (got n_latents={n})"
-        return None
+        return problem(n, params)
 
     @classmethod
     def knob(cls) -> Parameter:

@@ -28,19 +28,17 @@ from typing import Any, ClassVar
 import torch
 
 from saesweep.sae.base import Parameter, SparseAutoencoder, StepContext, StepOutput, auxk_loss, batch_variance
+from saesweep.sae.catalog import BATCHTOPK
 from saesweep.sae.support_kernels import Support, SupportBatch, support_step
 
 
 class BatchTopKSAE(SparseAutoencoder):
     """Top k·B over the batch in training, a fixed threshold at inference."""
 
-    name: ClassVar[str] = "batchtopk"
+    name: ClassVar[str] = BATCHTOPK.name
     reference: ClassVar[str] = "Bussmann et al. 2024, BatchTopK Sparse Autoencoders"
-    arch_parameters: ClassVar[tuple[Parameter, ...]] = (
-        Parameter("k", "k", None, "mean active latents per token in training", integer=True),
-        Parameter("threshold_rate", "r", 0.01, "rate r of the threshold's moving average (SAELens: 0.01)"),
-    )
-    uses_auxk: ClassVar[bool] = True
+    arch_parameters: ClassVar[tuple[Parameter, ...]] = BATCHTOPK.parameters
+    uses_auxk: ClassVar[bool] = BATCHTOPK.uses_auxk
     inference_family: ClassVar[str] = "jumprelu"
     example: ClassVar[dict[str, Any]] = {"k": 3, "k_aux": 16}
 

@@ -25,19 +25,19 @@ import torch
 from torch import nn
 
 from saesweep.sae.base import Parameter, SparseAutoencoder, StepContext, StepOutput, batch_variance, rms_norm
+from saesweep.sae.catalog import GATED
 from saesweep.sae.support_kernels import Support, SupportBatch, support_step
 
 
 class GatedSAE(SparseAutoencoder):
     """Separate gate (which latents) and magnitude (how much) with a shared encoder."""
 
-    name: ClassVar[str] = "gated"
+    name: ClassVar[str] = GATED.name
     reference: ClassVar[str] = "Rajamanoharan et al. 2024, Gated Sparse Autoencoders"
-    arch_parameters: ClassVar[tuple[Parameter, ...]] = (
-        Parameter("l1_coef", "l", None, "λ, the weight of the gate's L1 penalty"),
-    )
+    arch_parameters: ClassVar[tuple[Parameter, ...]] = GATED.parameters
+    uses_auxk: ClassVar[bool] = GATED.uses_auxk
     adam_betas: ClassVar[tuple[float, float]] = (0.0, 0.999)
-    shardable: ClassVar[bool] = True
+    shardable: ClassVar[bool] = GATED.shardable
     inference_family: ClassVar[str] = "gated"
     example: ClassVar[dict[str, Any]] = {"l1_coef": 1.0}
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from saesweep.sae.base import Parameter, SparseAutoencoder, StepContext, StepOutput, batch_variance
+from saesweep.sae.catalog import JUMPRELU
 from saesweep.sae.support_kernels import Support, SupportBatch, support_step
 
 
@@ -65,15 +66,12 @@ class _Step(torch.autograd.Function):
 class JumpReLUSAE(SparseAutoencoder):
     """Per-latent learned thresholds, an L0 penalty."""
 
-    name: ClassVar[str] = "jumprelu"
+    name: ClassVar[str] = JUMPRELU.name
     reference: ClassVar[str] = "Rajamanoharan et al. 2024, JumpReLU SAEs (defaults: SAELens 6.x)"
-    arch_parameters: ClassVar[tuple[Parameter, ...]] = (
-        Parameter("l0_coef", "l", None, "λ, the weight of the L0 penalty"),
-        Parameter("bandwidth", "bw", 0.05, "ε, the rectangle kernel's width (SAELens: 0.05)"),
-        Parameter("threshold_init", "t", 0.01, "θ₀, every latent's initial threshold (SAELens: 0.01)"),
-    )
+    arch_parameters: ClassVar[tuple[Parameter, ...]] = JUMPRELU.parameters
+    uses_auxk: ClassVar[bool] = JUMPRELU.uses_auxk
     adam_betas: ClassVar[tuple[float, float]] = (0.0, 0.999)
-    shardable: ClassVar[bool] = True
+    shardable: ClassVar[bool] = JUMPRELU.shardable
     inference_family: ClassVar[str] = "jumprelu"
     example: ClassVar[dict[str, Any]] = {"l0_coef": 0.1, "threshold_init": 0.3}
 

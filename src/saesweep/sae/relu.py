@@ -20,20 +20,19 @@ from typing import Any, ClassVar
 import torch
 
 from saesweep.sae.base import Parameter, SparseAutoencoder, StepContext, StepOutput, batch_variance, rms_norm
+from saesweep.sae.catalog import RELU
 from saesweep.sae.support_kernels import Support, SupportBatch, support_step
 
 
 class ReLUSAE(SparseAutoencoder):
     """A ReLU SAE with a decoder-norm-weighted L1 penalty."""
 
-    name: ClassVar[str] = "relu"
+    name: ClassVar[str] = RELU.name
     reference: ClassVar[str] = "Anthropic, Circuits Updates April 2024 (ReLU + L1 weighted by decoder norms)"
-    arch_parameters: ClassVar[tuple[Parameter, ...]] = (
-        Parameter("l1_coef", "l", None, "λ, the weight of the L1 penalty"),
-        Parameter("l1_warmup", "wu", 0.05, "share of the budget over which λ rises linearly from 0 (Anthropic: 5%)", minimum_allowed=True),
-    )
+    arch_parameters: ClassVar[tuple[Parameter, ...]] = RELU.parameters
+    uses_auxk: ClassVar[bool] = RELU.uses_auxk
     unit_norm_decoder: ClassVar[bool] = False
-    shardable: ClassVar[bool] = True
+    shardable: ClassVar[bool] = RELU.shardable
     decoder_init_norm: ClassVar[float] = 0.1
     inference_family: ClassVar[str] = "relu"
     example: ClassVar[dict[str, Any]] = {"l1_coef": 0.3}

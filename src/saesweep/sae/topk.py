@@ -21,20 +21,18 @@ from typing import Any, ClassVar
 import torch
 
 from saesweep.sae.base import Parameter, SparseAutoencoder, StepContext, StepOutput, rows_csr
+from saesweep.sae.catalog import MULTITOPK, TOPK
 from saesweep.sae.collectives import LOCAL
 from saesweep.sae.topk_kernels import SelectionStep, Wide, dense_reference_step, sparse_step
-
-K = Parameter("k", "k", None, "active latents per token", integer=True)
-
 
 class TopKSAE(SparseAutoencoder):
     """A k-sparse autoencoder."""
 
-    name: ClassVar[str] = "topk"
+    name: ClassVar[str] = TOPK.name
     reference: ClassVar[str] = "Gao et al. 2024, Scaling and evaluating sparse autoencoders (openai/sparse_autoencoder)"
-    arch_parameters: ClassVar[tuple[Parameter, ...]] = (K,)
-    uses_auxk: ClassVar[bool] = True
-    shardable: ClassVar[bool] = True
+    arch_parameters: ClassVar[tuple[Parameter, ...]] = TOPK.parameters
+    uses_auxk: ClassVar[bool] = TOPK.uses_auxk
+    shardable: ClassVar[bool] = TOPK.shardable
     k_override: ClassVar[bool] = True
     inference_family: ClassVar[str] = "topk"
     example: ClassVar[dict[str, Any]] = {"k": 3, "k_aux": 16}
@@ -83,13 +81,11 @@ class TopKSAE(SparseAutoencoder):
 class MultiTopKSAE(TopKSAE):
     """TopK trained at k and at m·k at once."""
 
-    name: ClassVar[str] = "multitopk"
+    name: ClassVar[str] = MULTITOPK.name
     reference: ClassVar[str] = "Gao et al. 2024, §5.3 (Multi-TopK: L(k) + L(4k)/8)"
-    arch_parameters: ClassVar[tuple[Parameter, ...]] = (
-        K,
-        Parameter("multiple", "m", 4, "the wide selection has multiple · k latents (paper: 4)", integer=True, minimum=1),
-        Parameter("wide_weight", "w", 0.125, "weight of the wide selection's loss (paper: 1/8)"),
-    )
+    arch_parameters: ClassVar[tuple[Parameter, ...]] = MULTITOPK.parameters
+    uses_auxk: ClassVar[bool] = MULTITOPK.uses_auxk
+    shardable: ClassVar[bool] = MULTITOPK.shardable
 
     def wide(self) -> Wide:
         return Wide(min(self.n - 1, int(self.params["multiple"]) * self.k), float(self.params["wide_weight"]))
