@@ -29,15 +29,13 @@ import math
 import warnings
 from dataclasses import dataclass
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from saesweep.sae.catalog import AUXK_PARAMETERS, LR_FACTOR, TIED_INIT, Parameter, problem
-
-if TYPE_CHECKING:
-    from saesweep.sae.collectives import Collectives
+from saesweep.sae.collectives import Collectives, batch_variance
 
 # Codes are sparse CSR tensors built with valid (sorted, unique) indices; torch's notice that
 # CSR support is in beta and that invariant checks are off is not actionable.
@@ -290,11 +288,6 @@ def auxk_normaliser(variance: torch.Tensor, error: torch.Tensor, kind: str,
     loss about 1/NMSE times more than with ``input``). ``variance_of`` computes V_e (default
     ``batch_variance``; a distributed step's is over the global batch)."""
     return (variance_of or batch_variance)(error.detach()) if kind == "error" else variance
-
-
-def batch_variance(x: torch.Tensor) -> torch.Tensor:
-    """V = ‖x − mean_batch(x)‖²_F, the normaliser of every training loss."""
-    return (x - x.mean(dim=0)).pow(2).sum()
 
 
 def rms_norm(variance: torch.Tensor, batch: int) -> torch.Tensor:

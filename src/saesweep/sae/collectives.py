@@ -23,7 +23,10 @@ from __future__ import annotations
 
 import torch
 
-from saesweep.sae.base import batch_variance
+
+def batch_variance(x: torch.Tensor) -> torch.Tensor:
+    """V = ‖x − mean_batch(x)‖²_F, the normaliser of every training loss."""
+    return (x - x.mean(dim=0)).pow(2).sum()
 
 
 class Collectives:
@@ -49,7 +52,7 @@ class Collectives:
         return count
 
     def batch_variance(self, x: torch.Tensor) -> torch.Tensor:
-        """V = ‖x − mean(x)‖²_F of the global batch (``base.batch_variance`` here)."""
+        """V = ‖x − mean(x)‖²_F of the global batch (``batch_variance`` here)."""
         return batch_variance(x)
 
     def merge(self, values: torch.Tensor, positions: torch.Tensor, k: int,
