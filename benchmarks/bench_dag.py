@@ -91,10 +91,16 @@ rule extraction_settings:
     shell: "touch {{output}}"
 
 
+rule extract_part:
+    input: "resources/models/model", rules.prepare_corpus.output, f"{{RUN}}/activations/{{{{stage}}}}_settings.json"
+    output: f"{{RUN}}/activations/{{{{stage}}}}-parts/part-{{{{part}}}}.json"
+    shell: "touch {{output}}"
+
+
 for stage in ("train", "eval"):
     rule:
-        name: f"extract_{{stage}}_activations"
-        input: "resources/models/model", rules.prepare_corpus.output, f"{{RUN}}/activations/{{stage}}_settings.json"
+        name: f"extract_{{stage}}_manifests"
+        input: parts=f"{{RUN}}/activations/{{stage}}-parts/part-0000.json", settings=f"{{RUN}}/activations/{{stage}}_settings.json"
         output: [f"{{RUN}}/activations/{{site}}{{'' if stage == 'train' else '-eval'}}/manifest.json" for site in SITES]
         shell: "touch {{output}}"
 
