@@ -19,14 +19,12 @@ import re
 import subprocess
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from conftest import REPO, tiny_config, write_config
-from slurm_cluster import LocalSlurmCluster, profile_gpu_model
-from test_slurm_workflow import (
+from test_slurm_workflow import (  # slurm_cluster: the module's local SLURM cluster fixture
     BIG,
     LOCAL_RULES,
     RUN,
@@ -34,6 +32,7 @@ from test_slurm_workflow import (
     SMALL,
     SWEEP,
     SlurmRun,
+    Sweeps,
     assert_same_cells,
     assert_same_sources,
     assert_same_train_log,
@@ -42,6 +41,7 @@ from test_slurm_workflow import (
     finish_local,
     local_snakemake,
     rule_of,
+    slurm_cluster,
     slurm_snakemake,
     source_digests,
 )
@@ -51,24 +51,6 @@ pytestmark = pytest.mark.slurm
 PACK = ["--workflow-profile", str(REPO / "profiles" / "slurm-pack")]
 PACKED_RULES = {"train_cell", "evaluate_cell"}
 GROUP = "pack_evaluate_cell_train_cell"  # the group job's name in its SLURM comment
-
-
-@pytest.fixture(scope="module")
-def slurm_cluster(tmp_path_factory):
-    cluster = LocalSlurmCluster(tmp_path_factory.mktemp("slurm"), n_fake_gpus=2, gpu_type=profile_gpu_model(), cpus=8)
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.stop()
-
-
-@dataclass
-class Sweeps:
-    slurm_dir: Path
-    local_dir: Path
-    run: SlurmRun
-    sources: dict[str, str]
 
 
 @pytest.fixture(scope="module")

@@ -112,9 +112,9 @@ def extract_mem_mb(wildcards):
 
 
 def train_threads(wildcards):
-    """CPU threads of a training job: 2, or one per process of a distributed cell."""
-    settings = job.train_settings(config, wildcards.site, wildcards.cell)
-    replicas, shards = budget.train_processes(settings)
+    """CPU threads of a training job: 2, or one per process of a distributed cell (the same
+    for every cell: read from train.distributed, not from each cell's settings)."""
+    replicas, shards = budget.train_processes(job.distributed_settings(config["train"]))
     return max(2, replicas * shards)
 
 
