@@ -72,7 +72,7 @@ def bench_loading(folder: Path, args: argparse.Namespace) -> None:
         return seen / (time.perf_counter() - started)
 
     from_memory = run(memory[i : i + args.train_batch] for i in range(0, budget, args.train_batch))
-    from_shards = run(BatchStream(store, args.train_batch, 0, budget))
+    from_shards = run(BatchStream(store, args.train_batch, 0, budget, device=torch.device("cpu")))
     print(f"loading: step fed from memory {from_memory:,.0f} tok/s, from shards {from_shards:,.0f} tok/s, "
           f"ratio {from_shards / from_memory:.3f} (n={args.n}, k={args.k}, batch {args.train_batch})")
 

@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")  # the device of the tests that run on this machine's processor
 WORDS = (
     "the of and to a in that is was he for it with as his on be at by i this had not are but from or "
     "have an they which one you were her all she there would their we him been has when who will more "

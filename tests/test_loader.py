@@ -45,7 +45,7 @@ def store(tmp_path: Path) -> tuple[ActivationStore, np.ndarray]:
 
 
 def batches(store: ActivationStore, **options) -> list[torch.Tensor]:
-    options = {"batch_size": B, "seed": 0, "budget": TOTAL, **options}
+    options = {"batch_size": B, "seed": 0, "budget": TOTAL, "device": torch.device("cpu"), **options}
     return list(BatchStream(store, **options))
 
 
@@ -112,7 +112,7 @@ def test_stream_from_an_offset_equals_the_rest_of_the_stream(store, group_shards
 def test_budget_beyond_the_tokens(store) -> None:
     store, _ = store
     with pytest.raises(UserError, match="on_exhausted"):
-        BatchStream(store, B, 0, TOTAL + 1, on_exhausted="error")
+        BatchStream(store, B, 0, TOTAL + 1, device=torch.device("cpu"), on_exhausted="error")
     exact = batches(store, budget=TOTAL, on_exhausted="error")
     assert sum(len(b) for b in exact) == TOTAL
     for budget in (TOTAL + 1, 3 * TOTAL - 5, 100):

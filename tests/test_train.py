@@ -8,13 +8,14 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
-from conftest import TIMING_COLUMNS, assert_same_training, read_log, tiny_config
+from conftest import CPU, TIMING_COLUMNS, assert_same_training, read_log, tiny_config
 from saesweep.data.activations import ActivationStore, extract
 from saesweep.cli import main as cli_main
 from saesweep.plan.config import validate_config
@@ -22,6 +23,7 @@ from saesweep.data.corpus import prepare_corpus
 from saesweep.core.errors import UserError
 from saesweep.sae.export import load_sae
 from saesweep.core.files import read_json, write_json
+from saesweep.core.job_settings import TrainSettings, to_json
 from saesweep.plan.settings import activation_dir, corpus_dir, extraction_settings, train_settings
 from saesweep.train.trainer import CHECKPOINT, TrainingDiverged, train_cell
 
@@ -47,33 +49,31 @@ def extracted(tmp_path_factory, tiny_model, tiny_corpus) -> tuple[Path, Path, Pa
     return folder, tiny_model, tiny_corpus
 
 
-def cell_settings(extracted, cell: str, threads: int = 1, **overrides) -> dict:
-    """``train_settings`` of a tiny-config cell, the activations folder made absolute."""
+def cell_settings(extracted, cell: str, **overrides) -> TrainSettings:
+    """``train_settings`` of a tiny-config cell, the activations folders made absolute."""
     folder, model, corpus = extracted
     config = validate_config(tiny_config(model, corpus, **overrides))
     settings = train_settings(config, "resid2", cell)
-    settings["activations"] = str(folder / activation_dir(config, "resid2", "train"))
-    settings["heldout"]["activations"] = str(folder / activation_dir(config, "resid2", "eval"))
-    settings["threads"] = threads
-    return settings
+    heldout = replace(settings.heldout, activations=str(folder / activation_dir(config, "resid2", "eval")))
+    return replace(settings, activations=str(folder / activation_dir(config, "resid2", "train")), heldout=heldout)
 
 
 def test_loss_falls_and_outputs_are_complete(extracted, tmp_path) -> None:
     settings = cell_settings(extracted, "topk-n64-k4-s0", **{"train.log_every_tokens": 256})
-    assert settings["tokens"] == 12000
-    train_cell(settings, tmp_path / "cell")
+    assert settings.tokens == 12000
+    train_cell(settings, tmp_path / "cell", threads=1)
     log = read_log(tmp_path / "cell")
     assert log.tokens.iloc[-1] == 12000 and log.tokens.is_monotonic_increasing
     assert log.nmse.tail(5).mean() < 0.75 * log.nmse.iloc[0], log.nmse.tolist()
     assert (tmp_path / "cell" / "sae.safetensors").exists() and not (tmp_path / "cell" / CHECKPOINT).exists()
-    sae, cfg = load_sae(tmp_path / "cell")
+    sae, cfg = load_sae(tmp_path / "cell", CPU)
     assert (cfg["arch"], cfg["d"], cfg["n_latents"], cfg["params"]["k"]) == ("topk", 32, 64, 4)
     assert cfg["training"]["tokens"] == 12000 and cfg["training"]["steps"] == -(-12000 // 256)
-    store = ActivationStore(settings["activations"])
+    store = ActivationStore(settings.activations)
     assert torch.equal(sae.act_mean, store.mean) and sae.act_scale.item() == pytest.approx(store.scale)
     assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(64), atol=1e-5)
     # the trained SAE reconstructs raw activations better than their mean does
-    raw = store.head(2000)
+    raw = store.head(2000, CPU)
     x = sae.normalise(raw)
     with torch.no_grad():
         nmse = (x - sae(x)).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
@@ -82,7 +82,7 @@ def test_loss_falls_and_outputs_are_complete(extracted, tmp_path) -> None:
     curve = log[log.heldout_nmse.notna()]
     assert curve.tokens.tolist() == [512, 768, 1536, 3072, 6144, 12000]
     assert curve.heldout_nmse.iloc[-1] < 0.75 * curve.heldout_nmse.iloc[0]
-    heldout = sae.normalise(ActivationStore(settings["heldout"]["activations"]).head(settings["heldout"]["tokens"]))
+    heldout = sae.normalise(ActivationStore(settings.heldout.activations).head(settings.heldout.tokens, CPU))
     with torch.no_grad():
         expected = (heldout - sae(heldout)).pow(2).sum() / (heldout - heldout.mean(0)).pow(2).sum()
     assert curve.heldout_nmse.iloc[-1] == pytest.approx(expected.item(), rel=1e-5)
@@ -90,26 +90,26 @@ def test_loss_falls_and_outputs_are_complete(extracted, tmp_path) -> None:
     # uniform rate L0 / n would have there and in the dead window
     with torch.no_grad():
         codes = sae.encode(heldout).to_dense()
-    never = (codes <= settings["dead"]["threshold"]).all(dim=0).float().mean().item()
+    never = (codes <= settings.dead.threshold).all(dim=0).float().mean().item()
     rate = (codes > 0).sum().item() / len(heldout) / 64
     final = curve.iloc[-1]
     assert final.heldout_dead_fraction == pytest.approx(never)
     assert final.heldout_expected_firings == pytest.approx(len(heldout) * rate)
-    assert final.window_expected_firings == pytest.approx(settings["dead"]["window_tokens"] * rate)
+    assert final.window_expected_firings == pytest.approx(settings.dead.window_tokens * rate)
     assert log.heldout_dead_fraction.notna().sum() == len(curve)
 
 
 def test_nan_loss_stops_without_outputs(extracted, tmp_path) -> None:
     settings = cell_settings(extracted, "topk-n64-k4-s0", **{"train.lr.base": 1e30})
     with pytest.raises(TrainingDiverged) as caught:
-        train_cell(settings, tmp_path / "cell")
+        train_cell(settings, tmp_path / "cell", threads=1)
     assert isinstance(caught.value, UserError)
     message = str(caught.value)
     assert "loss" in message and ("nan" in message or "inf" in message) and "train.lr.base" in message
     assert not (tmp_path / "cell" / "sae.safetensors").exists()
     assert not (tmp_path / "cell" / "cfg.json").exists()
     # the command line reports it in one line with exit code 2
-    write_json(tmp_path / "settings.json", {k: v for k, v in settings.items() if k != "threads"})
+    write_json(tmp_path / "settings.json", to_json(settings))
     code = cli_main(["train", "--settings", str(tmp_path / "settings.json"), "--out", str(tmp_path / "cli"),
                      "--threads", "1"])
     assert code == 2
@@ -122,18 +122,18 @@ LONG_CELL = "topk-n1024-k8-s3"
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(extracted, tmp_path_factory) -> tuple[Path, dict]:
+def uninterrupted(extracted, tmp_path_factory) -> tuple[Path, TrainSettings]:
     settings = cell_settings(extracted, LONG_CELL, **LONG)
     folder = tmp_path_factory.mktemp("uninterrupted") / "cell"
     before = torch.get_num_threads()
-    train_cell(settings, folder)
+    train_cell(settings, folder, threads=1)
     torch.set_num_threads(before)
     return folder, settings
 
 
-def start_training(settings: dict, folder: Path) -> tuple[subprocess.Popen, list[str]]:
+def start_training(settings: TrainSettings, folder: Path) -> tuple[subprocess.Popen, list[str]]:
     folder.mkdir(parents=True)
-    write_json(folder.parent / "settings.json", {k: v for k, v in settings.items() if k != "threads"})
+    write_json(folder.parent / "settings.json", to_json(settings))
     command = [sys.executable, "-m", "saesweep.cli", "train", "--settings", str(folder.parent / "settings.json"),
                "--out", str(folder), "--threads", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -166,7 +166,7 @@ def test_killed_training_resumes_to_the_same_weights(uninterrupted, tmp_path) ->
     assert process.returncode == -signal.SIGKILL
     assert not (folder / "sae.safetensors").exists(), "the kill came too late: training had finished"
     checkpoint = torch.load(folder / CHECKPOINT, weights_only=False)
-    assert 0 < checkpoint["tokens_seen"] < settings["tokens"]
+    assert 0 < checkpoint["tokens_seen"] < settings.tokens
     rerun = finish(command)
     assert "resuming from" in rerun.stderr
     assert not (folder / CHECKPOINT).exists()
@@ -184,8 +184,8 @@ def test_sigterm_writes_a_checkpoint_and_exits_143(uninterrupted, tmp_path, caps
     assert "SIGTERM" in stderr
     assert (folder / CHECKPOINT).exists() and not (folder / "sae.safetensors").exists()
     stopped_at = torch.load(folder / CHECKPOINT, weights_only=False)["tokens_seen"]
-    assert 0 < stopped_at < settings["tokens"]
-    train_cell(settings, folder)  # resume in this process (the kill test reruns the command)
+    assert 0 < stopped_at < settings.tokens
+    train_cell(settings, folder, threads=1)  # resume in this process (the kill test reruns the command)
     assert f"at {stopped_at} tokens" in capsys.readouterr().err
     assert_same_training(folder, reference)
 
@@ -198,9 +198,9 @@ def test_checkpoint_of_other_settings_is_ignored(extracted, tmp_path, capsys) ->
     planted = Trainer(other, tmp_path / "cell")  # a checkpoint left by a run of other settings
     planted.tokens_seen = 5120
     planted.save_checkpoint()
-    train_cell(fresh, tmp_path / "cell")
+    train_cell(fresh, tmp_path / "cell", threads=1)
     assert "other settings" in capsys.readouterr().err
-    train_cell(fresh, tmp_path / "clean")
+    train_cell(fresh, tmp_path / "clean", threads=1)
     assert_same_training(tmp_path / "cell", tmp_path / "clean")
 
 
@@ -217,7 +217,7 @@ def test_auxk_acts_only_on_dead_latents(extracted, tmp_path) -> None:
     for enabled in (True, False):
         cell = "topk-n512-k2-ka16-s0" if enabled else "topk-n512-k2-ax0-ka16-s0"  # ax0: α = 0, AuxK off
         settings = cell_settings(extracted, cell, **overrides)
-        train_cell(settings, tmp_path / str(enabled))
+        train_cell(settings, tmp_path / str(enabled), threads=1)
         logs[enabled] = read_log(tmp_path / str(enabled)).drop(columns=TIMING_COLUMNS)
         dead[enabled] = read_json(tmp_path / str(enabled) / "cfg.json", "cfg")["training"]["final_dead_fraction"]
     on, off = logs[True], logs[False]

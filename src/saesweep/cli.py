@@ -57,16 +57,11 @@ def stage_prepare_corpus(args: argparse.Namespace) -> None:
     print(json.dumps(summary, indent=2), file=sys.stderr)
 
 
-def load_settings(path: str) -> dict[str, Any]:
-    from saesweep.core.files import read_json
-
-    return read_json(path, "settings file")
-
-
 def stage_extract(args: argparse.Namespace) -> None:
+    from saesweep.core.job_settings import ExtractionSettings, read_settings
     from saesweep.data.activations import extract, extract_part, write_manifests
 
-    settings = load_settings(args.settings)
+    settings = read_settings(args.settings, ExtractionSettings)
     if args.part is not None:
         extract_part(settings, args.part)
     elif args.manifests:
@@ -76,15 +71,17 @@ def stage_extract(args: argparse.Namespace) -> None:
 
 
 def stage_train(args: argparse.Namespace) -> None:
+    from saesweep.core.job_settings import TrainSettings, read_settings
     from saesweep.train.trainer import train_cell
 
-    train_cell({**load_settings(args.settings), "threads": args.threads}, Path(args.out))
+    train_cell(read_settings(args.settings, TrainSettings), Path(args.out), args.threads)
 
 
 def stage_evaluate(args: argparse.Namespace) -> None:
+    from saesweep.core.job_settings import EvalSettings, read_settings
     from saesweep.evaluation.evaluate import evaluate_cell
 
-    evaluate_cell(load_settings(args.settings), Path(args.cell), Path(args.out))
+    evaluate_cell(read_settings(args.settings, EvalSettings), Path(args.cell), Path(args.out))
 
 
 def stage_export(args: argparse.Namespace) -> None:
@@ -96,9 +93,10 @@ def stage_export(args: argparse.Namespace) -> None:
 
 
 def stage_import(args: argparse.Namespace) -> None:
+    from saesweep.core.job_settings import ImportSettings, read_settings
     from saesweep.interop.stages import import_external
 
-    cfg = import_external(load_settings(args.settings), Path(args.out))
+    cfg = import_external(read_settings(args.settings, ImportSettings), Path(args.out))
     print(f"{args.out}: {cfg['external']['arch']}, d={cfg['d']}, n={cfg['n_latents']}", file=sys.stderr)
 
 

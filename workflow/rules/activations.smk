@@ -13,7 +13,7 @@ rule extraction_settings:
         "../../envs/saesweep.yaml"
     params:
         settings=lambda wildcards: json.dumps(
-            job.extraction_settings(config, wildcards.stage), sort_keys=True
+            to_json(job.extraction_settings(config, wildcards.stage)), sort_keys=True
         ),
     shell:
         "saesweep settings --json {params.settings:q} --out {output:q} > {log} 2>&1"

@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 from saesweep.core.errors import UserError
+from saesweep.core.job_settings import to_json
 from saesweep.plan import budget
 from saesweep.plan import settings as job
 from saesweep.plan.cells import sweep_cells
@@ -91,13 +92,13 @@ def all_manifests(split):
 
 def extraction_parts(split):
     """The record of every extraction part job of a split (config key activations.extract_jobs)."""
-    return job.extraction_settings(config, split)["part_files"]
+    return job.extraction_settings(config, split).part_files
 
 
 def settings_json(wildcards):
     """The resolved settings of one cell's train or eval job, as JSON."""
     build = job.train_settings if wildcards.stage == "train" else job.eval_settings
-    return json.dumps(build(config, wildcards.site, wildcards.cell), sort_keys=True)
+    return json.dumps(to_json(build(config, wildcards.site, wildcards.cell)), sort_keys=True)
 
 
 def width():
@@ -114,7 +115,7 @@ def extract_mem_mb(wildcards):
 def train_threads(wildcards):
     """CPU threads of a training job: 2, or one per process of a distributed cell (the same
     for every cell: read from train.distributed, not from each cell's settings)."""
-    replicas, shards = budget.train_processes(job.distributed_settings(config["train"]))
+    replicas, shards = budget.train_processes(config["train"]["distributed"])
     return max(2, replicas * shards)
 
 
@@ -145,7 +146,7 @@ def external_settings_json(wildcards):
         if wildcards.external_stage == "import"
         else job.external_eval_settings
     )
-    return json.dumps(build(config, wildcards.site, wildcards.name), sort_keys=True)
+    return json.dumps(to_json(build(config, wildcards.site, wildcards.name)), sort_keys=True)
 
 
 def external_files(wildcards):

@@ -16,8 +16,8 @@ when complete; the manifest comes last, so a folder with a manifest is complete.
 
 Extraction streams: documents → token windows → one shard's windows → batches, so its
 memory is one shard's worth whatever the token count. It may be split over J jobs
-(one per ``settings["part_files"]``): part j owns a contiguous range of shard indices,
-writes those shards of every site and then its record ``settings["part_files"][j]``; one
+(one per ``settings.part_files``): part j owns a contiguous range of shard indices,
+writes those shards of every site and then its record ``settings.part_files[j]``; one
 last step writes the manifests from the records. A killed part resumes: shards already
 written with the same settings are kept.
 """
@@ -42,6 +42,8 @@ from saesweep.core.files import atomic_path, read_json, sha256_file, write_json
 from saesweep.data.lm import capture_sites, load_lm
 from saesweep.core.progress import Progress
 from saesweep.core.provenance import provenance
+from saesweep.core.devices import resolve_device
+from saesweep.core.job_settings import ExtractionSettings, to_json
 
 STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32}
 # Settings keys that say how the extraction is split over jobs, not what it writes.
@@ -53,35 +55,35 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}.h5"
 
 
-def extract(settings: dict[str, Any], loaded: tuple[torch.nn.Module, Any] | None = None) -> None:
+def extract(settings: ExtractionSettings, loaded: tuple[torch.nn.Module, Any] | None = None) -> None:
     """Every part of the extraction in this process, then the manifests: what the
-    workflow's part jobs (one per ``settings["part_files"]``) and its manifest job do together.
+    workflow's part jobs (one per ``settings.part_files``) and its manifest job do together.
     ``loaded``: the (model, tokenizer) when already in memory."""
-    loaded = loaded or load_lm(settings["model"], resolve_device(settings["device"]))
-    for part in range(len(settings["part_files"])):
+    loaded = loaded or load_lm(settings.model, resolve_device(settings.device, "extraction settings: device"))
+    for part in range(len(settings.part_files)):
         extract_part(settings, part, loaded)
     write_manifests(settings)
 
 
-def content_settings(settings: dict[str, Any]) -> dict[str, Any]:
-    """The settings that decide what the shards hold: all but how the work is split over
-    jobs (``JOB_KEYS``), so that the shards and manifest of J jobs are those of one job."""
-    return {key: value for key, value in settings.items() if key not in JOB_KEYS}
+def content_settings(settings: ExtractionSettings) -> dict[str, Any]:
+    """The settings (as JSON) that decide what the shards hold: all but how the work is split
+    over jobs (``JOB_KEYS``), so that the shards and manifest of J jobs are those of one job."""
+    return {key: value for key, value in to_json(settings).items() if key not in JOB_KEYS}
 
 
-def planned_windows(settings: dict[str, Any]) -> tuple[int, int]:
+def planned_windows(settings: ExtractionSettings) -> tuple[int, int]:
     """(windows asked for, windows per shard): W = ceil(tokens / kept), where kept =
     context − skip_positions, and max(1, shard_tokens // kept) windows per shard."""
-    kept = settings["context"] - settings["skip_positions"]
-    return math.ceil(settings["tokens"] / kept), max(1, settings["shard_tokens"] // kept)
+    kept = settings.context - settings.skip_positions
+    return math.ceil(settings.tokens / kept), max(1, settings.shard_tokens // kept)
 
 
-def part_shards(settings: dict[str, Any], part: int) -> range:
-    """The shard indices part ``part`` of J = ``len(settings["part_files"])`` owns: with S = ceil(W /
+def part_shards(settings: ExtractionSettings, part: int) -> range:
+    """The shard indices part ``part`` of J = ``len(settings.part_files)`` owns: with S = ceil(W /
     windows per shard) planned shards, [⌊part·S/J⌋, ⌊(part+1)·S/J⌋). Shard i holds windows
     [i·w, (i+1)·w) of the one window stream, so the parts' shards together are exactly
     the shards of a single job."""
-    jobs = len(settings["part_files"])
+    jobs = len(settings.part_files)
     if not 0 <= part < jobs:
         raise UserError(f"extraction part {part} does not exist: config key activations.extract_jobs is {jobs}")
     windows, per_shard = planned_windows(settings)
@@ -89,23 +91,23 @@ def part_shards(settings: dict[str, Any], part: int) -> range:
     return range(part * planned // jobs, (part + 1) * planned // jobs)
 
 
-def shard_attributes(settings: dict[str, Any]) -> dict[str, Any]:
+def shard_attributes(settings: ExtractionSettings) -> dict[str, Any]:
     """Attributes of every shard and manifest of the extraction (the site's name aside)."""
-    fingerprint = read_json(settings["corpus_summary"], "corpus summary")["fingerprint"]
+    fingerprint = read_json(settings.corpus_summary, "corpus summary")["fingerprint"]
     return {
-        "model": settings["model"]["id"],
-        "revision": settings["model"].get("revision") or "",
-        "compute_dtype": settings["model"]["dtype"],
-        "storage_dtype": settings["storage_dtype"],
-        "context": settings["context"],
-        "skip_positions": settings["skip_positions"],
+        "model": settings.model.id,
+        "revision": settings.model.revision or "",
+        "compute_dtype": settings.model.dtype,
+        "storage_dtype": settings.storage_dtype,
+        "context": settings.context,
+        "skip_positions": settings.skip_positions,
         "corpus_fingerprint": fingerprint,
         "code_version": __version__,
         "settings_hash": provenance(content_settings(settings))["settings_hash"],
     }
 
 
-def extract_part(settings: dict[str, Any], part: int, loaded: tuple[torch.nn.Module, Any] | None = None) -> None:
+def extract_part(settings: ExtractionSettings, part: int, loaded: tuple[torch.nn.Module, Any] | None = None) -> None:
     """Write every site's shards of part ``part`` (``part_shards``), then its record.
 
     The token windows are streamed one shard at a time (windows before the part's first
@@ -114,24 +116,24 @@ def extract_part(settings: dict[str, Any], part: int, loaded: tuple[torch.nn.Mod
     settings is kept, so a killed part resumes where it stopped. The record lists the
     shards written; fewer than owned means the corpus ended inside this part."""
     owned = part_shards(settings, part)
-    device = resolve_device(settings["device"])
-    lm, tokenizer = loaded or load_lm(settings["model"], device)
-    kept = settings["context"] - settings["skip_positions"]
+    device = resolve_device(settings.device, "extraction settings: device")
+    lm, tokenizer = loaded or load_lm(settings.model, device)
+    kept = settings.context - settings.skip_positions
     windows, per_shard = planned_windows(settings)
     last_window = min(windows, owned.stop * per_shard)
     attributes = shard_attributes(settings)
-    folders = {site: Path(folder) for site, folder in settings["output_dirs"].items()}
+    folders = {site: Path(folder) for site, folder in settings.output_dirs.items()}
     for folder in folders.values():
         folder.mkdir(parents=True, exist_ok=True)
     progress = Progress(
-        f"extract {'/'.join(folders)} part {part} of {len(settings['part_files'])}",
+        f"extract {'/'.join(folders)} part {part} of {len(settings.part_files)}",
         max(0, last_window - owned.start * per_shard) * kept,
     )
     written, done = [], 0
     if owned:
         blocks = window_blocks(
-            read_split(Path(settings["corpus_file"])), tokenizer, settings["context"],
-            settings["model"]["prepend_bos"], last_window, per_shard,
+            read_split(Path(settings.corpus_file)), tokenizer, settings.context,
+            settings.model.prepend_bos, last_window, per_shard,
         )
         for index, shard_windows in enumerate(blocks):
             if index < owned.start:
@@ -144,13 +146,13 @@ def extract_part(settings: dict[str, Any], part: int, loaded: tuple[torch.nn.Mod
             done += len(shard_windows) * kept
             progress.update(done)
     progress.finish()
-    write_json(settings["part_files"][part], {
-        "part": part, "jobs": len(settings["part_files"]), "settings_hash": attributes["settings_hash"],
+    write_json(settings.part_files[part], {
+        "part": part, "jobs": len(settings.part_files), "settings_hash": attributes["settings_hash"],
         "owned": [owned.start, owned.stop], "shards": written, "tokens": done,
     })
 
 
-def write_manifests(settings: dict[str, Any]) -> None:
+def write_manifests(settings: ExtractionSettings) -> None:
     """Every site's manifest from the records of the extraction's parts.
 
     The parts' shards must follow each other from shard 0 with no gap, and a part that
@@ -158,9 +160,9 @@ def write_manifests(settings: dict[str, Any]) -> None:
     statistics are then summed from the shards in index order, exactly as for one job."""
     attributes = shard_attributes(settings)
     n_shards, ended = 0, False
-    for part, path in enumerate(settings["part_files"]):
+    for part, path in enumerate(settings.part_files):
         record = read_json(path, "extraction part record")
-        if record["settings_hash"] != attributes["settings_hash"] or record["jobs"] != len(settings["part_files"]):
+        if record["settings_hash"] != attributes["settings_hash"] or record["jobs"] != len(settings.part_files):
             raise UserError(f"extraction part record {path} comes from other settings; extract that part again")
         indices = record["shards"]
         owned = part_shards(settings, part)
@@ -170,38 +172,29 @@ def write_manifests(settings: dict[str, Any]) -> None:
         n_shards += len(indices)
         ended = ended or len(indices) < len(owned)
     if n_shards == 0:
-        raise UserError(f"the corpus {settings['corpus_file']} gives no window for the extraction")
-    kept = settings["context"] - settings["skip_positions"]
-    for site, folder in settings["output_dirs"].items():
+        raise UserError(f"the corpus {settings.corpus_file} gives no window for the extraction")
+    kept = settings.context - settings.skip_positions
+    for site, folder in settings.output_dirs.items():
         manifest = write_manifest(Path(folder), n_shards, {**attributes, "site": site}, content_settings(settings))
-    if manifest["tokens"] < settings["tokens"]:
+    if manifest["tokens"] < settings.tokens:
         print(
             f"the corpus gives {manifest['tokens']} tokens ({manifest['tokens'] // kept} windows), fewer than the "
-            f"{settings['tokens']} asked for; extracted all of them",
+            f"{settings.tokens} asked for; extracted all of them",
             file=sys.stderr,
         )
 
 
-def resolve_device(device: str) -> str:
-    """``auto`` → ``cuda`` when a GPU is visible, else ``cpu``."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("config key train.device: cuda was asked for but no GPU is visible")
-    return device
-
-
 def forward_windows(
-    lm: torch.nn.Module, windows: torch.Tensor, sites: list[str], settings: dict[str, Any], device: str
+    lm: torch.nn.Module, windows: torch.Tensor, sites: list[str], settings: ExtractionSettings, device: torch.device
 ) -> dict[str, np.ndarray]:
     """Site activations of ``windows`` without the skipped positions, rows in window
     order, in the storage dtype: {site: (w · (context − skip), d)}."""
-    skip = settings["skip_positions"]
-    dtype = STORAGE_DTYPES[settings["storage_dtype"]]
+    skip = settings.skip_positions
+    dtype = STORAGE_DTYPES[settings.storage_dtype]
     rows_per_window = windows.shape[1] - skip
     out: dict[str, np.ndarray] = {}
-    for start in range(0, len(windows), settings["batch_size"]):
-        batch = windows[start : start + settings["batch_size"]].to(device)
+    for start in range(0, len(windows), settings.batch_size):
+        batch = windows[start : start + settings.batch_size].to(device)
         captured = capture_sites(lm, batch, sites)
         rows = slice(start * rows_per_window, (start + len(batch)) * rows_per_window)
         for site in sites:
@@ -237,7 +230,7 @@ def write_shard(path: Path, activations: np.ndarray, windows: torch.Tensor, attr
             shard.attrs["sum_squares"] = float(np.square(wide).sum())
 
 
-def write_manifest(folder: Path, n_shards: int, attributes: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+def write_manifest(folder: Path, n_shards: int, attributes: dict[str, Any], content: dict[str, Any]) -> dict[str, Any]:
     """Manifest of a site's folder: shards with sizes and sha256, and the statistics
     μ = Σa / N, m = Σ‖a‖² / N − ‖μ‖² (mean squared norm of a − μ), s = sqrt(m / d)."""
     shards, total, total_sum, total_squares = [], 0, None, 0.0
@@ -261,7 +254,7 @@ def write_manifest(folder: Path, n_shards: int, attributes: dict[str, Any], sett
         "mean": mean.tolist(),
         "mean_squared_norm": mean_squared_norm,
         "scale": math.sqrt(mean_squared_norm / width),
-        "provenance": provenance(settings),
+        "provenance": provenance(content),
     }
     write_json(folder / "manifest.json", manifest)
     return manifest
@@ -315,12 +308,13 @@ class ActivationStore:
         with h5py.File(self.shards[index].path, "r") as shard:
             return shard["windows"][...]
 
-    def head(self, tokens: int) -> torch.Tensor:
-        """The first ``tokens`` activations in extraction order, float32 (fewer if fewer exist)."""
+    def head(self, tokens: int, device: torch.device) -> torch.Tensor:
+        """The first ``tokens`` activations in extraction order, float32 on ``device`` (fewer if
+        fewer exist); moved in the storage dtype, converted there."""
         parts, have = [], 0
         for index in range(len(self.shards)):
             if have >= tokens:
                 break
             parts.append(self.read(index)[: tokens - have])
             have += len(parts[-1])
-        return torch.from_numpy(np.concatenate(parts)).float()
+        return torch.from_numpy(np.concatenate(parts)).to(device).float()

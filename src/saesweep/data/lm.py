@@ -18,6 +18,7 @@ from torch import nn
 
 from saesweep.core.sites import parse_site
 from saesweep.core.errors import UserError
+from saesweep.core.job_settings import ModelSettings
 
 BLOCK_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers")
 ATTENTION_NAMES = ("self_attn", "attn", "attention")
@@ -25,16 +26,17 @@ MLP_NAMES = ("mlp",)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_lm(model: dict[str, Any], device: str = "cpu") -> tuple[nn.Module, Any]:
-    """(causal LM in eval mode on ``device``, tokenizer) from a hub id or a local folder."""
+def load_lm(model: ModelSettings, device: torch.device) -> tuple[nn.Module, Any]:
+    """(causal LM in eval mode on ``device``, in the model's configured dtype; tokenizer) from a
+    hub id or a local folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    options = {"revision": model.get("revision")} if model.get("revision") else {}
+    options = {"revision": model.revision} if model.revision else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model["id"], **options)
-        lm = AutoModelForCausalLM.from_pretrained(model["id"], dtype=DTYPES[model["dtype"]], **options)
+        tokenizer = AutoTokenizer.from_pretrained(model.id, **options)
+        lm = AutoModelForCausalLM.from_pretrained(model.id, dtype=DTYPES[model.dtype], **options)
     except OSError as error:
-        raise UserError(f"config key model.id: cannot load {model['id']!r} ({error})") from None
+        raise UserError(f"config key model.id: cannot load {model.id!r} ({error})") from None
     return lm.to(device).eval().requires_grad_(False), tokenizer
 
 

@@ -39,8 +39,9 @@ class BatchStream:
         batch_size: int,
         seed: int,
         budget: int,
+        *,
+        device: torch.device,
         start: int = 0,
-        device: str = "cpu",
         on_exhausted: str = "cycle",
         group_shards: int = 4,
     ) -> None:
@@ -138,6 +139,6 @@ class BatchStream:
     def to_batch(self, rows: np.ndarray) -> torch.Tensor:
         """Storage rows → normalised float32 tensor on the device (pinned when CUDA)."""
         tensor = torch.from_numpy(np.ascontiguousarray(rows))
-        if self.device.startswith("cuda"):
+        if self.device.type == "cuda":
             tensor = tensor.pin_memory().to(self.device, non_blocking=True)
         return (tensor.float() - self.mean) / self.scale

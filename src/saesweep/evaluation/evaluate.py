@@ -28,7 +28,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from saesweep.data.activations import ActivationStore, resolve_device
+from saesweep.data.activations import ActivationStore
+from saesweep.core.devices import resolve_device
+from saesweep.core.job_settings import EvalSettings, to_json
 from saesweep.evaluation.explain import explainability
 from saesweep.sae.export import load_sae
 from saesweep.core.files import write_json
@@ -48,6 +50,10 @@ from saesweep.evaluation.metrics import (
 from saesweep.core.provenance import provenance
 from saesweep.sae.base import SparseAutoencoder
 from saesweep.evaluation.token_tasks import label_tokens
+
+
+# Where an evaluation job's device setting comes from (``plan.settings.eval_settings``).
+DEVICE_KEY = "config key evaluate.device (train.device when it is null)"
 
 
 def k_transfer_values(k: int, n: int, factors: list[float]) -> list[int]:
@@ -86,16 +92,16 @@ def reconstruction_metrics(
     }
 
 
+Replace = Callable[[torch.Tensor], torch.Tensor]
+"""A replacement of a site's output: float32 activations (W, C − skip, d) → the same shape."""
+
+
 @torch.no_grad()
-def spliced_logits(
-    lm: torch.nn.Module, site: str, windows: torch.Tensor, skip: int,
-    replace: Callable[[torch.Tensor], torch.Tensor] | None,
-) -> torch.Tensor:
-    """Logits (float32, CPU) of token ``windows`` (W, C) with the site's output at positions
-    ≥ ``skip`` replaced by ``replace`` of it (float32 (W, C − skip, d)); unchanged for None."""
-    ids = windows.to(next(lm.parameters()).device)
+def spliced_logits(lm: torch.nn.Module, site: str, windows: torch.Tensor, skip: int, replace: Replace | None) -> torch.Tensor:
+    """Logits (float32, on the LM's device) of token ``windows`` (W, C), on that device, with the
+    site's output at positions ≥ ``skip`` replaced by ``replace`` of it; unchanged for None."""
     if replace is None:
-        return lm(input_ids=ids, use_cache=False).logits.float().cpu()
+        return lm(input_ids=windows, use_cache=False).logits.float()
 
     def replace_kept(output: torch.Tensor) -> torch.Tensor:
         output = output.clone()
@@ -103,41 +109,39 @@ def spliced_logits(
         return output
 
     with spliced(lm, site, replace_kept):
-        return lm(input_ids=ids, use_cache=False).logits.float().cpu()
+        return lm(input_ids=windows, use_cache=False).logits.float()
 
 
 class Downstream:
-    """Next-token losses of the LM on held-out windows with a site's output replaced."""
+    """Next-token losses of the LM on held-out windows (W, C), on the LM's device, with a
+    site's output replaced, one batch of B windows at a time: memory is two batches' logits,
+    2 · B · C · vocab floats (clean and replaced), whatever W."""
 
     def __init__(self, lm: torch.nn.Module, site: str, windows: torch.Tensor, skip: int, batch: int) -> None:
         self.lm, self.site, self.windows, self.skip, self.batch = lm, site, windows, skip, batch
-        self.mask = torch.zeros(windows.shape, dtype=torch.bool)
+        self.mask = torch.zeros(windows.shape, dtype=torch.bool, device=windows.device)
         self.mask[:, skip:] = True
-        # the clean log-probabilities at the kept positions, per batch: computed once
-        self.clean = [
-            masked_log_probs(self.logits(start, None), self.mask[start : start + batch])
-            for start in range(0, len(windows), batch)
-        ]
-
-    def logits(self, start: int, replace: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
-        """Logits of windows[start : start + batch], float32 on the CPU."""
-        return spliced_logits(self.lm, self.site, self.windows[start : start + self.batch], self.skip, replace)
 
     @torch.no_grad()
-    def losses(self, replace: Callable[[torch.Tensor], torch.Tensor] | None) -> tuple[float, float]:
-        """(mean next-token CE, mean KL(clean ‖ replaced)) over kept positions."""
-        ce = kl = 0.0
-        count = kl_count = 0
-        for index, start in enumerate(range(0, len(self.windows), self.batch)):
+    def losses(self, replacements: dict[str, Replace | None]) -> dict[str, tuple[float, float]]:
+        """Per named replacement (None: the clean LM), (mean next-token CE, mean KL(clean ‖
+        replaced)) over the kept positions; the clean logits of a batch are computed once."""
+        sums = {name: [0.0, 0, 0.0, 0] for name in replacements}
+        for start in range(0, len(self.windows), self.batch):
             ids, mask = self.windows[start : start + self.batch], self.mask[start : start + self.batch]
-            log_probs = self.clean[index] if replace is None else masked_log_probs(self.logits(start, replace), mask)
-            total, n = next_token_ce_sum_of_log_probs(log_probs, ids, mask)
-            kl_total, kl_n = kl_sum_of_log_probs(self.clean[index], log_probs)
-            ce, count, kl, kl_count = ce + total, count + n, kl + kl_total, kl_count + kl_n
-        return ce / count, kl / kl_count
+            clean = masked_log_probs(spliced_logits(self.lm, self.site, ids, self.skip, None), mask)
+            for name, replace in replacements.items():
+                log_probs = clean if replace is None else masked_log_probs(
+                    spliced_logits(self.lm, self.site, ids, self.skip, replace), mask
+                )
+                ce, count = next_token_ce_sum_of_log_probs(log_probs, ids, mask)
+                kl, kl_count = kl_sum_of_log_probs(clean, log_probs)
+                total = sums[name]
+                total[0], total[1], total[2], total[3] = total[0] + ce, total[1] + count, total[2] + kl, total[3] + kl_count
+        return {name: (ce / count, kl / kl_count) for name, (ce, count, kl, kl_count) in sums.items()}
 
 
-def reconstructor(sae: SparseAutoencoder, k: int | None = None, add_error: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+def reconstructor(sae: SparseAutoencoder, k: int | None = None, add_error: bool = False) -> Replace:
     """a ↦ â (the SAE's reconstruction in raw units), or a ↦ â + (a − â) with ``add_error``."""
 
     def replace(a: torch.Tensor) -> torch.Tensor:
@@ -152,25 +156,26 @@ def reconstructor(sae: SparseAutoencoder, k: int | None = None, add_error: bool 
 
 
 def downstream_metrics(sae: SparseAutoencoder, downstream: Downstream, ks: list[int]) -> dict[str, Any]:
-    """ΔLM loss, CE recovered, KL score, the error-added check, and ΔLM at every k'."""
-    ce_clean, _ = downstream.losses(None)
-    ce_sae, kl_sae = downstream.losses(reconstructor(sae))
-    ce_zero, kl_zero = downstream.losses(torch.zeros_like)
-    ce_error_added, _ = downstream.losses(reconstructor(sae, add_error=True))
+    """ΔLM loss, CE recovered, KL score, the error-added check, and ΔLM at every k' (``ks`` is
+    empty unless the architecture has a k to vary), from one pass over the windows."""
+    replacements: dict[str, Replace | None] = {
+        "clean": None, "sae": reconstructor(sae), "zero": torch.zeros_like,
+        "error_added": reconstructor(sae, add_error=True),
+        **{f"k{k}": reconstructor(sae, k) for k in ks if k != getattr(sae, "k", None)},
+    }
+    losses = downstream.losses(replacements)
+    (ce_clean, _), (ce_sae, kl_sae), (ce_zero, kl_zero) = losses["clean"], losses["sae"], losses["zero"]
     return {
         "ce_clean": ce_clean,
         "ce_sae": ce_sae,
         "ce_zero_ablation": ce_zero,
         "delta_lm_loss": ce_sae - ce_clean,
-        "delta_lm_loss_error_added": ce_error_added - ce_clean,
+        "delta_lm_loss_error_added": losses["error_added"][0] - ce_clean,
         "ce_loss_recovered": ce_loss_recovered(ce_clean, ce_sae, ce_zero),
         "kl_sae": kl_sae,
         "kl_zero_ablation": kl_zero,
         "kl_score": kl_score(kl_sae, kl_zero),
-        "k_transfer_delta_lm_loss": {
-            str(k): (ce_sae if k == getattr(sae, "k", None) else downstream.losses(reconstructor(sae, k))[0]) - ce_clean
-            for k in ks  # ks is empty unless the architecture has a k to vary
-        },
+        "k_transfer_delta_lm_loss": {str(k): losses.get(f"k{k}", losses["sae"])[0] - ce_clean for k in ks},
     }
 
 
@@ -272,47 +277,49 @@ def ablation_metrics(
     return {"ablation_sparsity": mean, "ablation_sparsity_se": se, "ablation_sparsity_count": sum(map(math.isfinite, scores))}
 
 
-def evaluate_cell(settings: dict[str, Any], cell_folder: Path, output: Path) -> dict[str, Any]:
-    """Compute every metric of a trained cell (or an imported external SAE) and write ``metrics.json``."""
+def evaluate_cell(settings: EvalSettings, cell_folder: Path, output: Path) -> dict[str, Any]:
+    """Compute every metric of a trained cell (or an imported external SAE) and write
+    ``metrics.json``. The device is resolved once from the settings; the SAE, the LM, the
+    held-out activations and token windows are put on it, so every metric's tensors live there."""
     started = time.perf_counter()
-    device = resolve_device(settings["device"])
-    torch.manual_seed(settings["seed"])
-    sae, cfg = load_sae(cell_folder)
-    store = ActivationStore(settings["eval_activations"])
-    activations = store.head(settings["tokens"])
+    device = resolve_device(settings.device, DEVICE_KEY)
+    torch.manual_seed(settings.seed)
+    sae, cfg = load_sae(cell_folder, device)
+    store = ActivationStore(settings.eval_activations)
+    activations = store.head(settings.tokens, device)
     not_applicable: dict[str, str] = {}
     if sae.k_override:
-        ks = k_transfer_values(sae.k, sae.n, settings["k_transfer_factors"])
+        ks = k_transfer_values(sae.k, sae.n, settings.k_transfer_factors)
     else:
         ks = []
         not_applicable["k_transfer"] = f"{sae.name} cannot be evaluated with another number of active latents"
-    metrics: dict[str, Any] = reconstruction_metrics(sae, activations, settings["batch_size"], ks)
+    metrics: dict[str, Any] = reconstruction_metrics(sae, activations, settings.batch_size, ks)
 
     skip = store.manifest["skip_positions"]
-    all_windows = torch.from_numpy(np.concatenate([store.read_windows(i) for i in range(len(store.shards))])).long()
-    lm, tokenizer = load_lm(settings["model"], device)
-    downstream = Downstream(lm, cfg["site"], all_windows[: settings["downstream_windows"]], skip, settings["lm_batch_size"])
+    all_windows = torch.from_numpy(np.concatenate([store.read_windows(i) for i in range(len(store.shards))])).to(device).long()
+    lm, tokenizer = load_lm(settings.model, device)
+    downstream = Downstream(lm, cfg["site"], all_windows[: settings.downstream_windows], skip, settings.lm_batch_size)
     metrics.update(downstream_metrics(sae, downstream, ks))
 
-    windows = all_windows[: settings["analysis_windows"], skip:]
-    kept = store.head(windows.numel())
+    windows = all_windows[: settings.analysis_windows, skip:]
+    kept = store.head(windows.numel(), device)
     windows = windows[: len(kept) // windows.shape[1]]
     kept = kept[: windows.numel()]
     strings = [tokenizer.convert_ids_to_tokens(row.tolist()) for row in windows]
     codes = dense_codes(sae, kept)
-    metrics.update(probe_metrics(codes, strings, settings["probe_candidates"]))
-    latents = sample_live_latents(codes, settings["explain_latents"], settings["seed"])
+    metrics.update(probe_metrics(codes, strings, settings.probe_candidates))
+    latents = sample_live_latents(codes, settings.explain_latents, settings.seed)
     metrics.update(explain_metrics(codes[:, latents], windows))
-    ablated = all_windows[: min(settings["ablation_windows"], len(windows))]
-    metrics.update(ablation_metrics(sae, lm, cfg["site"], ablated, skip, codes, settings["ablation_latents"], settings["seed"]))
+    ablated = all_windows[: min(settings.ablation_windows, len(windows))]
+    metrics.update(ablation_metrics(sae, lm, cfg["site"], ablated, skip, codes, settings.ablation_latents, settings.seed))
 
     metrics.update({
         # an external SAE's arch says where it came from (saelens-jumprelu), see interop.stages
         "site": cfg["site"], "arch": cfg["external"]["arch"] if "external" in cfg else cfg["arch"],
         "n_latents": sae.n, **cfg["params"], "seed": cfg["seed"],
-        "setting": settings["setting"], "sparsity_parameter": sae.knob().name,
+        "setting": settings.setting, "sparsity_parameter": sae.knob().name,
         "not_applicable": not_applicable, "k_transfer": ks, "eval_tokens": len(activations), "downstream_tokens": int(downstream.mask.sum()),
-        "eval_wall_time_s": time.perf_counter() - started, "provenance": provenance(settings),
+        "eval_wall_time_s": time.perf_counter() - started, "provenance": provenance(to_json(settings)),
     })
     write_json(output, metrics)
     return metrics

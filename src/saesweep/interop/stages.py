@@ -16,7 +16,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from saesweep.core.errors import UserError
+from saesweep.core.job_settings import ImportSettings, to_json
 from saesweep.core.files import read_json
 from saesweep.core.provenance import provenance
 from saesweep.plan.settings import interop_metadata
@@ -25,6 +28,8 @@ from saesweep.sae.export import load_sae, save_sae
 from saesweep.interop.raw_form import RawSAE, finite, raw_form, to_saesweep
 
 FORMATS = ("saelens", "sparsify")
+# Exports are files: the SAE is read onto the CPU, whatever device trained it.
+EXPORT_DEVICE = torch.device("cpu")
 
 
 def export_cells(config: dict[str, Any], cells: list[Path], fmt: str, out: Path) -> list[Path]:
@@ -51,7 +56,7 @@ def prepare_export(config: dict[str, Any], folder: Path, fmt: str) -> tuple[RawS
     """(raw-space form, metadata) of one cell, checked against the run's config and the format."""
     if fmt not in FORMATS:
         raise UserError(f"export format {fmt!r} is unknown; valid: {', '.join(FORMATS)}")
-    sae, cfg = load_sae(folder)
+    sae, cfg = load_sae(folder, EXPORT_DEVICE)
     where = f"cell {folder}"
     model, sites = config["model"]["id"], config["activations"]["sites"]
     if cfg["model"] != model or cfg["site"] not in sites:
@@ -72,23 +77,23 @@ def prepare_export(config: dict[str, Any], folder: Path, fmt: str) -> tuple[RawS
     return raw, metadata
 
 
-def import_external(settings: dict[str, Any], out: Path) -> dict[str, Any]:
+def import_external(settings: ImportSettings, out: Path) -> dict[str, Any]:
     """Read the external SAE of ``settings`` (name, site, source, format, activations: the
     site's held-out activation folder, model), check it against the site, and write it in
     saesweep's format to ``out``; returns its ``cfg.json``. Any problem is one UserError
     naming the file and what is wrong, and nothing is written."""
-    source, name = settings["source"], settings["name"]
+    source, name = settings.source, settings.name
     where = f"external SAE {name!r} ({describe(source)})"
-    fmt = detect_format(source, settings["format"], where)
+    fmt = detect_format(source, settings.format, where)
     reader = saelens_format.read_saelens if fmt == "saelens" else sparsify_format.read_sparsify
     raw, metadata, architecture = reader(source, where)
     raw = finite(raw, where)
-    manifest_path = Path(settings["activations"]) / "manifest.json"
+    manifest_path = Path(settings.activations) / "manifest.json"
     d = read_json(manifest_path, "activation manifest")["d"]
     if raw.d != d:
         cfg_file = f"{Path(source['path']) / 'cfg.json'}" if "path" in source else where
         raise UserError(
-            f"{cfg_file}: d_in is {raw.d}, but site {settings['site']} of {settings['model']} has "
+            f"{cfg_file}: d_in is {raw.d}, but site {settings.site} of {settings.model} has "
             f"d = {d} ({manifest_path}): the SAE is for another site or model"
         )
     sae, reported = to_saesweep(raw)
@@ -98,8 +103,8 @@ def import_external(settings: dict[str, Any], out: Path) -> dict[str, Any]:
         "d": raw.d,
         "n_latents": raw.n,
         "seed": None,
-        "site": settings["site"],
-        "model": settings["model"],
+        "site": settings.site,
+        "model": settings.model,
         "normalisation": {"formula": "x = (a - act_mean) / act_scale", "act_mean": 0.0, "scale": 1.0},
         "external": {
             "name": name,
@@ -109,7 +114,7 @@ def import_external(settings: dict[str, Any], out: Path) -> dict[str, Any]:
             "source": source,
             "metadata": json.loads(json.dumps(metadata, default=str)),
         },
-        "provenance": provenance(settings),
+        "provenance": provenance(to_json(settings)),
     }
     save_sae(sae, out, cfg)
     return cfg

@@ -21,6 +21,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from saesweep.core.job_settings import TrainSettings, to_json
 from saesweep.plan.cells import sweep_cells
 from saesweep.plan.settings import train_settings
 
@@ -80,35 +81,34 @@ def evaluate_mem_mb(d: int) -> int:
     return 3000 + 2 * d * d // 1000
 
 
-def train_processes(settings: dict[str, Any]) -> tuple[int, int]:
-    """(D, S): a cell's data-parallel replicas and latent shards (1, 1 for one process)."""
-    distributed = settings.get("distributed", {"data_parallel": 1, "latent_shards": 1})
+def train_processes(distributed: dict[str, Any]) -> tuple[int, int]:
+    """(D, S): the data-parallel replicas and latent shards of config key train.distributed."""
     return distributed["data_parallel"], distributed["latent_shards"]
 
 
-def train_mem_mb(settings: dict[str, Any], d: int, shard_tokens: int) -> int:
+def train_mem_mb(settings: TrainSettings, d: int, shard_tokens: int) -> int:
     """Memory of a training job, per process times its D · S processes: its latents'
     parameters, gradients and Adam moments of W_enc and W_dec (4 · 2(n/S)d floats), its rows'
     pre-activations and selections (3 · (B/D) · (n/S) floats), 8 shards of float16 read ahead
     (8 · shard_tokens · d · 2 bytes), and ``BASE_MEM_MB``."""
-    replicas, shards = train_processes(settings)
-    n, batch = settings["n_latents"] / shards, settings["batch_size"] / replicas
+    replicas, shards = (1, 1) if settings.distributed is None else train_processes(to_json(settings.distributed))
+    n, batch = settings.n_latents / shards, settings.batch_size / replicas
     floats = 4 * 2 * n * d + 3 * batch * n
     shard_bytes = 8 * shard_tokens * d * 2
     return int(replicas * shards * (BASE_MEM_MB + (FLOAT_BYTES * floats + shard_bytes) / 1e6))
 
 
-def train_flops(settings: dict[str, Any], d: int) -> int:
+def train_flops(settings: TrainSettings, d: int) -> int:
     """FLOPs of a training job: 6 · tokens · n · d."""
-    return 6 * settings["tokens"] * settings["n_latents"] * d
+    return 6 * settings.tokens * settings.n_latents * d
 
 
-def train_hours(settings: dict[str, Any], d: int) -> float:
+def train_hours(settings: TrainSettings, d: int) -> float:
     """Estimated hours of a training job: its FLOPs at ``TRAIN_FLOPS_PER_S`` of its device."""
-    return train_flops(settings, d) / TRAIN_FLOPS_PER_S[settings["device"]] / 3600
+    return train_flops(settings, d) / TRAIN_FLOPS_PER_S[settings.device] / 3600
 
 
-def train_runtime_min(settings: dict[str, Any], d: int) -> int:
+def train_runtime_min(settings: TrainSettings, d: int) -> int:
     """Wall time asked for by a training job, in minutes:
     ``RUNTIME_BASE_MIN + RUNTIME_MARGIN · 60 · train_hours``, rounded up."""
     return math.ceil(RUNTIME_BASE_MIN + RUNTIME_MARGIN * 60 * train_hours(settings, d))
@@ -181,7 +181,7 @@ def cell_budgets(config: dict[str, Any], d: int) -> list[dict[str, Any]]:
             rows.append({
                 "site": site,
                 "cell": cell.name,
-                "tokens": settings["tokens"],
+                "tokens": settings.tokens,
                 "sae_bytes": stored,
                 "checkpoint_bytes": checkpoint_bytes(stored, trained, cell.n_latents),
                 "mem_mb": train_mem_mb(settings, d, config["activations"]["shard_tokens"]),

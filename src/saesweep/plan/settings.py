@@ -11,6 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 from saesweep.core.errors import UserError
+from saesweep.core.job_settings import (
+    EvalSettings, ExtractionSettings, ImportSettings, Settings, TrainSettings, from_json,
+)
 from saesweep.core.sites import transformer_lens_hook
 from saesweep.plan.cells import parse_cell
 from saesweep.plan.config import dead_window, learning_rate, token_budget
@@ -47,12 +50,17 @@ def extraction_part_file(config: dict[str, Any], split: str, part: str) -> str:
     return f"{run_dir(config)}/activations/{split}-parts/part-{part}.json"
 
 
-def extraction_settings(config: dict[str, Any], split: str, device: str = "auto") -> dict[str, Any]:
+def built(cls: type[Settings], settings: dict[str, Any]) -> Settings:
+    """``cls`` from the settings a builder resolved (checked as a settings file would be)."""
+    return from_json(cls, settings, f"{cls.__name__} built from the config")
+
+
+def extraction_settings(config: dict[str, Any], split: str, device: str = "auto") -> ExtractionSettings:
     """What ``saesweep extract`` needs for one split (train or eval). ``part_files``: the
     record of each part job, as many as config key activations.extract_jobs for training
     tokens; held-out tokens are few and take one part."""
     activations = config["activations"]
-    return {
+    return built(ExtractionSettings, {
         "split": split,
         "model": config["model"],
         "sites": activations["sites"],
@@ -70,15 +78,15 @@ def extraction_settings(config: dict[str, Any], split: str, device: str = "auto"
             extraction_part_file(config, split, f"{part:04d}")
             for part in range(activations["extract_jobs"] if split == "train" else 1)
         ],
-    }
+    })
 
 
-def train_settings(config: dict[str, Any], site: str, cell_name: str) -> dict[str, Any]:
+def train_settings(config: dict[str, Any], site: str, cell_name: str) -> TrainSettings:
     """What ``saesweep train`` needs for one cell: the recipe resolved for its architecture,
     parameters (AuxK's among them, where the architecture uses it) and n."""
     cell = parse_cell(cell_name)
     train = config["train"]
-    return {
+    return built(TrainSettings, {
         "site": site,
         "arch": cell.arch,
         "params": cell.parameters,
@@ -103,7 +111,7 @@ def train_settings(config: dict[str, Any], site: str, cell_name: str) -> dict[st
         "device": train["device"],
         "autocast_bf16": train["autocast_bf16"],
         **distributed_settings(train),
-    }
+    })
 
 
 def distributed_settings(train: dict[str, Any]) -> dict[str, Any]:
@@ -115,18 +123,28 @@ def distributed_settings(train: dict[str, Any]) -> dict[str, Any]:
     return {"distributed": {key: distributed[key] for key in ("data_parallel", "latent_shards", "timeout_s")}}
 
 
-def eval_settings(config: dict[str, Any], site: str, cell_name: str) -> dict[str, Any]:
+def evaluation_sizes(config: dict[str, Any]) -> dict[str, Any]:
+    """The keys of config key ``evaluate`` that size the evaluation (all but its device)."""
+    return {key: value for key, value in config["evaluate"].items() if key != "device"}
+
+
+def evaluation_device(config: dict[str, Any]) -> str:
+    """Where evaluation runs: config key evaluate.device, or train.device when it is null."""
+    return config["evaluate"].get("device") or config["train"]["device"]
+
+
+def eval_settings(config: dict[str, Any], site: str, cell_name: str) -> EvalSettings:
     """What ``saesweep evaluate`` needs for one cell."""
-    return {
-        **config["evaluate"],
+    return built(EvalSettings, {
+        **evaluation_sizes(config),
         "site": site,
         "cell": cell_name,
         "setting": parse_cell(cell_name).setting,
         "seed": parse_cell(cell_name).seed,
         "model": config["model"],
         "eval_activations": activation_dir(config, site, "eval"),
-        "device": config["train"]["device"],
-    }
+        "device": evaluation_device(config),
+    })
 
 
 def external_entry(config: dict[str, Any], site: str, name: str) -> dict[str, Any]:
@@ -143,32 +161,32 @@ def external_source(entry: dict[str, Any]) -> dict[str, str]:
     return {key: entry[key] for key in ("path", "release", "sae_id", "hub", "hookpoint") if key in entry}
 
 
-def import_settings(config: dict[str, Any], site: str, name: str) -> dict[str, Any]:
+def import_settings(config: dict[str, Any], site: str, name: str) -> ImportSettings:
     """What ``saesweep import`` needs for one external SAE (the held-out activations give d)."""
     entry = external_entry(config, site, name)
-    return {
+    return built(ImportSettings, {
         "name": name,
         "site": site,
         "source": external_source(entry),
         "format": entry.get("format", "auto"),
         "activations": activation_dir(config, site, "eval"),
         "model": config["model"]["id"],
-    }
+    })
 
 
-def external_eval_settings(config: dict[str, Any], site: str, name: str) -> dict[str, Any]:
+def external_eval_settings(config: dict[str, Any], site: str, name: str) -> EvalSettings:
     """What ``saesweep evaluate`` needs for one external SAE: a cell's settings with the
     external's name as its setting and seed 0 for the evaluation's samples."""
-    return {
-        **config["evaluate"],
+    return built(EvalSettings, {
+        **evaluation_sizes(config),
         "site": site,
         "cell": name,
         "setting": name,
         "seed": 0,
         "model": config["model"],
         "eval_activations": activation_dir(config, site, "eval"),
-        "device": config["train"]["device"],
-    }
+        "device": evaluation_device(config),
+    })
 
 
 def interop_metadata(config: dict[str, Any], site: str) -> dict[str, Any]:

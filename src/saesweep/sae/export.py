@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load_file, save_file
 
 from saesweep.core.errors import UserError
@@ -25,8 +26,8 @@ def save_sae(sae: SparseAutoencoder, folder: Path, cfg: dict[str, Any]) -> None:
     write_json(Path(folder) / "cfg.json", cfg)
 
 
-def load_sae(folder: Path, device: str = "cpu") -> tuple[SparseAutoencoder, dict[str, Any]]:
-    """The SAE of a cell folder and its config."""
+def load_sae(folder: Path, device: torch.device) -> tuple[SparseAutoencoder, dict[str, Any]]:
+    """The SAE of a cell folder, on ``device``, and its config."""
     path = Path(folder) / "cfg.json"
     cfg = read_json(path, "SAE config")
     try:

@@ -50,6 +50,7 @@ from torch import nn
 
 from saesweep.core.errors import Interrupted, UserError
 from saesweep.core.files import atomic_path
+from saesweep.core.job_settings import TrainSettings
 from saesweep.sae.base import SparseAutoencoder
 from saesweep.sae.collectives import Collectives
 from saesweep.sae.registry import build_sae
@@ -71,10 +72,12 @@ class Layout:
     rank: int = 0
 
     @classmethod
-    def of(cls, settings: dict[str, Any], rank: int = 0) -> Layout:
+    def of(cls, settings: TrainSettings, rank: int = 0) -> Layout:
         """The layout of a cell's settings (1 × 1 without ``distributed``)."""
-        distributed = settings.get("distributed", {})
-        return cls(distributed.get("data_parallel", 1), distributed.get("latent_shards", 1), rank)
+        distributed = settings.distributed
+        if distributed is None:
+            return cls(1, 1, rank)
+        return cls(distributed.data_parallel, distributed.latent_shards, rank)
 
     @property
     def world(self) -> int:
@@ -110,7 +113,7 @@ def per_latent_names(sae: SparseAutoencoder, rows: int | None = None) -> list[st
 class ProcessGroups(Collectives):
     """The torch.distributed collectives of one rank (see ``sae.collectives``)."""
 
-    def __init__(self, layout: Layout, n: int, device: str) -> None:
+    def __init__(self, layout: Layout, n: int, device: torch.device) -> None:
         self.layout, self.device = layout, device
         self.shards = layout.latent_shards
         self.offset, stop = layout.latent_block(n)
@@ -319,7 +322,7 @@ def slurm_first_node() -> str:
         return os.environ.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1")
 
 
-def init_process_groups(settings: dict[str, Any], placement: Placement, device: str) -> ProcessGroups:
+def init_process_groups(settings: TrainSettings, placement: Placement, device: torch.device) -> ProcessGroups:
     """Join the job's process group (NCCL on CUDA, gloo on the CPU) with the settings'
     timeout, after checking that the world is the layout's."""
     layout = Layout.of(settings, placement.rank)
@@ -328,10 +331,10 @@ def init_process_groups(settings: dict[str, Any], placement: Placement, device: 
             f"train.distributed asks for {layout.data_parallel} × {layout.latent_shards} = {layout.world} "
             f"processes but this one was started as rank {placement.rank} of {placement.world}"
         )
-    backend = "nccl" if device.startswith("cuda") else "gloo"
-    timeout = timedelta(seconds=settings["distributed"]["timeout_s"])
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = timedelta(seconds=settings.distributed.timeout_s)
     dist.init_process_group(backend, rank=placement.rank, world_size=placement.world, timeout=timeout)
-    return ProcessGroups(layout, settings["n_latents"], device)
+    return ProcessGroups(layout, settings.n_latents, device)
 
 
 def free_port() -> int:
@@ -341,7 +344,7 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def spawn(worker: Callable[..., None], settings: dict[str, Any], folder: Path, threads: int | None) -> None:
+def spawn(worker: Callable[..., None], settings: TrainSettings, folder: Path, threads: int | None) -> None:
     """Run ``worker(index, settings, folder, threads)`` as the D·S ranks of the cell on this
     machine (rank = index). When a rank fails, the others are stopped and a UserError names
     it; SIGTERM is passed on to every rank (each then checkpoints) and ends in Interrupted."""

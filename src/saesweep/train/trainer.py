@@ -41,7 +41,9 @@ from typing import Any
 import pandas as pd
 import torch
 
-from saesweep.data.activations import ActivationStore, resolve_device
+from saesweep.data.activations import ActivationStore
+from saesweep.core.devices import resolve_device
+from saesweep.core.job_settings import TrainSettings, to_json
 from saesweep.core.errors import Interrupted, UserError
 from saesweep.sae.base import SparseAutoencoder
 from saesweep.sae.export import save_sae
@@ -58,25 +60,31 @@ from saesweep.train.distributed import (
 )
 
 
+# Where a training job's device setting comes from, for the message when it cannot be had.
+DEVICE_KEY = "config key train.device"
+# Initialisation runs here whatever the training device, so every device starts alike.
+CPU = torch.device("cpu")
+
+
 class TrainingDiverged(UserError):
     """The loss became NaN or infinite."""
 
 
-def lr_at(settings: dict[str, Any], tokens: int) -> float:
+def lr_at(settings: TrainSettings, tokens: int) -> float:
     """The learning rate after ``tokens`` training tokens (see the module docstring)."""
-    peak, budget = settings["lr"], settings["tokens"]
-    warmup = settings["warmup_tokens"]
+    peak, budget = settings.lr, settings.tokens
+    warmup = settings.warmup_tokens
     factor = min(1.0, tokens / warmup) if warmup > 0 else 1.0
-    decay_start = (1 - settings["decay_fraction"]) * budget
-    if settings["decay"] != "none" and tokens > decay_start and budget > decay_start:
+    decay_start = (1 - settings.decay_fraction) * budget
+    if settings.decay != "none" and tokens > decay_start and budget > decay_start:
         progress = (tokens - decay_start) / (budget - decay_start)
-        factor *= 1 - progress if settings["decay"] == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+        factor *= 1 - progress if settings.decay == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
     return peak * factor
 
 
-def heldout_points(settings: dict[str, Any]) -> list[int]:
+def heldout_points(settings: TrainSettings) -> list[int]:
     """The token counts T·2^(−j), j = points − 1 … 0, of the held-out curve (increasing, distinct)."""
-    budget, points = settings["tokens"], settings["heldout"]["points"]
+    budget, points = settings.tokens, settings.heldout.points
     return sorted({max(1, math.ceil(budget / 2**j)) for j in range(points)})
 
 
@@ -94,41 +102,39 @@ class Trainer:
     """The state of one cell's training, from scratch or from its checkpoint; with
     ``groups``, one rank's part of a distributed cell (its latents, its rows of each batch)."""
 
-    def __init__(self, settings: dict[str, Any], folder: Path, groups: ProcessGroups | None = None) -> None:
+    def __init__(self, settings: TrainSettings, folder: Path, groups: ProcessGroups | None = None) -> None:
         self.settings, self.folder, self.groups = settings, Path(folder), groups
-        self.device = groups.device if groups else resolve_device(settings["device"])
-        self.store = ActivationStore(settings["activations"])
-        n = settings["n_latents"]
-        self.sae = build_sae(settings["arch"], self.store.d, n, settings["params"])
+        self.device = groups.device if groups else resolve_device(settings.device, DEVICE_KEY)
+        self.store = ActivationStore(settings.activations)
+        n = settings.n_latents
+        self.sae = build_sae(settings.arch, self.store.d, n, settings.params)
         if groups:
             groups.shard_module(self.sae)
         self.sae = self.sae.to(self.device)
-        self.optimizer = make_adam(self.sae.parameters(), settings["lr"], settings["adam_eps"], self.sae.adam_betas)
+        self.optimizer = make_adam(self.sae.parameters(), settings.lr, settings.adam_eps, self.sae.adam_betas)
         n_held = groups.n_local if groups else n
         self.tokens_since_fired = torch.zeros(n_held, dtype=torch.long, device=self.device)
         self.tokens_seen = 0
         self.steps = 0
         self.log_rows: list[dict[str, float]] = []
         self.elapsed = 0.0
-        self.hash = provenance(settings)["settings_hash"]
-        heldout = settings["heldout"]
-        self.curve = bool(heldout["points"])
-        self.heldout = ActivationStore(heldout["activations"]).head(heldout["tokens"]) if self.curve and self.leader else None
-        if self.heldout is not None:
-            self.heldout = self.heldout.to(self.device)
+        self.hash = provenance(to_json(settings))["settings_hash"]
+        heldout = settings.heldout
+        self.curve = bool(heldout.points)
+        self.heldout = ActivationStore(heldout.activations).head(heldout.tokens, self.device) if self.curve and self.leader else None
         if not self.resume():
             self.initialise()
 
     def initialise(self) -> None:
         """Seeded init (the architecture's ``initialise``, on the CPU so every device starts
         from the same weights) from a sample of the training activations."""
-        torch.manual_seed(self.settings["seed"])
-        sample_size = min(self.settings["geometric_median_sample"], self.store.tokens)
-        sample = next(iter(BatchStream(self.store, sample_size, self.settings["seed"] + 1, sample_size)))
-        generator = torch.Generator().manual_seed(self.settings["seed"])
+        torch.manual_seed(self.settings.seed)
+        sample_size = min(self.settings.geometric_median_sample, self.store.tokens)
+        sample = next(iter(BatchStream(self.store, sample_size, self.settings.seed + 1, sample_size, device=CPU)))
+        generator = torch.Generator().manual_seed(self.settings.seed)
         with torch.no_grad():
             self.sae.set_normalisation(self.store.mean.to(self.device), self.store.scale)
-            cpu = build_sae(self.settings["arch"], self.store.d, self.sae.n, self.settings["params"])
+            cpu = build_sae(self.settings.arch, self.store.d, self.sae.n, self.settings.params)
             cpu.initialise(sample, generator)
             for name, parameter in cpu.named_parameters():
                 block = self.groups.local_block(cpu, name, parameter) if self.groups else parameter
@@ -199,13 +205,13 @@ class Trainer:
 
     def dead_mask(self) -> torch.Tensor:
         """Latents that have not fired within the dead window."""
-        return self.tokens_since_fired >= self.settings["dead"]["window_tokens"]
+        return self.tokens_since_fired >= self.settings.dead.window_tokens
 
     def dead_fraction(self) -> float:
         """The share of the cell's latents that are dead (over every shard)."""
         if self.groups is None:
             return self.dead_mask().float().mean().item()
-        return self.groups.shard_count(int(self.dead_mask().sum())) / self.settings["n_latents"]
+        return self.groups.shard_count(int(self.dead_mask().sum())) / self.settings.n_latents
 
     def whole_sae(self) -> SparseAutoencoder | None:
         """The SAE being trained, whole: gathered to rank 0 when sharded (None elsewhere)."""
@@ -213,7 +219,7 @@ class Trainer:
             return self.sae
         if self.groups.shards == 1:
             return self.sae if self.leader else None
-        return self.groups.gather_module(self.sae, self.settings["arch"], self.settings["params"])
+        return self.groups.gather_module(self.sae, self.settings.arch, self.settings.params)
 
     @torch.no_grad()
     def heldout_measures(self) -> dict[str, float | None]:
@@ -228,7 +234,7 @@ class Trainer:
         if sae is None:
             return {}
         sae = sae.to(self.device)
-        accumulator = ReconstructionAccumulator(sae.n, self.settings["dead"]["threshold"])
+        accumulator = ReconstructionAccumulator(sae.n, self.settings.dead.threshold)
         for start in range(0, len(self.heldout), 4096):
             x = sae.normalise(self.heldout[start : start + 4096])
             codes = sae.encode(x)
@@ -239,7 +245,7 @@ class Trainer:
             "heldout_nmse": result["normalised_mse"],
             "heldout_dead_fraction": result["dead_fraction"],
             "heldout_expected_firings": len(self.heldout) * rate,
-            "window_expected_firings": self.settings["dead"]["window_tokens"] * rate,
+            "window_expected_firings": self.settings.dead.window_tokens * rate,
         }
 
     def step(self, x: torch.Tensor) -> dict[str, float]:
@@ -254,12 +260,12 @@ class Trainer:
             dead_mask=self.dead_mask() if aux_coef > 0 else None,
             k_aux=k_aux,
             aux_coef=aux_coef,
-            progress=self.tokens_seen / settings["tokens"],
-            fire_threshold=settings["dead"]["threshold"],
+            progress=self.tokens_seen / settings.tokens,
+            fire_threshold=settings.dead.threshold,
             aux_normaliser=aux_normaliser,
             collectives=self.groups,
         )
-        with torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16, enabled=settings["autocast_bf16"]):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=settings.autocast_bf16):
             out = self.sae.training_step(x, context)
         if not torch.isfinite(out.loss):
             raise TrainingDiverged(
@@ -288,12 +294,12 @@ class Trainer:
         """Train to the budget, logging and checkpointing; then write the outputs."""
         settings = self.settings
         stream = BatchStream(
-            self.store, settings["batch_size"], settings["seed"], settings["tokens"],
-            start=self.tokens_seen, device=self.device, on_exhausted=settings["on_exhausted"],
+            self.store, settings.batch_size, settings.seed, settings.tokens,
+            start=self.tokens_seen, device=self.device, on_exhausted=settings.on_exhausted,
         )
-        progress = Progress(f"train {self.folder.name}", settings["tokens"], done=self.tokens_seen)
-        next_log = (self.tokens_seen // settings["log_every_tokens"] + 1) * settings["log_every_tokens"]
-        next_checkpoint = self.tokens_seen + settings["checkpoint_every_tokens"]
+        progress = Progress(f"train {self.folder.name}", settings.tokens, done=self.tokens_seen)
+        next_log = (self.tokens_seen // settings.log_every_tokens + 1) * settings.log_every_tokens
+        next_checkpoint = self.tokens_seen + settings.checkpoint_every_tokens
         pending = [t for t in heldout_points(settings) if t > self.tokens_seen] if self.curve else []
         terminated: list[int] = []
         previous = signal.signal(signal.SIGTERM, lambda signum, _frame: terminated.append(signum))
@@ -306,7 +312,7 @@ class Trainer:
                 window_tokens += len(batch)
                 self.elapsed = time.perf_counter() - started
                 heldout_due = bool(pending) and self.tokens_seen >= pending[0]
-                if heldout_due or self.tokens_seen >= next_log or self.tokens_seen >= settings["tokens"]:
+                if heldout_due or self.tokens_seen >= next_log or self.tokens_seen >= settings.tokens:
                     row = {
                         "tokens": self.tokens_seen, "step": self.steps, **parts,
                         "dead_fraction": self.dead_fraction(),
@@ -318,12 +324,12 @@ class Trainer:
                     self.log_rows.append(row)
                     window_tokens, window_start = 0, time.perf_counter()
                     if self.tokens_seen >= next_log:
-                        next_log += settings["log_every_tokens"]
+                        next_log += settings.log_every_tokens
                 if self.leader:
                     progress.update(self.tokens_seen)
                 if self.tokens_seen >= next_checkpoint:
                     self.save_checkpoint()
-                    next_checkpoint += settings["checkpoint_every_tokens"]
+                    next_checkpoint += settings.checkpoint_every_tokens
                 if self.groups.any_true(bool(terminated)) if self.groups else terminated:
                     self.save_checkpoint()
                     raise Interrupted(f"SIGTERM at {self.tokens_seen} tokens; checkpoint written")
@@ -345,12 +351,12 @@ class Trainer:
         with atomic_path(self.folder / "train_log.parquet") as temporary:
             log.to_parquet(temporary, index=False)
         cfg = {
-            "arch": settings["arch"],
-            "params": settings["params"],
+            "arch": settings.arch,
+            "params": settings.params,
             "d": self.store.d,
-            "n_latents": settings["n_latents"],
-            "seed": settings["seed"],
-            "site": settings["site"],
+            "n_latents": settings.n_latents,
+            "seed": settings.seed,
+            "site": settings.site,
             "model": self.store.manifest["model"],
             "revision": self.store.manifest["revision"],
             "corpus_fingerprint": self.store.manifest["corpus_fingerprint"],
@@ -368,8 +374,8 @@ class Trainer:
                 "final_nmse": log["nmse"].iloc[-1] if len(log) else float("nan"),
                 "epochs": self.tokens_seen / self.store.tokens,
             },
-            "settings": settings,
-            "provenance": provenance(settings),
+            "settings": to_json(settings),
+            "provenance": provenance(to_json(settings)),
         }
         save_sae(sae, self.folder, cfg)
         if self.groups:
@@ -378,29 +384,30 @@ class Trainer:
             (self.folder / CHECKPOINT).unlink(missing_ok=True)
 
 
-def train_cell(settings: dict[str, Any], folder: Path) -> None:
-    """Train (or resume) the cell described by ``settings`` into ``folder``: in this
-    process, as one rank of a distributed cell started by torchrun or srun, or by starting
-    the cell's ranks here (``train.distributed``)."""
+def train_cell(settings: TrainSettings, folder: Path, threads: int | None = None) -> None:
+    """Train (or resume) the cell described by ``settings`` into ``folder`` with ``threads``
+    CPU threads (None: torch's default): in this process, as one rank of a distributed cell
+    started by torchrun or srun, or by starting the cell's ranks here (``train.distributed``)."""
     Path(folder).mkdir(parents=True, exist_ok=True)
     if Layout.of(settings).world == 1:
-        torch.set_num_threads(settings.get("threads") or torch.get_num_threads())
+        torch.set_num_threads(threads or torch.get_num_threads())
         Trainer(settings, folder).run()
         return
     placement = placement_from_environment()
     if placement is None:
-        spawn(spawned_rank, settings, Path(folder), settings.get("threads"))
+        spawn(spawned_rank, settings, Path(folder), threads)
     else:
-        if settings.get("threads"):
-            torch.set_num_threads(settings["threads"])
+        if threads:
+            torch.set_num_threads(threads)
         train_rank(settings, Path(folder), placement)
 
 
-def train_rank(settings: dict[str, Any], folder: Path, placement: Placement) -> None:
-    """One rank of a distributed cell: join the process group, train, leave it."""
-    device = resolve_device(settings["device"])
-    if device == "cuda":  # one GPU per rank: its local rank among the GPUs it sees
-        device = f"cuda:{placement.local_rank % torch.cuda.device_count()}"
+def train_rank(settings: TrainSettings, folder: Path, placement: Placement) -> None:
+    """One rank of a distributed cell: join the process group, train, leave it. On CUDA each
+    rank takes one GPU: its local rank among the GPUs it sees."""
+    device = resolve_device(settings.device, DEVICE_KEY)
+    if device.type == "cuda":
+        device = torch.device("cuda", placement.local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
     groups = init_process_groups(settings, placement, device)
     try:
@@ -409,7 +416,7 @@ def train_rank(settings: dict[str, Any], folder: Path, placement: Placement) -> 
         torch.distributed.destroy_process_group()
 
 
-def spawned_rank(index: int, settings: dict[str, Any], folder: Path, threads: int | None) -> None:
+def spawned_rank(index: int, settings: TrainSettings, folder: Path, threads: int | None) -> None:
     """Rank ``index`` started by ``distributed.spawn``: the job's threads shared out, errors
     reported in one line and as ``saesweep train``'s exit codes."""
     world = Layout.of(settings).world
