@@ -100,22 +100,24 @@ def child(args: argparse.Namespace) -> None:
     """One extraction of ``args.tokens[0]`` tokens; prints a JSON line of memory and time."""
     import torch
 
+    from saesweep.core.job_settings import ExtractionSettings, ModelSettings, from_json
     from saesweep.data.activations import extract
     from saesweep.data.lm import load_lm
 
     torch.set_num_threads(args.threads)
     scratch = Path(args.scratch)
-    model = {"id": str(scratch / "model"), "dtype": "float32", "prepend_bos": False, "revision": None}
-    loaded = load_lm(model)
+    model = {"id": str(scratch / "model"), "dtype": "float32", "prepend_bos": False, "revision": None,
+             "pypi_gguf": None, "hidden_size": None}
+    loaded = load_lm(ModelSettings(**model), torch.device("cpu"))
     baseline = high_water_mib()
     out = scratch / f"out-{args.tokens[0]}"
-    settings = {
+    settings = from_json(ExtractionSettings, {
         "split": "train", "model": model, "sites": [args.site], "output_dirs": {args.site: str(out / args.site)},
         "corpus_file": str(scratch / "train.jsonl"), "corpus_summary": str(scratch / "corpus.json"),
         "context": args.context, "skip_positions": 1, "batch_size": args.batch, "tokens": args.tokens[0],
         "shard_tokens": args.shard_tokens, "storage_dtype": "float16", "device": "cpu",
         "part_files": [str(out / "part-0000.json")],
-    }
+    }, "benchmark settings")
     started = time.perf_counter()
     extract(settings, loaded)
     seconds = time.perf_counter() - started

@@ -25,15 +25,19 @@ from saesweep.data.activations import ActivationStore, extract
 from saesweep.data.corpus import read_split, token_windows
 from saesweep.core.files import write_json
 from saesweep.sae.topk_kernels import sparse_step
+from saesweep.core.job_settings import ExtractionSettings, ModelSettings, from_json
 from saesweep.data.lm import capture_sites, load_lm
 from saesweep.data.loader import BatchStream
 from saesweep.sae.topk import TopKSAE
 
+CPU = torch.device("cpu")  # this benchmark measures the CPU path
+
 
 def bench_extraction(args: argparse.Namespace, scratch: Path) -> Path:
     """Print bare-forward and extraction tokens/s; return the extracted site folder."""
-    model = {"id": args.model, "dtype": args.dtype, "prepend_bos": False, "revision": None}
-    lm, tokenizer = load_lm(model)
+    model = {"id": args.model, "dtype": args.dtype, "prepend_bos": False, "revision": None, "pypi_gguf": None,
+             "hidden_size": None}
+    lm, tokenizer = load_lm(ModelSettings(**model), CPU)
     windows = token_windows(read_split(Path(args.corpus)), tokenizer, args.context, False, args.windows)
     kept = (args.context - 1) * len(windows)
     started = time.perf_counter()
@@ -42,12 +46,12 @@ def bench_extraction(args: argparse.Namespace, scratch: Path) -> Path:
     bare = kept / (time.perf_counter() - started)
     write_json(scratch / "corpus.json", {"fingerprint": "benchmark"})
     folder = scratch / args.site
-    settings = {
-        "model": model, "sites": [args.site], "output_dirs": {args.site: str(folder)},
+    settings = from_json(ExtractionSettings, {
+        "split": "train", "model": model, "sites": [args.site], "output_dirs": {args.site: str(folder)},
         "corpus_file": args.corpus, "corpus_summary": str(scratch / "corpus.json"), "context": args.context,
         "skip_positions": 1, "batch_size": args.batch, "tokens": kept, "shard_tokens": args.shard_tokens,
         "storage_dtype": "float16", "device": "cpu", "part_files": [str(scratch / "part.json")],
-    }
+    }, "benchmark settings")
     started = time.perf_counter()
     extract(settings, (lm, tokenizer))
     full = kept / (time.perf_counter() - started)
@@ -60,8 +64,8 @@ def bench_loading(folder: Path, args: argparse.Namespace) -> None:
     """Print step tokens/s fed from shards and from memory, and their ratio."""
     store = ActivationStore(folder)
     sae = TopKSAE(store.d, args.n, {"k": args.k})
-    sae.initialise(store.head(2048).sub(store.mean).div(store.scale), torch.Generator().manual_seed(0))
-    memory = store.head(store.tokens).sub(store.mean).div(store.scale)
+    sae.initialise(store.head(2048, CPU).sub(store.mean).div(store.scale), torch.Generator().manual_seed(0))
+    memory = store.head(store.tokens, CPU).sub(store.mean).div(store.scale)
     budget = (store.tokens // args.train_batch) * args.train_batch
 
     def run(batches) -> float:
@@ -72,7 +76,7 @@ def bench_loading(folder: Path, args: argparse.Namespace) -> None:
         return seen / (time.perf_counter() - started)
 
     from_memory = run(memory[i : i + args.train_batch] for i in range(0, budget, args.train_batch))
-    from_shards = run(BatchStream(store, args.train_batch, 0, budget, device=torch.device("cpu")))
+    from_shards = run(BatchStream(store, args.train_batch, 0, budget, device=CPU))
     print(f"loading: step fed from memory {from_memory:,.0f} tok/s, from shards {from_shards:,.0f} tok/s, "
           f"ratio {from_shards / from_memory:.3f} (n={args.n}, k={args.k}, batch {args.train_batch})")
 

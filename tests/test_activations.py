@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import h5py
@@ -19,12 +20,13 @@ import pytest
 import torch
 
 import saesweep.data.activations as activations_module
-from conftest import make_text, tiny_config
+from conftest import CPU, make_text, tiny_config
 from saesweep.data.activations import ActivationStore, extract, extract_part, write_manifests
 from saesweep.plan.config import validate_config
 from saesweep.data.corpus import prepare_corpus
 from saesweep.core.errors import UserError
 from saesweep.core.files import read_json, sha256_file, write_json
+from saesweep.core.job_settings import to_json
 from saesweep.data.lm import decoder_blocks
 from saesweep.plan.settings import corpus_dir, extraction_settings
 
@@ -81,7 +83,7 @@ def test_sites_equal_a_direct_forward(tmp_path, tiny_model, tiny_corpus, monkeyp
     extract(settings)
     skip, kept = 3, 32 - 3
     lm = load_reference(tiny_model)
-    stores = {site: ActivationStore(folder) for site, folder in settings["output_dirs"].items()}
+    stores = {site: ActivationStore(folder) for site, folder in settings.output_dirs.items()}
     n_shards = len(stores["resid1"].shards)
     assert n_shards >= 3
     for site, store in stores.items():
@@ -127,7 +129,7 @@ def test_float16_default_and_the_forward_stops_at_the_deepest_site(tmp_path, tin
     calls = {"block": [0, 0, 0, 0], "norm": 0, "head": 0}
     real_load_lm = activations_module.load_lm
 
-    def counting_load_lm(model, device="cpu"):
+    def counting_load_lm(model, device):
         lm, tokenizer = real_load_lm(model, device)
         for index, block in enumerate(decoder_blocks(lm)):
             block.register_forward_hook(lambda *_a, i=index: calls["block"].__setitem__(i, calls["block"][i] + 1))
@@ -145,7 +147,7 @@ def test_float16_default_and_the_forward_stops_at_the_deepest_site(tmp_path, tin
 
     lm = load_reference(tiny_model)
     for site in ("resid1", "mlp2"):
-        store = ActivationStore(settings["output_dirs"][site])
+        store = ActivationStore(settings.output_dirs[site])
         assert store.manifest["storage_dtype"] == "float16" and store.manifest["skip_positions"] == 1
         for index in range(len(store.shards)):
             rows = store.read(index)
@@ -160,7 +162,7 @@ def test_manifest_lists_shards_and_statistics_of_the_stored_rows(tmp_path, tiny_
         "activations.train_tokens": 2500, "activations.shard_tokens": 700, "activations.storage_dtype": "float16"})
     settings = extraction_settings(config, "train", device="cpu")
     extract(settings)
-    folder = Path(settings["output_dirs"]["resid2"])
+    folder = Path(settings.output_dirs["resid2"])
     manifest = read_json(folder / "manifest.json", "manifest")
     assert [s["file"] for s in manifest["shards"]] == [f"shard-{i:05d}.h5" for i in range(len(manifest["shards"]))]
     assert sorted(p.name for p in folder.glob("shard-*.h5")) == [s["file"] for s in manifest["shards"]]
@@ -184,7 +186,7 @@ def test_manifest_lists_shards_and_statistics_of_the_stored_rows(tmp_path, tiny_
     assert manifest["scale"] == pytest.approx(np.sqrt(mean_squared_norm / 32), rel=1e-7)
     assert manifest["provenance"]["settings_hash"] == manifest["settings_hash"]
     store = ActivationStore(folder)
-    np.testing.assert_allclose(((store.head(len(rows)).double() - store.mean.double()) / store.scale).pow(2).sum(1).mean(),
+    np.testing.assert_allclose(((store.head(len(rows), CPU).double() - store.mean.double()) / store.scale).pow(2).sum(1).mean(),
                                32.0, rtol=1e-5)
 
 
@@ -193,7 +195,7 @@ def test_damaged_shards_are_refused_by_name(tmp_path, tiny_model, tiny_corpus, m
         "activations.train_tokens": 1500, "activations.shard_tokens": 500})
     settings = extraction_settings(config, "train", device="cpu")
     extract(settings)
-    folder = Path(settings["output_dirs"]["resid2"])
+    folder = Path(settings.output_dirs["resid2"])
     ActivationStore(folder)  # intact: fine
     victim = folder / "shard-00001.h5"
     original = victim.read_bytes()
@@ -237,9 +239,9 @@ def test_killed_extraction_resumes_to_identical_shards(tmp_path, tiny_model, mon
         workdir.mkdir()
         config = prepared(workdir, tiny_model, corpus, monkeypatch, **overrides)
         settings = extraction_settings(config, "train", device="cpu")
-        write_json(workdir / "extract.json", settings)
+        write_json(workdir / "extract.json", to_json(settings))
     extract(settings)  # uninterrupted, in reference_dir (the current folder)
-    sites = {site: Path(folder) for site, folder in settings["output_dirs"].items()}
+    sites = {site: Path(folder) for site, folder in settings.output_dirs.items()}
     n_shards = len(read_json(reference_dir / sites["resid1"] / "manifest.json", "manifest")["shards"])
     assert n_shards >= 15
 
@@ -305,29 +307,29 @@ def test_extraction_split_over_jobs_equals_one_job(tmp_path, tiny_model, tiny_co
         workdir.mkdir()
         config = prepared(workdir, tiny_model, tiny_corpus, monkeypatch, **overrides, **{"activations.extract_jobs": extract_jobs})
         settings = extraction_settings(config, "train", device="cpu")
-        assert len(settings["part_files"]) == extract_jobs
+        assert len(settings.part_files) == extract_jobs
         if extract_jobs == 1:
             extract(settings)
             continue
         parts = list(range(jobs))
         random.Random(jobs).shuffle(parts)
-        loaded = activations_module.load_lm(settings["model"], "cpu")
+        loaded = activations_module.load_lm(settings.model, CPU)
         for part in parts[:-1]:
             extract_part(settings, part, loaded)
         with pytest.raises(UserError, match=f"part-{parts[-1]:04d}.json"):
             write_manifests(settings)  # a part missing: no manifest
-        assert not any((Path(folder) / "manifest.json").exists() for folder in settings["output_dirs"].values())
+        assert not any((Path(folder) / "manifest.json").exists() for folder in settings.output_dirs.values())
         extract_part(settings, parts[-1], loaded)
         write_manifests(settings)
 
-    records = [read_json(split_dir / path, "part") for path in settings["part_files"]]
+    records = [read_json(split_dir / path, "part") for path in settings.part_files]
     listed = [index for record in records for index in record["shards"]]
     assert listed == list(range(len(listed)))  # disjoint, in order, no gap
     if train_tokens > 10**5:
         assert records[-1]["shards"] == [] and records[0]["shards"]  # the corpus ended early
     if jobs > len(listed):
         assert sum(not record["shards"] for record in records) >= jobs - len(listed)
-    for folder in settings["output_dirs"].values():
+    for folder in settings.output_dirs.values():
         one, split = folder_files(one_dir / folder), folder_files(split_dir / folder)
         assert len(one) == len(listed) + 1 >= 4
         assert list(one) == list(split)
@@ -348,12 +350,12 @@ def test_part_records_are_checked(tmp_path, tiny_model, tiny_corpus, monkeypatch
     with pytest.raises(UserError, match="extract_jobs is 2"):
         extract_part(settings, 2)
     extract(settings)
-    record_path = Path(settings["part_files"][1])
+    record_path = Path(settings.part_files[1])
     record = read_json(record_path, "part")
     write_json(record_path, {**record, "shards": record["shards"][1:]})  # a gap
     with pytest.raises(UserError, match="part-0001.json"):
         write_manifests(settings)
-    changed = {**settings, "skip_positions": 2}  # records from other settings
+    changed = replace(settings, skip_positions=2)  # records from other settings
     with pytest.raises(UserError, match="other settings"):
         write_manifests(changed)
 
@@ -367,7 +369,7 @@ def test_shards_of_another_corpus_are_extracted_again(tmp_path, tiny_model, tiny
         "activations.train_tokens": 1500, "activations.shard_tokens": 500})
     settings = extraction_settings(config, "train", device="cpu")
     extract(settings)
-    folder = Path(settings["output_dirs"]["resid2"])
+    folder = Path(settings.output_dirs["resid2"])
     before = shard_bytes(folder)
     for path in corpus.glob("*.txt"):  # the same names, other text: the same settings
         path.write_text(make_text(500 + int(path.stem[3:]), 110))

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 import math
 import signal
 from pathlib import Path
@@ -23,8 +24,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_same_training, tiny_config
+from conftest import CPU, assert_same_training, tiny_config
 from saesweep.core.errors import Interrupted
+from saesweep.core.job_settings import TrainSettings, from_json
 from saesweep.data.activations import ActivationStore, extract, shard_name, write_manifest, write_shard
 from saesweep.data.corpus import prepare_corpus
 from saesweep.evaluation.evaluate import evaluate_cell
@@ -173,7 +175,7 @@ def planted(tmp_path_factory) -> tuple[Path, torch.Tensor]:
     return folder, torch.from_numpy(directions).float()
 
 
-def planted_settings(name: str, activations: Path, **changes) -> dict:
+def planted_settings(name: str, activations: Path, **changes) -> TrainSettings:
     """Training settings of a 128-latent cell on the planted activations."""
     settings = {
         "site": "resid0", "arch": name, "params": example_params(name), "n_latents": 128, "seed": 0,
@@ -181,9 +183,8 @@ def planted_settings(name: str, activations: Path, **changes) -> dict:
         "lr": 3e-3, "warmup_tokens": 0, "decay": "linear", "decay_fraction": 0.2, "adam_eps": 6.25e-10,
         "dead": {"threshold": 1e-3, "window_tokens": 3000}, "geometric_median_sample": 512,
         "checkpoint_every_tokens": 10**9, "log_every_tokens": 4096, "heldout": {"points": 0}, "device": "cpu", "autocast_bf16": False,
-        "threads": 1,
     }
-    return {**settings, **changes}
+    return from_json(TrainSettings, {**settings, **changes}, "planted settings")
 
 
 @pytest.fixture(scope="module")
@@ -192,14 +193,14 @@ def trained_planted(planted, tmp_path_factory) -> dict[str, Path]:
     activations, _ = planted
     root = tmp_path_factory.mktemp("planted-cells")
     for name in NAMES:
-        train_cell(planted_settings(name, activations), root / name)
+        train_cell(planted_settings(name, activations), root / name, threads=1)
     return {name: root / name for name in NAMES}
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_planted_directions_are_recovered(name: str, planted, trained_planted) -> None:
     _, directions = planted
-    sae, _ = load_sae(trained_planted[name])
+    sae, _ = load_sae(trained_planted[name], CPU)
     decoder = sae.W_dec.detach()
     decoder = decoder / decoder.norm(dim=1, keepdim=True)
     best_cosine = (directions @ decoder.T).max(dim=1).values
@@ -209,11 +210,11 @@ def test_planted_directions_are_recovered(name: str, planted, trained_planted) -
 @pytest.mark.parametrize("name", NAMES)
 def test_save_then_load_gives_identical_outputs(name: str, planted, trained_planted, tmp_path) -> None:
     activations, _ = planted
-    sae, cfg = load_sae(trained_planted[name])
+    sae, cfg = load_sae(trained_planted[name], CPU)
     save_sae(sae, tmp_path, cfg)
-    again, again_cfg = load_sae(tmp_path)
+    again, again_cfg = load_sae(tmp_path, CPU)
     assert again_cfg == cfg and type(again) is type(sae)
-    x = sae.normalise(ActivationStore(activations).head(512))
+    x = sae.normalise(ActivationStore(activations).head(512, CPU))
     with torch.no_grad():
         assert torch.equal(sae(x), again(x))
         assert torch.equal(sae.encode(x).to_dense(), again.encode(x).to_dense())
@@ -223,7 +224,7 @@ def test_save_then_load_gives_identical_outputs(name: str, planted, trained_plan
 def test_terminated_run_resumes_to_the_same_weights(name: str, planted, monkeypatch, tmp_path) -> None:
     activations, _ = planted
     settings = planted_settings(name, activations, tokens=20_480, checkpoint_every_tokens=10**9)
-    train_cell(settings, tmp_path / "uninterrupted")
+    train_cell(settings, tmp_path / "uninterrupted", threads=1)
     step, calls = trainer.Trainer.step, []
 
     def step_then_terminate(self, x):
@@ -234,10 +235,10 @@ def test_terminated_run_resumes_to_the_same_weights(name: str, planted, monkeypa
 
     monkeypatch.setattr(trainer.Trainer, "step", step_then_terminate)
     with pytest.raises(Interrupted):
-        train_cell(settings, tmp_path / "resumed")
+        train_cell(settings, tmp_path / "resumed", threads=1)
     assert not (tmp_path / "resumed" / "sae.safetensors").exists()
     monkeypatch.setattr(trainer.Trainer, "step", step)
-    train_cell(settings, tmp_path / "resumed")
+    train_cell(settings, tmp_path / "resumed", threads=1)
     assert_same_training(tmp_path / "resumed", tmp_path / "uninterrupted")
 
 
@@ -265,11 +266,11 @@ def test_evaluation_of_a_tiny_cell_is_in_range(name: str, tiny_run, tmp_path) ->
     folder, config = tiny_run
     cell = make_cell(name, 64, {**ARCHITECTURES[name].example}, 0).name
     settings = train_settings(config, "resid2", cell)
-    settings.update(activations=str(folder / activation_dir(config, "resid2", "train")), threads=1)
-    settings["heldout"]["activations"] = str(folder / activation_dir(config, "resid2", "eval"))
-    train_cell(settings, tmp_path / cell)
-    evaluation = eval_settings(config, "resid2", cell)
-    evaluation["eval_activations"] = str(folder / activation_dir(config, "resid2", "eval"))
+    eval_folder = str(folder / activation_dir(config, "resid2", "eval"))
+    settings = replace(settings, activations=str(folder / activation_dir(config, "resid2", "train")),
+                       heldout=replace(settings.heldout, activations=eval_folder))
+    train_cell(settings, tmp_path / cell, threads=1)
+    evaluation = replace(eval_settings(config, "resid2", cell), eval_activations=eval_folder)
     metrics = evaluate_cell(evaluation, tmp_path / cell, tmp_path / cell / "metrics.json")
     assert metrics["arch"] == name and metrics["setting"] == cell.replace("-n64", "").removesuffix("-s0")
     assert 0 <= metrics["nmse"] < 2 and -1 <= metrics["cosine_similarity"] <= 1

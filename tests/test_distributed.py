@@ -23,6 +23,7 @@ gives (the loss would not follow the single-process one at all).
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 import signal
 import subprocess
 import sys
@@ -35,9 +36,10 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from conftest import TIMING_COLUMNS, assert_same_training, read_log
+from conftest import CPU, TIMING_COLUMNS, assert_same_training, read_log
 from saesweep.core.errors import UserError
 from saesweep.core.files import write_json
+from saesweep.core.job_settings import DistributedSettings, TrainSettings, to_json
 from saesweep.plan.config import validate_config
 from saesweep.sae.export import load_sae
 from saesweep.sae.base import StepContext
@@ -53,8 +55,8 @@ CELL = "topk-n256-k4-ka16-s1"
 OVERRIDES = {"train.log_every_tokens": 512}
 
 
-def distributed(settings: dict, data_parallel: int, latent_shards: int) -> dict:
-    return {**settings, "distributed": {"data_parallel": data_parallel, "latent_shards": latent_shards, "timeout_s": 60}}
+def distributed(settings: TrainSettings, data_parallel: int, latent_shards: int) -> TrainSettings:
+    return replace(settings, distributed=DistributedSettings(data_parallel, latent_shards, 60))
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +65,7 @@ def single(extracted, tmp_path_factory) -> dict[str, Path]:  # noqa: F811
     folders = {}
     for cell in (CELL, "multitopk-n256-k4-ka16-s1", "gated-n256-l1-s1"):
         folders[cell] = tmp_path_factory.mktemp("single") / "cell"
-        train_cell(cell_settings(extracted, cell, **OVERRIDES), folders[cell])
+        train_cell(cell_settings(extracted, cell, **OVERRIDES), folders[cell], threads=1)
     return folders
 
 
@@ -158,13 +160,13 @@ def test_distributed_training_is_the_single_process_training(
     extracted, single, tmp_path, cell, data_parallel, latent_shards  # noqa: F811
 ) -> None:
     settings = distributed(cell_settings(extracted, cell, **OVERRIDES), data_parallel, latent_shards)
-    train_cell(settings, tmp_path / "cell")
+    train_cell(settings, tmp_path / "cell", threads=1)
     log = read_log(tmp_path / "cell")
     if cell.startswith(("topk", "multitopk")):  # AuxK and dead tracking were exercised
         assert log.dead_fraction.max() > 0 and log.aux_loss.max() > 0
     assert_close_training(single[cell], tmp_path / "cell")
     # the export is one ordinary SAE, read as any other; no checkpoint file is left
-    sae, cfg = load_sae(tmp_path / "cell")
+    sae, cfg = load_sae(tmp_path / "cell", CPU)
     assert sae.W_enc.shape == (256, 32) and cfg["n_latents"] == 256
     assert not list((tmp_path / "cell").glob("checkpoint*"))
 
@@ -197,8 +199,8 @@ def uninterrupted(extracted, tmp_path_factory) -> tuple[Path, Path]:  # noqa: F8
     """A two-shard cell trained without interruption, and its settings file."""
     settings = distributed(cell_settings(extracted, "topk-n512-k8-s2", **LONG), 1, 2)
     folder = tmp_path_factory.mktemp("uninterrupted")
-    train_cell(settings, folder / "cell")
-    write_json(folder / "settings.json", {key: value for key, value in settings.items() if key != "threads"})
+    train_cell(settings, folder / "cell", threads=1)
+    write_json(folder / "settings.json", to_json(settings))
     return folder / "cell", folder / "settings.json"
 
 

@@ -16,6 +16,8 @@ from saesweep.evaluation.evaluate import (
     reconstruction_metrics,
     spliced_logits,
 )
+from conftest import CPU
+from saesweep.core.job_settings import ModelSettings
 from saesweep.data.lm import capture_sites, load_lm
 from saesweep.sae.topk import TopKSAE
 
@@ -43,7 +45,7 @@ def zero_sae(d: int) -> TopKSAE:
 
 @pytest.fixture(scope="module")
 def downstream(tiny_model: Path) -> Downstream:
-    lm, _ = load_lm({"id": str(tiny_model), "dtype": "float32"})
+    lm, _ = load_lm(ModelSettings(str(tiny_model), None, None, "float32", False, None), CPU)
     windows = torch.randint(0, lm.config.vocab_size, (6, 24), generator=torch.Generator().manual_seed(0))
     return Downstream(lm, "resid1", windows, skip=1, batch=4)
 

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import shutil
 from pathlib import Path
 
@@ -20,9 +21,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_config, write_config
+from conftest import CPU, tiny_config, write_config
 from saesweep import cli
 from saesweep.core.errors import UserError
+from saesweep.core.job_settings import TrainSettings, from_json, to_json
 from saesweep.core.sites import transformer_lens_hook
 from saesweep.data.activations import ActivationStore, extract, shard_name, write_manifest, write_shard
 from saesweep.data.corpus import prepare_corpus
@@ -86,9 +88,8 @@ def cells(raw_activations, tmp_path_factory) -> dict[str, Path]:
             "decay_fraction": 0.2, "adam_eps": 6.25e-10,
             "dead": {"threshold": 1e-3, "window_tokens": 3000}, "geometric_median_sample": 512,
             "checkpoint_every_tokens": 10**9, "log_every_tokens": 4096, "heldout": {"points": 0}, "device": "cpu", "autocast_bf16": False,
-            "threads": 1,
         }
-        train_cell(settings, root / f"{name}-n{N}")
+        train_cell(from_json(TrainSettings, settings, "planted settings"), root / f"{name}-n{N}", threads=1)
     return {name: root / f"{name}-n{N}" for name in NAMES}
 
 
@@ -102,7 +103,7 @@ def planted_config() -> dict:
 
 def saesweep_outputs(folder: Path, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(dense codes, reconstruction in raw units) of saesweep on raw activations a."""
-    sae, _ = load_sae(folder)
+    sae, _ = load_sae(folder, CPU)
     with torch.no_grad():
         codes = sae.encode(sae.normalise(a)).to_dense()
         return codes, sae.denormalise(sae.decode(codes))
@@ -115,7 +116,7 @@ def assert_close(got: torch.Tensor, expected: torch.Tensor, what: str) -> None:
 
 
 def test_the_activations_are_far_from_normalised(cells, raw_activations) -> None:
-    sae, _ = load_sae(cells["topk"])
+    sae, _ = load_sae(cells["topk"], CPU)
     assert abs(float(sae.act_scale) - 1) > 2 and sae.act_mean.abs().mean() > 2
 
 
@@ -133,7 +134,7 @@ def test_saelens_loads_every_exported_cell_and_agrees_on_raw_activations(name, c
     assert (metadata.model_name, metadata.hook_name, metadata.context_size, metadata.prepend_bos) == (
         "planted", "blocks.0.hook_resid_post", 16, True)
     assert metadata.dataset_path.startswith("files:") and metadata.saesweep_cell == cells[name].name
-    a = ActivationStore(raw_activations).head(1024)
+    a = ActivationStore(raw_activations).head(1024, CPU)
     codes, reconstruction = saesweep_outputs(cells[name], a)
     with torch.no_grad():
         got_codes = sae.encode(a)
@@ -151,7 +152,7 @@ def test_sparsify_loads_exported_topk_cells_and_agrees_on_raw_activations(name, 
     assert (coder.d_in, coder.num_latents, coder.cfg.k) == (D, N, 3)
     metadata = json.loads((folder / "metadata.json").read_text())
     assert metadata["hook_name"] == "blocks.0.hook_resid_post" and metadata["saesweep_arch"] == name
-    a = ActivationStore(raw_activations).head(1024)
+    a = ActivationStore(raw_activations).head(1024, CPU)
     codes, reconstruction = saesweep_outputs(cells[name], a)
     with torch.no_grad():
         top_acts, top_indices, _ = coder.encode(a)
@@ -243,17 +244,16 @@ def import_and_evaluate(tiny_run, entry: dict, tmp_path: Path) -> dict:
     folder, config = tiny_run
     config = external_config(config, **entry)
     settings = import_settings(config, "resid2", "ext")
-    settings["activations"] = str(folder / settings["activations"])
-    import_external(settings, tmp_path / "imported")
+    import_external(replace(settings, activations=str(folder / settings.activations)), tmp_path / "imported")
     evaluation = external_eval_settings(config, "resid2", "ext")
-    evaluation["eval_activations"] = str(folder / evaluation["eval_activations"])
+    evaluation = replace(evaluation, eval_activations=str(folder / evaluation.eval_activations))
     return evaluate_cell(evaluation, tmp_path / "imported", tmp_path / "imported" / "metrics.json")
 
 
 @pytest.mark.parametrize("architecture", ["standard", "topk", "jumprelu", "gated"])
 def test_a_saelens_sae_is_evaluated_to_the_nmse_of_its_own_forward(architecture, tiny_run, tmp_path) -> None:
     folder, config = tiny_run
-    activations = ActivationStore(folder / activation_dir(config, "resid2", "eval")).head(config["evaluate"]["tokens"])
+    activations = ActivationStore(folder / activation_dir(config, "resid2", "eval")).head(config["evaluate"]["tokens"], CPU)
     sae = saelens_sae(architecture, activations)
     sae.save_model(tmp_path / "saelens")
     nmse, l0 = package_nmse_and_l0(sae, sae.encode, activations)
@@ -268,7 +268,7 @@ def test_a_saelens_sae_is_evaluated_to_the_nmse_of_its_own_forward(architecture,
 
 def test_a_saelens_sae_without_input_bias_is_evaluated_to_its_own_forward(tiny_run, tmp_path) -> None:
     folder, config = tiny_run
-    activations = ActivationStore(folder / activation_dir(config, "resid2", "eval")).head(config["evaluate"]["tokens"])
+    activations = ActivationStore(folder / activation_dir(config, "resid2", "eval")).head(config["evaluate"]["tokens"], CPU)
     sae = saelens_sae("gated", activations)
     sae.cfg.apply_b_dec_to_input = False
     sae.save_model(tmp_path / "saelens")
@@ -279,7 +279,7 @@ def test_a_saelens_sae_without_input_bias_is_evaluated_to_its_own_forward(tiny_r
 
 def test_a_sparsify_coder_is_evaluated_to_the_nmse_of_its_own_forward(tiny_run, tmp_path) -> None:
     folder, config = tiny_run
-    activations = ActivationStore(folder / activation_dir(config, "resid2", "eval")).head(config["evaluate"]["tokens"])
+    activations = ActivationStore(folder / activation_dir(config, "resid2", "eval")).head(config["evaluate"]["tokens"], CPU)
     torch.manual_seed(0)
     coder = sparsify.SparseCoder(32, sparsify.SparseCoderConfig(num_latents=80, k=5))
     with torch.no_grad():
@@ -305,8 +305,8 @@ def import_error(tiny_run, entry: dict, tmp_path: Path, capsys) -> str:
     """The one line ``saesweep import`` prints for ``entry``; checks that nothing was written."""
     folder, config = tiny_run
     settings = import_settings(external_config(config, **entry), "resid2", "ext")
-    settings["activations"] = str(folder / settings["activations"])
-    (tmp_path / "settings.json").write_text(json.dumps(settings))
+    settings = replace(settings, activations=str(folder / settings.activations))
+    (tmp_path / "settings.json").write_text(json.dumps(to_json(settings)))
     code = cli.main(["import", "--settings", str(tmp_path / "settings.json"), "--out", str(tmp_path / "imported")])
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(lines) == 1, lines
@@ -316,7 +316,7 @@ def import_error(tiny_run, entry: dict, tmp_path: Path, capsys) -> str:
 
 def test_wrong_d_in_names_the_config_and_both_widths(tiny_run, tmp_path, capsys) -> None:
     folder, config = tiny_run
-    activations = ActivationStore(folder / activation_dir(config, "resid2", "eval")).head(256)
+    activations = ActivationStore(folder / activation_dir(config, "resid2", "eval")).head(256, CPU)
     saelens_sae("topk", activations, d_in=48).save_model(tmp_path / "wide")
     line = import_error(tiny_run, {"path": str(tmp_path / "wide")}, tmp_path, capsys)
     assert f"{tmp_path / 'wide' / 'cfg.json'}: d_in is 48" in line and "d = 32" in line

@@ -76,7 +76,7 @@ def test_activation_bytes_equal_a_real_extraction(tmp_path, tiny_model, tiny_cor
     prepare_corpus(config["corpus"], Path(corpus_dir(config)))
     settings = extraction_settings(config, "train", device="cpu")
     extract(settings)
-    manifest = __import__("json").loads((Path(settings["output_dirs"]["resid2"]) / "manifest.json").read_text())
+    manifest = __import__("json").loads((Path(settings.output_dirs["resid2"]) / "manifest.json").read_text())
     planned = budget.activation_footprint(config, "train", 32)
     assert manifest["tokens"] == planned["tokens"]
     on_disk = sum(shard["bytes"] for shard in manifest["shards"])

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -277,16 +278,47 @@ def ablation_metrics(
     return {"ablation_sparsity": mean, "ablation_sparsity_se": se, "ablation_sparsity_count": sum(map(math.isfinite, scores))}
 
 
-def evaluate_cell(settings: EvalSettings, cell_folder: Path, output: Path) -> dict[str, Any]:
-    """Compute every metric of a trained cell (or an imported external SAE) and write
-    ``metrics.json``. The device is resolved once from the settings; the SAE, the LM, the
-    held-out activations and token windows are put on it, so every metric's tensors live there."""
-    started = time.perf_counter()
-    device = resolve_device(settings.device, DEVICE_KEY)
-    torch.manual_seed(settings.seed)
+@dataclass(frozen=True)
+class EvaluationInputs:
+    """What one evaluation reads, every tensor and module on the evaluation's device."""
+
+    sae: SparseAutoencoder
+    """The SAE being evaluated."""
+    cfg: dict[str, Any]
+    """Its ``cfg.json``."""
+    store: ActivationStore
+    """The held-out shards."""
+    activations: torch.Tensor
+    """The first ``tokens`` held-out activations (T, d), float32."""
+    windows: torch.Tensor
+    """Every held-out window's token ids (W, C), int64."""
+    lm: torch.nn.Module
+    """The LM, in its configured dtype."""
+    tokenizer: Any
+    """The LM's tokenizer."""
+
+
+def load_inputs(settings: EvalSettings, cell_folder: Path, device: torch.device) -> EvaluationInputs:
+    """The SAE of ``cell_folder``, the held-out activations and windows, and the LM, each put
+    on ``device`` as it is read (the one place evaluation moves data onto its device)."""
     sae, cfg = load_sae(cell_folder, device)
     store = ActivationStore(settings.eval_activations)
     activations = store.head(settings.tokens, device)
+    windows = np.concatenate([store.read_windows(index) for index in range(len(store.shards))])
+    lm, tokenizer = load_lm(settings.model, device)
+    return EvaluationInputs(sae, cfg, store, activations, torch.from_numpy(windows).to(device).long(), lm, tokenizer)
+
+
+def evaluate_cell(settings: EvalSettings, cell_folder: Path, output: Path) -> dict[str, Any]:
+    """Compute every metric of a trained cell (or an imported external SAE) and write
+    ``metrics.json``. The device is resolved once from the settings and everything is read
+    onto it (``load_inputs``), so every metric's tensors live there."""
+    started = time.perf_counter()
+    device = resolve_device(settings.device, DEVICE_KEY)
+    torch.manual_seed(settings.seed)
+    inputs = load_inputs(settings, cell_folder, device)
+    sae, cfg, store, activations, all_windows = inputs.sae, inputs.cfg, inputs.store, inputs.activations, inputs.windows
+    lm, tokenizer = inputs.lm, inputs.tokenizer
     not_applicable: dict[str, str] = {}
     if sae.k_override:
         ks = k_transfer_values(sae.k, sae.n, settings.k_transfer_factors)
@@ -296,8 +328,6 @@ def evaluate_cell(settings: EvalSettings, cell_folder: Path, output: Path) -> di
     metrics: dict[str, Any] = reconstruction_metrics(sae, activations, settings.batch_size, ks)
 
     skip = store.manifest["skip_positions"]
-    all_windows = torch.from_numpy(np.concatenate([store.read_windows(i) for i in range(len(store.shards))])).to(device).long()
-    lm, tokenizer = load_lm(settings.model, device)
     downstream = Downstream(lm, cfg["site"], all_windows[: settings.downstream_windows], skip, settings.lm_batch_size)
     metrics.update(downstream_metrics(sae, downstream, ks))
 

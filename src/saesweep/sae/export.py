@@ -27,7 +27,7 @@ def save_sae(sae: SparseAutoencoder, folder: Path, cfg: dict[str, Any]) -> None:
 
 
 def load_sae(folder: Path, device: torch.device) -> tuple[SparseAutoencoder, dict[str, Any]]:
-    """The SAE of a cell folder, on ``device``, and its config."""
+    """The SAE of a cell folder, on ``device`` and for inference (no gradients), and its config."""
     path = Path(folder) / "cfg.json"
     cfg = read_json(path, "SAE config")
     try:
@@ -35,9 +35,11 @@ def load_sae(folder: Path, device: torch.device) -> tuple[SparseAutoencoder, dic
     except KeyError as missing:
         raise UserError(f"SAE config {path} has no key {missing}") from None
     params = resolve_params(arch, given, f"SAE config {path}: params", complete="external" not in cfg)
-    sae = architecture(arch, f"SAE config {path}")(d, n, params)
+    with torch.device("meta"):  # shapes only: the tensors are the file's, moved to the device once
+        sae = architecture(arch, f"SAE config {path}")(d, n, params).requires_grad_(False).eval()
     try:
-        sae.load_state_dict(load_file(str(Path(folder) / "sae.safetensors")))
+        tensors = load_file(str(Path(folder) / "sae.safetensors"))
+        sae.load_state_dict({name: tensor.to(device) for name, tensor in tensors.items()}, assign=True)
     except (OSError, RuntimeError) as error:
         raise UserError(f"SAE weights {Path(folder) / 'sae.safetensors'} cannot be read ({error})") from None
-    return sae.to(device).eval(), cfg
+    return sae, cfg
