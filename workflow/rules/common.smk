@@ -98,7 +98,9 @@ def extraction_parts(split):
 def settings_json(wildcards):
     """The resolved settings of one cell's train or eval job, as JSON."""
     build = job.train_settings if wildcards.stage == "train" else job.eval_settings
-    return json.dumps(to_json(build(config, wildcards.site, wildcards.cell)), sort_keys=True)
+    return json.dumps(
+        to_json(build(config, wildcards.site, wildcards.cell)), sort_keys=True
+    )
 
 
 def width():
@@ -146,7 +148,9 @@ def external_settings_json(wildcards):
         if wildcards.external_stage == "import"
         else job.external_eval_settings
     )
-    return json.dumps(to_json(build(config, wildcards.site, wildcards.name)), sort_keys=True)
+    return json.dumps(
+        to_json(build(config, wildcards.site, wildcards.name)), sort_keys=True
+    )
 
 
 def external_files(wildcards):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import types
 from dataclasses import MISSING, dataclass, fields, is_dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -225,7 +226,7 @@ def from_json(cls: type[Settings], data: Any, source: str) -> Settings:
     unknown = sorted(set(data) - known)
     if unknown:
         raise UserError(f"{source}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
-    hints = get_type_hints(cls)
+    hints = _field_types(cls)
     values = {}
     for field in fields(cls):
         if field.name not in data:
@@ -234,6 +235,13 @@ def from_json(cls: type[Settings], data: Any, source: str) -> Settings:
             continue
         values[field.name] = _typed(data[field.name], hints[field.name], f"{source}: key {field.name}")
     return cls(**values)
+
+
+@cache
+def _field_types(cls: type) -> dict[str, Any]:
+    """The resolved type of each field of a settings class (computed once per class: the
+    workflow builds settings for every cell when it plans the DAG)."""
+    return get_type_hints(cls)
 
 
 def _typed(value: Any, hint: Any, where: str) -> Any:
@@ -253,6 +261,28 @@ def _typed(value: Any, hint: Any, where: str) -> Any:
     if not isinstance(value, accepted) or (expected in (int, float) and isinstance(value, bool)):
         raise UserError(f"{where}: expected {getattr(expected, '__name__', expected)}, found {value!r}")
     return value
+
+
+def construct(cls: type[Settings], data: dict[str, Any]) -> Settings:
+    """``cls`` from a dict the code resolved itself from a validated config (``plan.settings``):
+    nested settings built, nothing checked (``from_json`` checks what is read from files; this
+    runs for every cell each time Snakemake plans the DAG)."""
+    nested = _nested_settings(cls)
+    return cls(**{
+        key: construct(nested[key], value) if key in nested and value is not None else value
+        for key, value in data.items()
+    })
+
+
+@cache
+def _nested_settings(cls: type) -> dict[str, type]:
+    """The fields of a settings class that hold settings classes, with their class."""
+    out = {}
+    for name, hint in _field_types(cls).items():
+        inner = [argument for argument in (get_args(hint) or (hint,)) if is_dataclass(argument)]
+        if inner:
+            out[name] = inner[0]
+    return out
 
 
 def to_json(settings: Any) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from typing import Any
 
 from saesweep.core.errors import UserError
 from saesweep.core.job_settings import (
-    EvalSettings, ExtractionSettings, ImportSettings, Settings, TrainSettings, from_json,
+    EvalSettings, ExtractionSettings, ImportSettings, Settings, TrainSettings, construct,
 )
 from saesweep.core.sites import transformer_lens_hook
 from saesweep.plan.cells import parse_cell
@@ -51,8 +51,8 @@ def extraction_part_file(config: dict[str, Any], split: str, part: str) -> str:
 
 
 def built(cls: type[Settings], settings: dict[str, Any]) -> Settings:
-    """``cls`` from the settings a builder resolved (checked as a settings file would be)."""
-    return from_json(cls, settings, f"{cls.__name__} built from the config")
+    """``cls`` from the settings a builder resolved from the validated config."""
+    return construct(cls, settings)
 
 
 def extraction_settings(config: dict[str, Any], split: str, device: str = "auto") -> ExtractionSettings:
