@@ -35,6 +35,7 @@ import torch.multiprocessing as mp
 
 from saesweep.sae.base import StepContext
 from saesweep.sae.topk import TopKSAE
+from saesweep.core.job_settings import DistributedSettings
 from saesweep.train.distributed import Placement, free_port, init_process_groups
 from saesweep.train.trainer import make_adam
 
@@ -45,8 +46,8 @@ def rank_main(rank: int, args: argparse.Namespace, ranks: int, port: int, out: s
     """One rank: build its shard (random, unit-norm decoder rows), time the steps, write a JSON line."""
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    settings = {"n_latents": args.n, "distributed": {"data_parallel": 1, "latent_shards": ranks, "timeout_s": 600}}
-    groups = init_process_groups(settings, Placement(rank, ranks, rank), "cpu")
+    distributed = DistributedSettings(data_parallel=1, latent_shards=ranks, timeout_s=600)
+    groups = init_process_groups(distributed, args.n, Placement(rank, ranks, rank), torch.device("cpu"))
     sae = TopKSAE(args.d, args.n, {"k": args.k, "lr_factor": 1.0})
     groups.shard_module(sae)
     generator = torch.Generator().manual_seed(rank)

@@ -108,8 +108,8 @@ def compare_steps(rank: int, layout: tuple[int, int], port: int, expected: dict)
     """Rank ``rank``: the distributed step of every problem against the single-process one."""
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    settings = {"n_latents": 256, "distributed": {"data_parallel": layout[0], "latent_shards": layout[1], "timeout_s": 60}}
-    groups = init_process_groups(settings, Placement(rank, layout[0] * layout[1], rank), "cpu")
+    distributed = DistributedSettings(data_parallel=layout[0], latent_shards=layout[1], timeout_s=60)
+    groups = init_process_groups(distributed, 256, Placement(rank, layout[0] * layout[1], rank), CPU)
     try:
         for key, reference in expected.items():
             full, x, dead = step_problem(*key)

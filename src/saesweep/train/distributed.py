@@ -50,7 +50,7 @@ from torch import nn
 
 from saesweep.core.errors import Interrupted, UserError
 from saesweep.core.files import atomic_path
-from saesweep.core.job_settings import TrainSettings
+from saesweep.core.job_settings import DistributedSettings, TrainSettings
 from saesweep.sae.base import SparseAutoencoder
 from saesweep.sae.collectives import Collectives
 from saesweep.sae.registry import build_sae
@@ -72,9 +72,8 @@ class Layout:
     rank: int = 0
 
     @classmethod
-    def of(cls, settings: TrainSettings, rank: int = 0) -> Layout:
-        """The layout of a cell's settings (1 × 1 without ``distributed``)."""
-        distributed = settings.distributed
+    def of(cls, distributed: DistributedSettings | None, rank: int = 0) -> Layout:
+        """The layout of a cell's ``distributed`` settings (1 × 1 without them)."""
         if distributed is None:
             return cls(1, 1, rank)
         return cls(distributed.data_parallel, distributed.latent_shards, rank)
@@ -322,19 +321,21 @@ def slurm_first_node() -> str:
         return os.environ.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1")
 
 
-def init_process_groups(settings: TrainSettings, placement: Placement, device: torch.device) -> ProcessGroups:
+def init_process_groups(
+    distributed: DistributedSettings, n_latents: int, placement: Placement, device: torch.device
+) -> ProcessGroups:
     """Join the job's process group (NCCL on CUDA, gloo on the CPU) with the settings'
-    timeout, after checking that the world is the layout's."""
-    layout = Layout.of(settings, placement.rank)
+    timeout, after checking that the world is the layout's, for a cell of ``n_latents``."""
+    layout = Layout.of(distributed, placement.rank)
     if placement.world != layout.world:
         raise UserError(
             f"train.distributed asks for {layout.data_parallel} × {layout.latent_shards} = {layout.world} "
             f"processes but this one was started as rank {placement.rank} of {placement.world}"
         )
     backend = "nccl" if device.type == "cuda" else "gloo"
-    timeout = timedelta(seconds=settings.distributed.timeout_s)
+    timeout = timedelta(seconds=distributed.timeout_s)
     dist.init_process_group(backend, rank=placement.rank, world_size=placement.world, timeout=timeout)
-    return ProcessGroups(layout, settings.n_latents, device)
+    return ProcessGroups(layout, n_latents, device)
 
 
 def free_port() -> int:
@@ -348,7 +349,7 @@ def spawn(worker: Callable[..., None], settings: TrainSettings, folder: Path, th
     """Run ``worker(index, settings, folder, threads)`` as the D·S ranks of the cell on this
     machine (rank = index). When a rank fails, the others are stopped and a UserError names
     it; SIGTERM is passed on to every rank (each then checkpoints) and ends in Interrupted."""
-    world = Layout.of(settings).world
+    world = Layout.of(settings.distributed).world
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     try:
         context = mp.start_processes(worker, (settings, folder, threads), nprocs=world, join=False, start_method="spawn")

@@ -389,7 +389,7 @@ def train_cell(settings: TrainSettings, folder: Path, threads: int | None = None
     CPU threads (None: torch's default): in this process, as one rank of a distributed cell
     started by torchrun or srun, or by starting the cell's ranks here (``train.distributed``)."""
     Path(folder).mkdir(parents=True, exist_ok=True)
-    if Layout.of(settings).world == 1:
+    if settings.distributed is None or Layout.of(settings.distributed).world == 1:
         torch.set_num_threads(threads or torch.get_num_threads())
         Trainer(settings, folder).run()
         return
@@ -409,7 +409,7 @@ def train_rank(settings: TrainSettings, folder: Path, placement: Placement) -> N
     if device.type == "cuda":
         device = torch.device("cuda", placement.local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
-    groups = init_process_groups(settings, placement, device)
+    groups = init_process_groups(settings.distributed, settings.n_latents, placement, device)
     try:
         Trainer(settings, folder, groups).run()
     finally:
@@ -419,7 +419,7 @@ def train_rank(settings: TrainSettings, folder: Path, placement: Placement) -> N
 def spawned_rank(index: int, settings: TrainSettings, folder: Path, threads: int | None) -> None:
     """Rank ``index`` started by ``distributed.spawn``: the job's threads shared out, errors
     reported in one line and as ``saesweep train``'s exit codes."""
-    world = Layout.of(settings).world
+    world = Layout.of(settings.distributed).world
     torch.set_num_threads(max(1, (threads or torch.get_num_threads()) // world))
     try:
         train_rank(settings, folder, Placement(index, world, index))
