@@ -166,7 +166,8 @@ def planted(tmp_path_factory) -> tuple[Path, torch.Tensor]:
     codes = np.zeros((PLANTED_TOKENS, PLANTED_DIRECTIONS))
     np.put_along_axis(codes, active, rng.uniform(1, 2, (PLANTED_TOKENS, PLANTED_ACTIVE)), axis=1)
     x = (codes @ directions).astype(np.float32)
-    attributes = {"model": "planted", "corpus_fingerprint": "planted", "site": "resid0", "skip_positions": 0}
+    attributes = {"model": "planted", "corpus_fingerprint": "planted", "site": "resid0", "skip_positions": 0,
+                  "storage_dtype": "float32"}
     half = PLANTED_TOKENS // 2
     windows = torch.zeros(half // 16, 16, dtype=torch.long)
     for index in range(2):

@@ -245,3 +245,24 @@ def test_sigterm_checkpoints_every_rank_and_a_rerun_resumes(uninterrupted, tmp_p
     assert (folder / CHECKPOINT).stat().st_mtime_ns > first  # written on SIGTERM, by every rank
     assert len(list(folder.glob("checkpoint-*-shard*of2.pt"))) == 2
     resume(command, folder, uninterrupted[0])
+
+
+def test_a_damaged_checkpoint_shard_is_refused_by_name(extracted, tmp_path) -> None:  # noqa: F811
+    """Shard 1's checkpoint file truncated after a SIGTERM: the rerun stops with exit 2 (no
+    rank waits for the one that failed), rank 1 naming the file and how to delete the
+    checkpoints; nothing is trained and the files stay for inspection."""
+    settings = distributed(cell_settings(extracted, "topk-n512-k8-s2", **LONG), 1, 2)
+    write_json(tmp_path / "settings.json", {key: value for key, value in settings.items() if key != "threads"})
+    folder = tmp_path / "cell"
+    process, command = start_after_checkpoint(tmp_path / "settings.json", folder)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 143, stderr
+    (shard,) = folder.glob("checkpoint-*-shard1of2.pt")
+    shard.write_bytes(shard.read_bytes()[:-1000])
+    rerun = subprocess.run(command, stderr=subprocess.PIPE, text=True, timeout=600)
+    assert rerun.returncode == 2, rerun.stderr
+    assert f"rank 1: error: checkpoint {shard} cannot be read" in rerun.stderr
+    assert f"rm {folder}/checkpoint*.pt" in rerun.stderr and "its error is above" in rerun.stderr
+    assert "resuming from" not in rerun.stderr and "Traceback" not in rerun.stderr
+    assert shard.exists() and not (folder / "sae.safetensors").exists()

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
+from conftest import tiny_config
+from saesweep.cli import main as cli_main
+from saesweep.plan.config import validate_config
+from saesweep.plan.settings import eval_settings
+from saesweep.sae.export import save_sae
+from saesweep.sae.registry import resolve_params
 from saesweep.evaluation.evaluate import (
     Downstream,
     ablation_metrics,
@@ -113,3 +121,44 @@ def test_ablation_of_one_position_changes_nothing_before_it(downstream: Downstre
     ablated = spliced_logits(lm, "resid1", ids, skip, without_first_latent)
     assert torch.equal(ablated[0, : skip + position], base[0, : skip + position])
     assert not torch.equal(ablated[0, skip + position :], base[0, skip + position :])
+
+
+def damage_weights(weights: Path, damage: str) -> str:
+    """Damage a cell's weights file (a TopK SAE, n = 64, d = 32) in place; the words the
+    error must say."""
+    tensors = load_file(str(weights))
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:-100])
+        return "cannot be read: truncated"
+    if damage == "SAELens file":  # the tensors of a SAELens TopK SAE of the same size
+        save_file({"W_enc": tensors["W_enc"].T.contiguous(), "W_dec": tensors["W_dec"], "b_enc": tensors["b_enc"],
+                   "b_dec": tensors["b_pre"]}, str(weights))
+        return "hold SAELens tensors (W_dec, W_enc, b_dec, b_enc), not a saesweep SAE's"
+    if damage == "tensor missing":
+        save_file({name: value for name, value in tensors.items() if name != "b_pre"}, str(weights))
+        return "lacks b_pre"
+    if damage == "float16":
+        save_file({name: value.half() for name, value in tensors.items()}, str(weights))
+        return "W_enc is float16, not float32"
+    cfg = json.loads((weights.parent / "cfg.json").read_text())
+    (weights.parent / "cfg.json").write_text(json.dumps({**cfg, "n_latents": 128}))
+    return f"W_enc has shape (64, 32), not (128, 32); {weights.parent / 'cfg.json'} says topk, n_latents 128, d 32"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "SAELens file", "tensor missing", "float16", "cfg.json's n"])
+def test_bad_weights_end_in_one_line_naming_the_file(damage, tmp_path, capsys) -> None:
+    """``saesweep evaluate`` of a cell whose weights file is damaged, another tool's, or not the
+    SAE its cfg.json describes: exit 2, one line naming the file and what is wrong, no metrics."""
+    cell = tmp_path / "topk-n64-k4-s0"
+    params = resolve_params("topk", {"k": 4}, "test")
+    save_sae(TopKSAE(32, 64, params), cell, {"arch": "topk", "d": 32, "n_latents": 64, "params": params, "site": "resid2"})
+    expected = damage_weights(cell / "sae.safetensors", damage)
+    config = validate_config(tiny_config(Path("/nonexistent/model"), Path("/nonexistent/corpus")))
+    (tmp_path / "settings.json").write_text(json.dumps(eval_settings(config, "resid2", cell.name)))
+    code = cli_main(["evaluate", "--settings", str(tmp_path / "settings.json"), "--cell", str(cell),
+                     "--out", str(cell / "metrics.json")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"saesweep evaluate: error: SAE weights {cell / 'sae.safetensors'}"), lines
+    assert expected in lines[0], lines
+    assert not (cell / "metrics.json").exists()

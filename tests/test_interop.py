@@ -68,7 +68,8 @@ def raw_activations(tmp_path_factory) -> Path:
     active = np.argsort(rng.random(codes.shape), axis=1)[:, :3]
     np.put_along_axis(codes, active, rng.uniform(1, 2, (8192, 3)), axis=1)
     x = (SCALE * codes @ directions + MEAN + rng.standard_normal(D)).astype(np.float32)
-    attributes = {"model": "planted", "corpus_fingerprint": "planted", "site": "resid0", "skip_positions": 0}
+    attributes = {"model": "planted", "corpus_fingerprint": "planted", "site": "resid0", "skip_positions": 0,
+                  "storage_dtype": "float32"}
     windows = torch.zeros(4096 // 16, 16, dtype=torch.long)
     for index in range(2):
         write_shard(folder / shard_name(index), x[index * 4096 : (index + 1) * 4096], windows, attributes)
@@ -340,6 +341,20 @@ def test_missing_weights_name_the_file(package, tiny_run, tmp_path, capsys) -> N
     (folder).mkdir()
     (folder / "cfg.json").write_text("{}")
     assert "missing weights file" in import_error(tiny_run, {"path": str(folder)}, tmp_path, capsys)
+
+
+@pytest.mark.parametrize("package", ["saelens", "sparsify"])
+def test_truncated_weights_name_the_file(package, tiny_run, tmp_path, capsys) -> None:
+    folder = tmp_path / package
+    if package == "saelens":
+        saelens_sae("standard", torch.randn(64, 32)).save_model(folder)
+        weights = folder / "sae_weights.safetensors"
+    else:
+        sparsify.SparseCoder(32, sparsify.SparseCoderConfig(num_latents=64, k=4)).save_to_disk(folder)
+        weights = folder / "sae.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    line = import_error(tiny_run, {"path": str(folder)}, tmp_path, capsys)
+    assert f"{weights} cannot be read: truncated" in line
 
 
 def test_unknown_architectures_name_the_config_and_the_supported_ones(tiny_run, tmp_path, capsys) -> None:

@@ -12,6 +12,7 @@ import torch
 
 from saesweep.data.activations import ActivationStore, shard_name, write_manifest, write_shard
 from saesweep.core.errors import UserError
+from saesweep.core.files import read_json, sha256_file, write_json
 from saesweep.data.loader import BatchStream
 
 SIZES = [300, 250, 310, 280, 90, 300, 200]  # unequal shards, 1730 rows
@@ -136,7 +137,49 @@ def test_normalisation(tmp_path: Path) -> None:
 
 
 def test_read_failure_reaches_the_consumer(store) -> None:
+    """A shard gone after the store was opened (and verified): the stream's reader thread
+    hands the consumer a UserError naming the file."""
     store, _ = store
     Path(store.shards[3].path).unlink()
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match=f"activation shard {store.shards[3].path} is missing"):
         batches(store, budget=TOTAL)
+
+
+def test_a_shard_damaged_after_opening_is_named(store) -> None:
+    store, _ = store
+    path = Path(store.shards[2].path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(UserError, match=f"activation shard {path} cannot be read .*truncated or corrupt"):
+        batches(store, budget=TOTAL)
+
+
+@pytest.mark.parametrize("change", ["dtype", "width", "rows"])
+def test_a_shard_that_disagrees_with_its_manifest_is_named(tmp_path: Path, change: str) -> None:
+    """Shard 2 rewritten with another dtype, width or number of rows and its manifest entry's
+    size and sha256 updated to match (so opening passes): reading it names the file, its
+    shape and dtype and the manifest's."""
+    store, _ = make_store(tmp_path / "acts")
+    path = Path(store.shards[2].path)
+    rows = store.read(2)
+    attributes = {"settings_hash": "synthetic", "site": "resid0"}
+    rows = {"dtype": rows.astype(np.float16), "width": np.hstack([rows, rows[:, :1]]), "rows": rows[:-5]}[change]
+    write_shard(path, rows, torch.zeros(31, 10, dtype=torch.long), attributes)
+    manifest = read_json(tmp_path / "acts" / "manifest.json", "manifest")
+    manifest["shards"][2].update(bytes=path.stat().st_size, sha256=sha256_file(path))
+    write_json(tmp_path / "acts" / "manifest.json", manifest)
+    reopened = ActivationStore(tmp_path / "acts")
+    with pytest.raises(UserError) as caught:
+        batches(reopened, budget=TOTAL)
+    message = str(caught.value)
+    assert f"activation shard {path} holds activations of shape {rows.shape} and dtype {rows.dtype}" in message
+    assert f"its manifest says ({SIZES[2]}, {D}) and float32" in message
+
+
+@pytest.mark.parametrize("key", ["d", "storage_dtype"])
+def test_a_manifest_without_a_key_is_named(tmp_path: Path, key: str) -> None:
+    make_store(tmp_path / "acts")
+    manifest = read_json(tmp_path / "acts" / "manifest.json", "manifest")
+    del manifest[key]
+    write_json(tmp_path / "acts" / "manifest.json", manifest)
+    with pytest.raises(UserError, match=f"activation manifest {tmp_path / 'acts' / 'manifest.json'} has no key '{key}'"):
+        ActivationStore(tmp_path / "acts")

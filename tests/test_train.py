@@ -232,3 +232,61 @@ def test_auxk_acts_only_on_dead_latents(extracted, tmp_path) -> None:
     assert not on.nmse.iloc[first_dead + 1 :].equals(off.nmse.iloc[first_dead + 1 :])
     after = on.aux_loss.iloc[first_dead + 1 :]
     assert after.tail(5).mean() < 0.95 * after.head(5).mean(), after.tolist()  # 0.70 at seed 0, 0.89 at seed 1
+
+
+def train_from_cli(settings: dict, folder: Path, capsys) -> tuple[int, list[str]]:
+    """``saesweep train`` of ``settings`` into ``folder``: its exit code and stderr lines."""
+    write_json(folder.parent / "settings.json", {k: v for k, v in settings.items() if k != "threads"})
+    capsys.readouterr()
+    code = cli_main(["train", "--settings", str(folder.parent / "settings.json"), "--out", str(folder), "--threads", "1"])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "not a checkpoint"])
+def test_a_damaged_checkpoint_is_refused_by_name(damage, extracted, tmp_path, capsys) -> None:
+    """Checkpoints are written atomically, so one that cannot be read was damaged on disk:
+    ``saesweep train`` stops in one line naming it and how to delete it, trains nothing and
+    leaves the file for inspection."""
+    from saesweep.train.trainer import Trainer
+
+    settings = cell_settings(extracted, "topk-n64-k4-s0")
+    folder = tmp_path / "cell"
+    planted = Trainer(settings, folder)
+    planted.tokens_seen = 5120
+    planted.save_checkpoint()
+    path = folder / CHECKPOINT
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:-1000])
+    elif damage == "empty":
+        path.write_bytes(b"")
+    else:
+        torch.save({"weights": torch.zeros(3)}, path)
+    code, lines = train_from_cli(settings, folder, capsys)
+    assert code == 2 and len(lines) == 1, lines
+    reason = "has no settings_hash" if damage == "not a checkpoint" else "cannot be read"
+    assert lines[0].startswith(f"saesweep train: error: checkpoint {path} {reason}"), lines
+    assert f"rm {folder}/checkpoint*.pt" in lines[0]
+    assert path.exists() and not (folder / "sae.safetensors").exists() and not (folder / "train_log.parquet").exists()
+
+
+def test_a_checkpoint_of_another_width_is_ignored(extracted, tmp_path, capsys) -> None:
+    """A checkpoint of the same settings whose SAE has other shapes (the activations under the
+    same folder extracted again at another width: here d = 48 for 32) is ignored with one line
+    naming it and the difference, and the cell trains from the start."""
+    from saesweep.train.trainer import Trainer
+
+    settings = cell_settings(extracted, "topk-n64-k4-s0")
+    planted = Trainer(settings, tmp_path / "cell")
+    planted.tokens_seen = 5120
+    planted.save_checkpoint()
+    state = torch.load(tmp_path / "cell" / CHECKPOINT, weights_only=False)
+    state["sae"] = {name: value.new_zeros([48 if size == 32 else size for size in value.shape])
+                    for name, value in state["sae"].items()}
+    torch.save(state, tmp_path / "cell" / CHECKPOINT)
+    code, lines = train_from_cli(settings, tmp_path / "cell", capsys)
+    assert code == 0, lines
+    ignored = [line for line in lines if line.startswith("ignoring")]
+    assert ignored == [f"ignoring checkpoint {tmp_path / 'cell' / CHECKPOINT}: its SAE is not this cell's "
+                       "(W_enc has shape (64, 48), not (64, 32)): made from other activations"]
+    train_cell(settings, tmp_path / "clean")
+    assert_same_training(tmp_path / "cell", tmp_path / "clean")

@@ -24,9 +24,11 @@ written with the same settings are kept.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,8 @@ from saesweep.core.devices import resolve_device
 from saesweep.core.job_settings import ExtractionSettings, to_json
 
 STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32}
+REEXTRACT = "delete the folder and extract again"
+"""What to do about a damaged or disagreeing shard or manifest."""
 # Settings keys that say how the extraction is split over jobs, not what it writes.
 JOB_KEYS = ("part_files",)
 
@@ -271,19 +275,28 @@ class ShardInfo:
 
 
 class ActivationStore:
-    """A site's extracted activations, checked against the manifest on opening:
-    each shard's size and sha256 must match, else a UserError names the file."""
+    """A site's extracted activations, checked against the manifest: on opening, each
+    shard's size and sha256 (``verify``); on every read, the shard's rows, width and dtype.
+    A shard that is missing, damaged or disagrees is a UserError naming the file."""
 
     def __init__(self, folder: str | Path, verify: bool = True) -> None:
         self.folder = Path(folder)
-        self.manifest = read_json(self.folder / "manifest.json", "activation manifest")
-        self.shards = [
-            ShardInfo(self.folder / s["file"], s["tokens"], s["bytes"], s["sha256"]) for s in self.manifest["shards"]
-        ]
-        self.d: int = self.manifest["d"]
-        self.tokens: int = self.manifest["tokens"]
-        self.mean = torch.tensor(self.manifest["mean"], dtype=torch.float32)
-        self.scale: float = self.manifest["scale"]
+        path = self.folder / "manifest.json"
+        self.manifest = read_json(path, "activation manifest")
+        try:
+            self.shards = [
+                ShardInfo(self.folder / s["file"], s["tokens"], s["bytes"], s["sha256"]) for s in self.manifest["shards"]
+            ]
+            self.d: int = self.manifest["d"]
+            self.tokens: int = self.manifest["tokens"]
+            self.mean = torch.tensor(self.manifest["mean"], dtype=torch.float32)
+            self.scale: float = self.manifest["scale"]
+            storage = self.manifest["storage_dtype"]
+        except KeyError as missing:
+            raise UserError(f"activation manifest {path} has no key {missing}; {REEXTRACT}") from None
+        if storage not in STORAGE_DTYPES:
+            raise UserError(f"activation manifest {path}: storage_dtype {storage!r} is not one of {', '.join(STORAGE_DTYPES)}")
+        self.storage_dtype = np.dtype(STORAGE_DTYPES[storage])
         if verify:
             self.verify()
 
@@ -294,19 +307,52 @@ class ActivationStore:
                 raise UserError(f"activation shard {shard.path} is missing (listed in its manifest)")
             size = os.path.getsize(shard.path)
             if size != shard.bytes:
-                raise UserError(f"activation shard {shard.path} has {size} bytes, its manifest says {shard.bytes}: truncated or changed; delete the folder and extract again")
+                raise UserError(f"activation shard {shard.path} has {size} bytes, its manifest says {shard.bytes}: truncated or changed; {REEXTRACT}")
             if sha256_file(shard.path) != shard.sha256:
-                raise UserError(f"activation shard {shard.path} does not match the sha256 in its manifest: changed or corrupt; delete the folder and extract again")
+                raise UserError(f"activation shard {shard.path} does not match the sha256 in its manifest: changed or corrupt; {REEXTRACT}")
 
     def read(self, index: int) -> np.ndarray:
-        """All activations of shard ``index`` (tokens, d) in the storage dtype."""
-        with h5py.File(self.shards[index].path, "r") as shard:
-            return shard["activations"][...]
+        """All activations of shard ``index`` (tokens, d) in the storage dtype: the shard's
+        rows, width and dtype must be the manifest's tokens, d and storage_dtype."""
+        shard = self.shards[index]
+        with self.open_shard(index) as handle:
+            values = handle.get("activations")
+            if not isinstance(values, h5py.Dataset):
+                raise UserError(f"activation shard {shard.path} has no activations dataset; {REEXTRACT}")
+            if values.shape != (shard.tokens, self.d) or values.dtype != self.storage_dtype:
+                raise UserError(
+                    f"activation shard {shard.path} holds activations of shape {values.shape} and dtype {values.dtype}; "
+                    f"its manifest says ({shard.tokens}, {self.d}) and {self.storage_dtype}; {REEXTRACT}"
+                )
+            return self.whole(index, values)
 
     def read_windows(self, index: int) -> np.ndarray:
         """Token ids of shard ``index``'s windows (w, context)."""
-        with h5py.File(self.shards[index].path, "r") as shard:
-            return shard["windows"][...]
+        with self.open_shard(index) as handle:
+            windows = handle.get("windows")
+            if not isinstance(windows, h5py.Dataset):
+                raise UserError(f"activation shard {self.shards[index].path} has no windows dataset; {REEXTRACT}")
+            return self.whole(index, windows)
+
+    @contextlib.contextmanager
+    def open_shard(self, index: int) -> Iterator[h5py.File]:
+        """Shard ``index`` open for reading; a missing or unreadable file is a UserError naming it."""
+        path = self.shards[index].path
+        try:
+            handle = h5py.File(path, "r")
+        except FileNotFoundError:
+            raise UserError(f"activation shard {path} is missing (listed in its manifest); {REEXTRACT}") from None
+        except OSError as error:
+            raise UserError(f"activation shard {path} cannot be read ({error}): truncated or corrupt; {REEXTRACT}") from None
+        with handle:
+            yield handle
+
+    def whole(self, index: int, dataset: h5py.Dataset) -> np.ndarray:
+        """Every value of a dataset of shard ``index``; a damaged chunk is a UserError naming the file."""
+        try:
+            return dataset[...]
+        except OSError as error:
+            raise UserError(f"activation shard {self.shards[index].path} cannot be read ({error}): corrupt; {REEXTRACT}") from None
 
     def head(self, tokens: int, device: torch.device) -> torch.Tensor:
         """The first ``tokens`` activations in extraction order, float32 on ``device`` (fewer if

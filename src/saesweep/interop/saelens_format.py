@@ -21,11 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from saesweep import __version__
 from saesweep.core.errors import UserError
 from saesweep.core.files import atomic_path, read_json, write_json
+from saesweep.core.weights import SAELENS_TENSORS, check_safetensors
 from saesweep.interop.raw_form import RawSAE, without_input_bias
 
 CFG = "cfg.json"
@@ -44,7 +46,7 @@ scaling factor of a hub release is folded into the weights by SAELens on loading
 def write_saelens(raw: RawSAE, folder: Path, metadata: dict[str, Any]) -> None:
     """Write ``raw`` as a SAELens folder: weights, then ``cfg.json`` (each atomically);
     ``metadata`` fills SAELens' metadata block (model_name, hook_name, context_size, …)."""
-    tensors = {"W_enc": raw.W_enc.T, "W_dec": raw.W_dec, "b_dec": raw.b_dec}
+    tensors = dict(zip(SAELENS_TENSORS, (raw.W_enc.T, raw.W_dec, raw.b_dec)))
     if raw.family == "gated":
         tensors.update(b_gate=raw.b_enc, r_mag=raw.extra["r_mag"], b_mag=raw.extra["b_mag"])
     else:
@@ -75,6 +77,7 @@ def check_folder(folder: Path) -> str:
     cfg = read_json(Path(folder) / CFG, "SAELens config")
     if not (Path(folder) / WEIGHTS).is_file():
         raise UserError(f"SAELens weights {Path(folder) / WEIGHTS} do not exist")
+    check_safetensors(Path(folder) / WEIGHTS, "SAELens weights")
     architecture = cfg.get("architecture", "standard")  # pre-6 configs without it are standard
     if architecture not in FAMILY:
         raise UserError(
@@ -99,7 +102,7 @@ def read_saelens(source: dict[str, str], where: str) -> tuple[RawSAE, dict[str, 
             sae = SAE.load_from_disk(source["path"], device="cpu", dtype="float32")
         else:
             sae = SAE.from_pretrained(source["release"], source["sae_id"], device="cpu", dtype="float32")
-    except (OSError, ValueError, KeyError, RuntimeError) as error:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as error:
         raise UserError(f"{where}: SAELens cannot load it ({type(error).__name__}: {error})") from None
     return raw_of(sae, where), sae.cfg.metadata.to_dict(), sae.cfg.architecture()
 

@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from saesweep.core.errors import UserError
 from saesweep.core.files import atomic_path, read_json, write_json
+from saesweep.core.weights import SPARSIFY_TENSORS, check_safetensors
 from saesweep.interop.raw_form import RawSAE
 
 CFG = "cfg.json"
@@ -35,7 +37,7 @@ def write_sparsify(raw: RawSAE, folder: Path, metadata: dict[str, Any]) -> None:
     rows have the norm s of saesweep's normalisation (``interop.raw_form``), not 1. ``multi_topk``
     is false even for a Multi-TopK cell: with it, sparsify's forward returns the reconstruction
     from 4k latents instead of k (the metadata names the architecture)."""
-    tensors = {"encoder.weight": raw.W_enc, "encoder.bias": raw.b_enc, "W_dec": raw.W_dec, "b_dec": raw.b_dec}
+    tensors = dict(zip(SPARSIFY_TENSORS, (raw.W_enc, raw.b_enc, raw.W_dec, raw.b_dec)))
     with atomic_path(Path(folder) / WEIGHTS) as temporary:
         save_file({name: value.contiguous() for name, value in tensors.items()}, str(temporary), metadata={"format": "pt"})
     write_json(Path(folder) / METADATA, metadata)
@@ -59,6 +61,7 @@ def check_folder(folder: Path) -> dict[str, Any]:
     cfg = read_json(path, "sparsify config")
     if not (Path(folder) / WEIGHTS).is_file():
         raise UserError(f"sparsify weights {Path(folder) / WEIGHTS} do not exist")
+    check_safetensors(Path(folder) / WEIGHTS, "sparsify weights")
     check_cfg(cfg, str(path))
     return cfg
 
@@ -92,7 +95,7 @@ def read_sparsify(source: dict[str, str], where: str) -> tuple[RawSAE, dict[str,
             coder = SparseCoder.load_from_disk(source["path"], device="cpu")
         else:
             coder = SparseCoder.load_from_hub(source["hub"], source.get("hookpoint"), device="cpu")
-    except (OSError, ValueError, KeyError, RuntimeError) as error:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as error:
         raise UserError(f"{where}: sparsify cannot load it ({type(error).__name__}: {error})") from None
     check_cfg({**coder.cfg.to_dict(), "d_in": coder.d_in}, where)
     with torch.no_grad():

@@ -54,9 +54,8 @@ from saesweep.core.job_settings import DistributedSettings, TrainSettings
 from saesweep.sae.base import SparseAutoencoder
 from saesweep.sae.collectives import Collectives
 from saesweep.sae.registry import build_sae
+from saesweep.train.checkpoints import CHECKPOINT, fits, read_checkpoint
 
-CHECKPOINT = "checkpoint.pt"
-"""The shared state of a distributed checkpoint (the single-process checkpoint's name too)."""
 EXIT_INTERRUPTED = 143
 """A rank's exit code after SIGTERM and its checkpoint (as ``saesweep train``'s)."""
 EXIT_USER_ERROR = 2
@@ -260,21 +259,26 @@ class ProcessGroups(Collectives):
     def layout_key(self) -> list[int]:
         return [self.layout.data_parallel, self.shards]
 
-    def load_checkpoint(self, folder: Path, settings_hash: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    def load_checkpoint(self, folder: Path, settings_hash: str, sae: nn.Module) -> tuple[dict[str, Any], dict[str, Any]] | None:
         """(shared state, this shard's state) of the last complete checkpoint made from the
-        same settings and layout, or None (on every rank alike) when there is none."""
+        same settings and layout whose shard fits ``sae`` (this rank's, ``checkpoints.fits``),
+        or None (on every rank alike) when there is none. A checkpoint file that cannot be
+        read is a UserError on every rank, the one that read it naming it."""
         path = folder / CHECKPOINT
-        found = None
+        found, damage = None, None
         if path.exists():
             try:
-                shared = torch.load(path, map_location="cpu", weights_only=False)
+                shared = read_checkpoint(path, torch.device("cpu"), ("settings_hash",))
                 if shared["settings_hash"] != settings_hash or shared.get("layout") != self.layout_key():
                     print(f"ignoring checkpoint {path}: made from other settings", file=sys.stderr)
                 else:
                     shard_path = folder / shared["shards"][self.layout.shard]
-                    found = shared, torch.load(shard_path, map_location=self.device, weights_only=False)
-            except Exception as error:  # a damaged checkpoint is reported and ignored
-                print(f"ignoring unreadable checkpoint {path}: {error}", file=sys.stderr)
+                    shard = read_checkpoint(shard_path, self.device, ("sae",))
+                    found = (shared, shard) if fits(shard_path, shard["sae"], sae) else None
+            except UserError as error:
+                damage = str(error)
+        if self.any_true(damage is not None):
+            raise UserError(damage or f"checkpoint {path}: another rank cannot read its checkpoint file (its message names it)")
         return found if self.all_true(found is not None) else None
 
     def remove_checkpoint(self, folder: Path) -> None:
@@ -377,9 +381,9 @@ def spawn(worker: Callable[..., None], settings: TrainSettings, folder: Path, th
         how = "raised an exception (traceback above)" if code is None else (
             f"was killed by signal {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
         )
+        then = "its error is above" if code == EXIT_USER_ERROR else "a rerun resumes from the last complete checkpoint"
         raise UserError(
-            f"cell {folder}: rank {failure.error_index} of {world} {how}; the other ranks were stopped; "
-            "a rerun resumes from the last complete checkpoint"
+            f"cell {folder}: rank {failure.error_index} of {world} {how}; the other ranks were stopped; {then}"
         ) from None
     finally:
         signal.signal(signal.SIGTERM, previous)

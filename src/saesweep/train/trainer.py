@@ -54,8 +54,9 @@ from saesweep.core.progress import Progress
 from saesweep.core.provenance import provenance
 from saesweep.sae.base import StepContext
 from saesweep.sae.registry import build_sae
+from saesweep.train.checkpoints import CHECKPOINT, fits, read_checkpoint
 from saesweep.train.distributed import (
-    CHECKPOINT, EXIT_INTERRUPTED, EXIT_USER_ERROR, Layout, Placement, ProcessGroups, init_process_groups,
+    EXIT_INTERRUPTED, EXIT_USER_ERROR, Layout, Placement, ProcessGroups, init_process_groups,
     placement_from_environment, spawn,
 )
 
@@ -175,24 +176,23 @@ class Trainer:
             torch.save(self.checkpoint_state(), temporary)
 
     def resume(self) -> bool:
-        """Load the checkpoint if it exists and was made from the same settings (and, when
-        distributed, the same layout, with every shard's file present)."""
+        """Load the checkpoint if it exists, was made from the same settings (and, when
+        distributed, the same layout) and holds an SAE of this cell's shapes; one that cannot
+        be read is a UserError naming it (``train.checkpoints``)."""
         path = self.folder / CHECKPOINT
         if self.groups:
-            found = self.groups.load_checkpoint(self.folder, self.hash)
+            found = self.groups.load_checkpoint(self.folder, self.hash, self.sae)
             if found is None:
                 return False
             state = {**found[0], **found[1]}
         else:
             if not path.exists():
                 return False
-            try:
-                state = torch.load(path, map_location=self.device, weights_only=False)
-            except Exception as error:  # a damaged checkpoint is reported and ignored
-                print(f"ignoring unreadable checkpoint {path}: {error}", file=sys.stderr)
-                return False
+            state = read_checkpoint(path, self.device, ("settings_hash", "sae"))
             if state["settings_hash"] != self.hash:
                 print(f"ignoring checkpoint {path}: made from other settings", file=sys.stderr)
+                return False
+            if not fits(path, state["sae"], self.sae):
                 return False
         self.sae.load_state_dict(state["sae"])
         self.optimizer.load_state_dict(state["optimizer"])
