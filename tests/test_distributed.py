@@ -252,7 +252,7 @@ def test_a_damaged_checkpoint_shard_is_refused_by_name(extracted, tmp_path) -> N
     rank waits for the one that failed), rank 1 naming the file and how to delete the
     checkpoints; nothing is trained and the files stay for inspection."""
     settings = distributed(cell_settings(extracted, "topk-n512-k8-s2", **LONG), 1, 2)
-    write_json(tmp_path / "settings.json", {key: value for key, value in settings.items() if key != "threads"})
+    write_json(tmp_path / "settings.json", to_json(settings))
     folder = tmp_path / "cell"
     process, command = start_after_checkpoint(tmp_path / "settings.json", folder)
     process.send_signal(signal.SIGTERM)

@@ -25,7 +25,7 @@ from saesweep.evaluation.evaluate import (
     spliced_logits,
 )
 from conftest import CPU
-from saesweep.core.job_settings import ModelSettings
+from saesweep.core.job_settings import ModelSettings, to_json
 from saesweep.data.lm import capture_sites, load_lm
 from saesweep.sae.topk import TopKSAE
 
@@ -154,7 +154,7 @@ def test_bad_weights_end_in_one_line_naming_the_file(damage, tmp_path, capsys) -
     save_sae(TopKSAE(32, 64, params), cell, {"arch": "topk", "d": 32, "n_latents": 64, "params": params, "site": "resid2"})
     expected = damage_weights(cell / "sae.safetensors", damage)
     config = validate_config(tiny_config(Path("/nonexistent/model"), Path("/nonexistent/corpus")))
-    (tmp_path / "settings.json").write_text(json.dumps(eval_settings(config, "resid2", cell.name)))
+    (tmp_path / "settings.json").write_text(json.dumps(to_json(eval_settings(config, "resid2", cell.name))))
     code = cli_main(["evaluate", "--settings", str(tmp_path / "settings.json"), "--cell", str(cell),
                      "--out", str(cell / "metrics.json")])
     lines = capsys.readouterr().err.strip().splitlines()

@@ -234,9 +234,9 @@ def test_auxk_acts_only_on_dead_latents(extracted, tmp_path) -> None:
     assert after.tail(5).mean() < 0.95 * after.head(5).mean(), after.tolist()  # 0.70 at seed 0, 0.89 at seed 1
 
 
-def train_from_cli(settings: dict, folder: Path, capsys) -> tuple[int, list[str]]:
+def train_from_cli(settings: TrainSettings, folder: Path, capsys) -> tuple[int, list[str]]:
     """``saesweep train`` of ``settings`` into ``folder``: its exit code and stderr lines."""
-    write_json(folder.parent / "settings.json", {k: v for k, v in settings.items() if k != "threads"})
+    write_json(folder.parent / "settings.json", to_json(settings))
     capsys.readouterr()
     code = cli_main(["train", "--settings", str(folder.parent / "settings.json"), "--out", str(folder), "--threads", "1"])
     return code, capsys.readouterr().err.strip().splitlines()
