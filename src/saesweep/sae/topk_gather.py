@@ -116,12 +116,16 @@ def _select(
     aux_values = centred.new_empty(batch, k_aux)
     aux_indices = torch.empty(batch, k_aux, dtype=torch.long, device=centred.device)
     for start in range(0, batch, _BLOCK_ROWS):
-        block = slice(start, start + _BLOCK_ROWS)
-        pre = torch.addmm(b_enc, centred[block], W_enc.t())
-        torch.topk(pre, k, dim=1, sorted=False, out=(values[block], indices[block]))
+        rows = min(_BLOCK_ROWS, batch - start)
+
+        def block(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.narrow(0, start, rows)
+
+        pre = torch.addmm(b_enc, block(centred), W_enc.t())
+        torch.topk(pre, k, dim=1, sorted=False, out=(block(values), block(indices)))
         if k_aux > 0:
             dead_pre = pre.masked_fill_(dead_mask.logical_not(), float("-inf"))  # pre is not needed again
-            torch.topk(dead_pre, k_aux, dim=1, sorted=False, out=(aux_values[block], aux_indices[block]))
+            torch.topk(dead_pre, k_aux, dim=1, sorted=False, out=(block(aux_values), block(aux_indices)))
     return values, indices, aux_values, aux_indices
 
 
@@ -143,7 +147,8 @@ def _add_selection_grads(
     (B, k, d) temporaries are the gathered decoder rows and the per-entry gradient rows."""
     grad_W_dec, grad_W_enc, grad_b_enc = grads
     flat = indices.flatten()
-    delta = torch.bmm(W_dec[indices], grad_reconstruction.unsqueeze(2)).squeeze(2)
+    rows = W_dec.index_select(0, flat).view(*indices.shape, -1)
+    delta = torch.bmm(rows, grad_reconstruction.unsqueeze(2)).squeeze(2)
     delta *= values > 0
     grad_W_dec.index_add_(0, flat, (values.relu().unsqueeze(2) * grad_reconstruction.unsqueeze(1)).flatten(0, 1))
     grad_W_enc.index_add_(0, flat, (delta.unsqueeze(2) * centred.unsqueeze(1)).flatten(0, 1))
