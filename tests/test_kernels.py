@@ -188,9 +188,11 @@ def test_ties_in_topk(products):
 
 @pytest.mark.parametrize("products", PRODUCTS)
 def test_row_blocks(monkeypatch, products):
-    """Encoding the batch in several row blocks changes nothing."""
+    """Encoding the batch in several row blocks, and (gather) forming the gradients in chunks
+    of rows, changes nothing."""
     monkeypatch.setattr(kernels, "_BLOCK_ROWS", 7)  # the last block is shorter
     monkeypatch.setattr(topk_gather, "_BLOCK_ROWS", 7)
+    monkeypatch.setattr(topk_gather, "_CHUNK_ELEMENTS", 3 * 16 * 16)  # 12 rows at k = 4, 6 at k_aux = 8
     sae = make_sae(16, 64, 4, torch.float64)
     x = torch.randn(40, 16, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     assert_same_step(sae, x, random_dead(64, 0.25), 8, 0.5, rtol=1e-10, atol=1e-12, products=products)

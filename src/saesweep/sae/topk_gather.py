@@ -35,6 +35,10 @@ _BLOCK_ROWS = 4096
 2 GiB (and as much again for AuxK's masked copy): small beside a GPU's memory, and one
 product of that size keeps every multiprocessor busy."""
 
+_CHUNK_ELEMENTS = 2**26
+"""Elements of each (rows, k, d) temporary of the gradients (256 MiB in fp32): AuxK's
+selection at B = 4096, k_aux = 384, d = 768 would otherwise make 4.8 GB ones."""
+
 
 def gather_step(
     sae: torch.nn.Module,
@@ -143,8 +147,25 @@ def _add_selection_grads(
     values: torch.Tensor,
     grad_reconstruction: torch.Tensor,
 ) -> None:
-    """Add one selection's (∂W_dec, ∂W_enc, ∂b_enc) (module docstring) into ``grads``. The
-    (B, k, d) temporaries are the gathered decoder rows and the per-entry gradient rows."""
+    """Add one selection's (∂W_dec, ∂W_enc, ∂b_enc) (module docstring) into ``grads``, in
+    chunks of rows whose (rows, k, d) temporaries (the gathered decoder rows, the per-entry
+    gradient rows) hold at most ``_CHUNK_ELEMENTS`` elements each."""
+    batch, k = indices.shape
+    rows = max(1, _CHUNK_ELEMENTS // (k * W_dec.shape[1]))
+    for start in range(0, batch, rows):
+        size = min(rows, batch - start)
+        _add_chunk_grads(grads, W_dec, *(t.narrow(0, start, size) for t in (centred, indices, values, grad_reconstruction)))
+
+
+def _add_chunk_grads(
+    grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    W_dec: torch.Tensor,
+    centred: torch.Tensor,
+    indices: torch.Tensor,
+    values: torch.Tensor,
+    grad_reconstruction: torch.Tensor,
+) -> None:
+    """``_add_selection_grads`` on one chunk of rows."""
     grad_W_dec, grad_W_enc, grad_b_enc = grads
     flat = indices.flatten()
     rows = W_dec.index_select(0, flat).view(*indices.shape, -1)

@@ -181,7 +181,9 @@ class Trainer:
             if not path.exists():
                 return False
             try:
-                state = torch.load(path, map_location=self.device, weights_only=False)
+                # on the CPU: the RNG state must stay there (set_rng_state refuses a CUDA
+                # tensor); load_state_dict copies the rest onto the SAE's device
+                state = torch.load(path, map_location="cpu", weights_only=False)
             except Exception as error:  # a damaged checkpoint is reported and ignored
                 print(f"ignoring unreadable checkpoint {path}: {error}", file=sys.stderr)
                 return False
