@@ -115,10 +115,10 @@ def sparse_step(
         ∂W_enc[i] = Σ_s Σ_{I_bj = i} δ_bj c_b,   ∂b_enc[i] = Σ_s Σ_{I_bj = i} δ_bj
         ∂b_pre    = Σ_b G_main,b − ∂b_enc W_enc              (decoder path + encoder path)
 
-    The encoder runs in row blocks (``_BLOCK_ROWS``), so pre is never (B, n) at once. AuxK
-    works on the dead latents' decoder rows W_dec[dead], gathered once; when its selection
+    The ``csr`` path: the encoder runs in row blocks (``_BLOCK_ROWS``), so pre is never (B, n)
+    at once. AuxK works on the dead latents' decoder rows W_dec[dead], gathered once; when its selection
     covers at least ``_DENSE_AUX_FRACTION`` of them, it runs as dense products (the codes are
-    then small: at most 1/_DENSE_AUX_FRACTION times the selection). Existing ``.grad``
+    then small: at most 1/_DENSE_AUX_FRACTION times the selection). Both paths: existing ``.grad``
     tensors of W_enc, b_enc and W_dec are overwritten in place (not accumulated into), new ones
     are created otherwise; b_pre gets a new one, as every parameter does in the reference.
     Inside ``torch.autocast`` the encoder product, the step's one dense matmul, runs in the
