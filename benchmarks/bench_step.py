@@ -2,19 +2,27 @@
 
     .venv/bin/python benchmarks/bench_step.py [--n 4096 16384 65536] [--batch 4096] [--d 576]
                                               [--k 32] [--repeats N] [--no-memory]
+                                              [--device cpu|cuda]
 
 For every n, all implementations train a copy of the same initial SAE on the same batch x
-and the same dead-latent mask, in one process, on the CPU. The implementations take turns
-round by round, so that a load change on the machine hits all of them alike; in a round each
-runs one untimed step and then the timed one. The table gives the median over the rounds.
+and the same dead-latent mask, in one process, on ``--device``. The implementations take
+turns round by round, so that a load change on the machine hits all of them alike; in a
+round each runs one untimed step and then the timed one. The table gives the median over
+the rounds.
 
     floor fraction = median time of the encoder product (x − b_pre) W_encᵀ + b_enc alone
                      / median time of the implementation's whole step
 
+On the CPU everything is fp32. On CUDA every training step runs under
+``torch.autocast(bfloat16)`` (as the trainer with ``train.autocast_bf16``, and as the peers'
+own trainers run), and the floor is the same product on bf16 operands cast beforehand, so
+that the fraction is against the bf16 GEMM alone; the clock waits for the GPU
+(``torch.cuda.synchronize``) before it starts and stops.
+
 Every step uses torch.optim.Adam (eps 6.25e-10; fused=True where torch offers it), so the
 rows differ only in how the loss and gradients are computed and in what each library's
 own training step adds (listed in the table). Peak memory is measured per implementation in
-a fresh subprocess (see ``step_memory_mib``).
+a fresh subprocess (see ``step_memory_mib``; on CUDA the allocator's peak).
 """
 
 from __future__ import annotations
@@ -50,14 +58,25 @@ class Setup:
     k_aux: int
     aux_coef: float
     dead_fraction: float
+    device: str = "cpu"
     seed: int = 0
 
     def __post_init__(self) -> None:
         generator = torch.Generator().manual_seed(self.seed)
-        self.x = torch.randn(self.batch, self.d, generator=generator)  # E‖x‖² = d
-        self.dead = torch.rand(self.n, generator=generator) < self.dead_fraction
+        x = torch.randn(self.batch, self.d, generator=generator)  # E‖x‖² = d
+        self.dead = (torch.rand(self.n, generator=generator) < self.dead_fraction).to(self.device)
         self.sae = TopKSAE(self.d, self.n, {"k": self.k})
-        self.sae.initialise(self.x[:1024], generator)
+        self.sae.initialise(x[:1024], generator)
+        self.sae.to(self.device)
+        self.x = x.to(self.device)
+
+    @property
+    def gpu(self) -> bool:
+        return self.device.startswith("cuda")
+
+    def autocast(self) -> torch.autocast:
+        """bf16 autocast on CUDA (as the trainer's ``train.autocast_bf16``), off on the CPU."""
+        return torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16, enabled=self.gpu)
 
 
 @dataclass
@@ -76,11 +95,13 @@ def adam(parameters) -> torch.optim.Adam:
 def build_floor(reuse_output: bool) -> Callable[[Setup], Callable[[], object]]:
     def build(setup: Setup) -> Callable[[], object]:
         sae = setup.sae
-        out = torch.empty(setup.batch, setup.n) if reuse_output else None
+        dtype = torch.bfloat16 if setup.gpu else torch.float32
+        b_enc, W_enc = sae.b_enc.detach().to(dtype), sae.W_enc.detach().to(dtype)
+        out = torch.empty(setup.batch, setup.n, dtype=dtype, device=setup.device) if reuse_output else None
 
         @torch.no_grad()
         def step() -> object:
-            return torch.addmm(sae.b_enc, setup.x - sae.b_pre, sae.W_enc.t(), out=out)
+            return torch.addmm(b_enc, (setup.x - sae.b_pre).to(dtype), W_enc.t(), out=out)
 
         return step
 
@@ -93,7 +114,8 @@ def build_saesweep(step_fn) -> Callable[[Setup], Callable[[], object]]:
         optimizer = adam(sae.parameters())
 
         def step() -> object:
-            step_fn(sae, setup.x, setup.dead, setup.k_aux, setup.aux_coef)
+            with setup.autocast():
+                step_fn(sae, setup.x, setup.dead, setup.k_aux, setup.aux_coef)
             sae.before_optimizer_step()
             optimizer.step()
             sae.after_optimizer_step()
@@ -109,7 +131,7 @@ def build_sparsify(setup: Setup) -> Callable[[], object] | None:
             from sparsify import SparseCoder, SparseCoderConfig
     except ImportError:
         return None
-    coder = SparseCoder(setup.d, SparseCoderConfig(num_latents=setup.n, k=setup.k))
+    coder = SparseCoder(setup.d, SparseCoderConfig(num_latents=setup.n, k=setup.k), device=setup.device)
     with torch.no_grad():
         coder.encoder.weight.copy_(setup.sae.W_enc)
         coder.encoder.bias.copy_(setup.sae.b_enc)
@@ -119,7 +141,8 @@ def build_sparsify(setup: Setup) -> Callable[[], object] | None:
 
     def step() -> object:
         coder.set_decoder_norm_to_unit_norm()
-        out = coder(setup.x, dead_mask=setup.dead)
+        with setup.autocast():
+            out = coder(setup.x, dead_mask=setup.dead)
         (out.fvu + setup.aux_coef * out.auxk_loss).backward()
         coder.remove_gradient_parallel_to_decoder_directions()
         optimizer.step()
@@ -129,7 +152,22 @@ def build_sparsify(setup: Setup) -> Callable[[], object] | None:
 
 
 def build_saelens(setup: Setup) -> Callable[[], object] | None:
-    return saelens_step("topk", setup.sae, setup.x, setup.dead, setup.aux_coef, adam)
+    step = saelens_step("topk", setup.sae, setup.x, setup.dead, setup.aux_coef, adam, setup.device)
+    if step is None:
+        return None
+
+    def autocast_step() -> object:
+        with setup.autocast():  # it decides the forward's dtypes; backward follows them
+            return step()
+
+    return autocast_step
+
+
+def other_products(sae, x, dead, k_aux, aux_coef) -> object:
+    """``sparse_step`` with the product path its device does not choose (``gather`` on the
+    CPU, ``csr`` on CUDA): what the choice by device gains."""
+    products = "csr" if x.device.type == "cuda" else "gather"
+    return sparse_step(sae, x, dead, k_aux, aux_coef, products=products)
 
 
 OPTIMIZER_STEP = "Adam step"
@@ -153,6 +191,12 @@ IMPLEMENTATIONS = [
         build_saesweep(sparse_step),
     ),
     Implementation(
+        "saesweep, the other device's products",
+        "yes (--k-aux)",
+        "the same with the product path of the other device (CPU: gather, CUDA: csr)",
+        build_saesweep(other_products),
+    ),
+    Implementation(
         "saesweep dense reference",
         "yes (--k-aux)",
         f"autograd loss+grads, projection, {OPTIMIZER_STEP}, renorm",
@@ -161,7 +205,7 @@ IMPLEMENTATIONS = [
     Implementation(
         "eai-sparsify SparseCoder",
         "yes (k_aux=d/2)",
-        f"renorm, forward+backward (CPU: eager decoder), projection, {OPTIMIZER_STEP}",
+        f"renorm, forward+backward (decoder: eager on CPU, Triton on CUDA), projection, {OPTIMIZER_STEP}",
         build_sparsify,
     ),
     Implementation(
@@ -178,9 +222,18 @@ def step_memory_mib(setup: Setup, name: str, steps: int = 3) -> float:
     once the data, the SAE and the optimizer exist: the step's temporaries plus what the first
     step creates and keeps (gradients, Adam moments: ≈ 3 × the parameters, alike for all).
     The high-water mark is reset (Linux /proc/self/clear_refs) after set-up, so imports and
-    set-up do not count."""
+    set-up do not count. On CUDA: the allocator's peak during the steps minus what was
+    allocated before them."""
     step = next(i for i in IMPLEMENTATIONS if i.name == name).build(setup)
     assert step is not None
+    if setup.gpu:  # the same on the GPU's allocator: peak allocated minus allocated before
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
     with open("/proc/self/clear_refs", "w") as clear:
         clear.write("5")
     before = _proc_status_kib("VmRSS")
@@ -207,7 +260,7 @@ def _shape_args(args: argparse.Namespace) -> list[str]:
     return [
         *("--d", str(args.d), "--k", str(args.k), "--batch", str(args.batch)),
         *("--k-aux", str(args.k_aux), "--aux-coef", str(args.aux_coef)),
-        *("--dead-fraction", str(args.dead_fraction)),
+        *("--dead-fraction", str(args.dead_fraction), "--device", args.device),
     ]
 
 
@@ -224,19 +277,24 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="steps before the first round")
     parser.add_argument("--only", nargs="+", help="implementation names to run (prefixes)")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast there)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.k_aux = args.k_aux or args.d // 2
 
     def setup_for(n: int) -> Setup:
-        return Setup(args.d, n, args.k, args.batch, args.k_aux, args.aux_coef, args.dead_fraction)
+        return Setup(args.d, n, args.k, args.batch, args.k_aux, args.aux_coef, args.dead_fraction, args.device)
 
     if args.child:
         print(step_memory_mib(setup_for(args.n[0]), args.child))
         return
 
+    where = (
+        f"{torch.cuda.get_device_name(args.device)}, bf16 autocast, floor: bf16 product"
+        if args.device.startswith("cuda") else f"{torch.get_num_threads()} threads, fp32 CPU"
+    )
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 CPU; "
+        f"torch {torch.__version__}, {where}; "
         f"d={args.d} k={args.k} batch={args.batch} k_aux={args.k_aux} α={args.aux_coef:g} "
         f"dead fraction={args.dead_fraction:g}; median of {args.repeats} after {args.warmup} warm-up"
     )
@@ -249,7 +307,8 @@ def main() -> None:
         setup = setup_for(n)
         steps = {i.name: i.build(setup) for i in chosen}
         available = {name: step for name, step in steps.items() if step is not None}
-        seconds = time_steps(available, args.warmup, args.repeats)
+        synchronize = torch.cuda.synchronize if setup.gpu else lambda: None
+        seconds = time_steps(available, args.warmup, args.repeats, synchronize)
         del available, steps
         floor = seconds[IMPLEMENTATIONS[0].name]
         print(f"\nn = {n}")

@@ -20,10 +20,13 @@ SAELENS_TWINS = {
 }
 
 
-def time_steps(steps: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, float]:
+def time_steps(steps: dict[str, Callable[[], object]], warmup: int, repeats: int,
+               synchronize: Callable[[], None] = lambda: None) -> dict[str, float]:
     """Median seconds per step. Rounds interleave the implementations; in a round each one
     runs an untimed step, then the timed one, so that a timed step follows a step of the same
-    implementation (as in training: memory and allocator state as it leaves them)."""
+    implementation (as in training: memory and allocator state as it leaves them).
+    ``synchronize`` waits for queued device work (``torch.cuda.synchronize`` on a GPU), before
+    the clock starts and before it stops."""
     for step in steps.values():
         for _ in range(warmup):
             step()
@@ -31,8 +34,10 @@ def time_steps(steps: dict[str, Callable[[], object]], warmup: int, repeats: int
     for _ in range(repeats):
         for name, step in steps.items():
             step()
+            synchronize()
             start = time.perf_counter()
             step()
+            synchronize()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
@@ -44,11 +49,12 @@ def saelens_step(
     dead: torch.Tensor | None,
     aux_coef: float,
     optimizer_for: Callable[[object], torch.optim.Optimizer],
+    device: str = "cpu",
 ) -> Callable[[], object] | None:
     """One SAELens training step (``SAETrainer._train_step`` without its firing statistics:
     forward pass with its losses, backward, gradient clipping, Adam) on the weights of the
-    saesweep SAE ``sae``, with the optimizer ``optimizer_for(parameters)``; None when SAELens
-    is not installed or has no twin of ``arch``."""
+    saesweep SAE ``sae`` (on ``device``, as ``x`` and ``dead``), with the optimizer
+    ``optimizer_for(parameters)``; None when SAELens is not installed or has no twin of ``arch``."""
     if arch not in SAELENS_TWINS:
         return None
     try:
@@ -60,8 +66,8 @@ def saelens_step(
     options = {"aux_loss_coefficient": aux_coef} if arch in ("topk", "batchtopk") else {}
     if sparsity_key:
         options[sparsity_key] = int(sae.params[param])
-    config = getattr(sae_lens, config_name)(d_in=sae.d, d_sae=sae.n, dtype="float32", device="cpu", **options)
-    twin = getattr(sae_lens, model_name)(config)
+    config = getattr(sae_lens, config_name)(d_in=sae.d, d_sae=sae.n, dtype="float32", device=device, **options)
+    twin = getattr(sae_lens, model_name)(config).to(device)
     with torch.no_grad():
         twin.W_enc.copy_(sae.W_enc.t())
         twin.W_dec.copy_(sae.W_dec)

@@ -75,7 +75,7 @@ class TopKSAE(SparseAutoencoder):
         parts = {"mse": step.mse_loss, "aux_loss": step.aux_loss}
         if self.wide() is not None:
             parts["wide_mse"] = step.wide_loss
-        return StepOutput(step.loss, parts, step.indices[step.values > context.fire_threshold])
+        return StepOutput(step.loss, parts, torch.masked_select(step.indices, step.values > context.fire_threshold))
 
 
 class MultiTopKSAE(TopKSAE):

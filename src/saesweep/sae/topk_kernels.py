@@ -26,36 +26,15 @@ reference every faster implementation is tested against.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from saesweep.sae.base import StepContext, auxk_loss, auxk_normaliser, batch_variance
 from saesweep.sae.collectives import LOCAL, Collectives
+from saesweep.sae.selection import SelectionStep, Wide, sparse_decode
+from saesweep.sae.topk_gather import gather_step
 
-
-
-@dataclass
-class SelectionStep:
-    """What one step reports: the total loss and its parts (detached scalars; ``wide_loss``
-    is Multi-TopK's unweighted L_mse at k_w, 0 without it), and the selected latents
-    (indices (B, k), ReLU'd values (B, k)) for dead-latent tracking."""
-
-    loss: torch.Tensor
-    mse_loss: torch.Tensor
-    aux_loss: torch.Tensor
-    wide_loss: torch.Tensor
-    indices: torch.Tensor
-    values: torch.Tensor
-
-
-@dataclass(frozen=True)
-class Wide:
-    """Multi-TopK's second selection: ``k`` latents, its loss weighted by ``weight``."""
-
-    k: int
-    weight: float
+__all__ = ["PRODUCTS", "SelectionStep", "Wide", "dense_reference_step", "sparse_decode", "sparse_step"]
 
 
 def dense_reference_step(
@@ -91,6 +70,9 @@ def dense_reference_step(
     )
 
 
+PRODUCTS = ("csr", "gather")
+"""The step's two ways of forming its sparse products (``sparse_step``'s ``products``)."""
+
 # When the AuxK selection holds at least this fraction of the dead latents, its decode and
 # gradients run as dense products over the (B, dead) codes: on 2 CPU cores a GEMM does about
 # 4× more multiply-adds per second than the gather/scatter products of a sparse selection.
@@ -112,9 +94,16 @@ def sparse_step(
     wide: Wide | None = None,
     aux_normaliser: str = "input",
     collectives: Collectives = LOCAL,
+    products: str | None = None,
 ) -> SelectionStep:
     """The loss and gradients of ``dense_reference_step``, written by hand: only the encoder
     product is dense; no autograd graph, no gradient w.r.t. x, no dense (B, n) gradient.
+
+    Two ways of forming the sparse products (``products``, one of ``PRODUCTS``; None: chosen
+    by the device of x): ``gather`` on CUDA, the gather / index_add / embedding-bag form of
+    ``topk_gather`` (no sorting, no CSR product, no host synchronisation), and ``csr`` on
+    every other device, the CSR / sampled_addmm form below, tuned for a few CPU cores. Both
+    compute the formulas below; either runs on any device (the tests run both on the CPU).
 
     With c = x − b_pre and, for each selection s (the top-k, and the AuxK top-k_a over dead
     latents) its indices I, pre-activations v and reconstruction gradient
@@ -126,10 +115,10 @@ def sparse_step(
         ∂W_enc[i] = Σ_s Σ_{I_bj = i} δ_bj c_b,   ∂b_enc[i] = Σ_s Σ_{I_bj = i} δ_bj
         ∂b_pre    = Σ_b G_main,b − ∂b_enc W_enc              (decoder path + encoder path)
 
-    The encoder runs in row blocks (``_BLOCK_ROWS``), so pre is never (B, n) at once. AuxK
-    works on the dead latents' decoder rows W_dec[dead], gathered once; when its selection
+    The ``csr`` path: the encoder runs in row blocks (``_BLOCK_ROWS``), so pre is never (B, n)
+    at once. AuxK works on the dead latents' decoder rows W_dec[dead], gathered once; when its selection
     covers at least ``_DENSE_AUX_FRACTION`` of them, it runs as dense products (the codes are
-    then small: at most 1/_DENSE_AUX_FRACTION times the selection). Existing ``.grad``
+    then small: at most 1/_DENSE_AUX_FRACTION times the selection). Both paths: existing ``.grad``
     tensors of W_enc, b_enc and W_dec are overwritten in place (not accumulated into), new ones
     are created otherwise; b_pre gets a new one, as every parameter does in the reference.
     Inside ``torch.autocast`` the encoder product, the step's one dense matmul, runs in the
@@ -149,8 +138,12 @@ def sparse_step(
     """
     device = x.device.type
     encoder_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    products = products or ("gather" if device == "cuda" else "csr")
+    if products not in PRODUCTS:
+        raise ValueError(f"products must be one of {PRODUCTS}, not {products!r}")
+    step = gather_step if products == "gather" else _sparse_step
     with torch.autocast(device, enabled=False):
-        return _sparse_step(sae, x, dead_mask, k_aux, aux_coef, wide, encoder_dtype, aux_normaliser, collectives)
+        return step(sae, x, dead_mask, k_aux, aux_coef, wide, encoder_dtype, aux_normaliser, collectives)
 
 
 def _sparse_step(
@@ -237,13 +230,6 @@ def _sparse_step(
     sae.b_pre.grad = grad_main.sum(dim=0) - comm.shard_sum(grads[2] @ W_enc)
     loss = mse_loss + aux_coef * aux_loss + (wide.weight * wide_loss if wide is not None else 0)
     return SelectionStep(loss, mse_loss, aux_loss, wide_loss, indices, latents)
-
-
-def sparse_decode(W_dec: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Σ_j values[b, j] · W_dec[indices[b, j]] for each row b: shape (B, d), without b_pre."""
-    return nn.functional.embedding_bag(
-        indices, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum"
-    )
 
 
 def _select(

@@ -152,12 +152,12 @@ class ProcessGroups(Collectives):
         latent), take each row's top k, keep this shard's entries (others: value 0, position 0)."""
         if self.shards == 1:
             return values, positions
+        # cat / take / index_copy_ rather than Python indexing, which a fake CUDA tensor
+        # (tests/test_devices.py) cannot run on a CPU-only torch
         batch, m = values.shape
-        latents = positions if ids is None else ids[positions]
-        padded_values = values.new_full((batch, k), float("-inf"))
-        padded_values[:, :m] = values
-        padded_latents = latents.new_zeros((batch, k))
-        padded_latents[:, :m] = latents + self.offset
+        latents = positions if ids is None else ids.take(positions)
+        padded_values = torch.cat([values, values.new_full((batch, k - m), float("-inf"))], dim=1)
+        padded_latents = torch.cat([latents + self.offset, latents.new_zeros((batch, k - m))], dim=1)
         gathered_values = [torch.empty_like(padded_values) for _ in range(self.shards)]
         gathered_latents = [torch.empty_like(padded_latents) for _ in range(self.shards)]
         dist.all_gather(gathered_values, padded_values, group=self.shard_group)
@@ -168,8 +168,8 @@ class ProcessGroups(Collectives):
         local = latent.where(mine, 0)
         if ids is not None:  # local latent → position in ids
             position_of = torch.zeros(self.n_local, dtype=local.dtype, device=local.device)
-            position_of[ids] = torch.arange(len(ids), dtype=local.dtype, device=local.device)
-            local = position_of[local]
+            position_of.index_copy_(0, ids, torch.arange(len(ids), dtype=local.dtype, device=local.device))
+            local = position_of.take(local)
         return top.where(mine, 0.0), local.where(mine, 0)
 
     def any_replica(self, mask: torch.Tensor) -> torch.Tensor:

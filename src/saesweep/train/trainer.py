@@ -188,7 +188,9 @@ class Trainer:
         else:
             if not path.exists():
                 return False
-            state = read_checkpoint(path, self.device, ("settings_hash", "sae"))
+            # on the CPU: the RNG state must stay there (set_rng_state refuses a CUDA tensor);
+            # load_state_dict copies the rest onto the SAE's device
+            state = read_checkpoint(path, CPU, ("settings_hash", "sae"))
             if state["settings_hash"] != self.hash:
                 print(f"ignoring checkpoint {path}: made from other settings", file=sys.stderr)
                 return False
