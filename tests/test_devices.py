@@ -24,6 +24,7 @@ import copy
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 
 import pytest
 import torch
@@ -31,6 +32,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
+from conftest import CPU
 from saesweep.core.errors import Interrupted
 from saesweep.sae.base import SparseAutoencoder, StepContext
 from saesweep.evaluation.evaluate import evaluate_cell
@@ -240,7 +242,7 @@ def test_a_cell_trained_on_a_gpu_resumes_from_its_checkpoint(planted, monkeypatc
     GPU are not bit-reproducible)."""
     activations, _ = planted
     settings = planted_settings("topk", activations, tokens=20_480, device="cuda", autocast_bf16=True)
-    train_cell(settings, tmp_path / "uninterrupted")
+    train_cell(settings, tmp_path / "uninterrupted", threads=1)
     step, calls = trainer.Trainer.step, []
 
     def step_then_terminate(self, x):
@@ -251,11 +253,11 @@ def test_a_cell_trained_on_a_gpu_resumes_from_its_checkpoint(planted, monkeypatc
 
     monkeypatch.setattr(trainer.Trainer, "step", step_then_terminate)
     with pytest.raises(Interrupted):
-        train_cell(settings, tmp_path / "resumed")
+        train_cell(settings, tmp_path / "resumed", threads=1)
     monkeypatch.setattr(trainer.Trainer, "step", step)
-    train_cell(settings, tmp_path / "resumed")
-    resumed, _ = load_sae(tmp_path / "resumed")
-    uninterrupted, _ = load_sae(tmp_path / "uninterrupted")
+    train_cell(settings, tmp_path / "resumed", threads=1)
+    resumed, _ = load_sae(tmp_path / "resumed", CPU)
+    uninterrupted, _ = load_sae(tmp_path / "uninterrupted", CPU)
     cosine = torch.nn.functional.cosine_similarity(resumed.W_dec, uninterrupted.W_dec, dim=1)
     assert cosine.mean() > 0.99
 
@@ -263,20 +265,19 @@ def test_a_cell_trained_on_a_gpu_resumes_from_its_checkpoint(planted, monkeypatc
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("name", NAMES)
 def test_a_tiny_cell_trains_on_a_gpu_and_evaluates(name: str, tiny_run, tmp_path) -> None:  # noqa: F811
-    """The tiny workflow's train and evaluate stages for a cell with train.device cuda (bf16
-    autocast, held-out curve and checkpoints on): it trains, its log and weights are finite,
-    and its evaluation is in range."""
+    """The tiny workflow's train and evaluate stages for a cell with train.device and
+    evaluate.device cuda (bf16 autocast, held-out curve and checkpoints on): it trains, its log
+    and weights are finite, and its evaluation, SAE and LM on the GPU, is in range."""
     folder, config = tiny_run
     cell = make_cell(name, 64, {**ARCHITECTURES[name].example}, 0).name
     settings = train_settings(config, "resid2", cell)
-    settings.update(activations=str(folder / activation_dir(config, "resid2", "train")), device="cuda",
-                    autocast_bf16=True)
-    settings["heldout"]["activations"] = str(folder / activation_dir(config, "resid2", "eval"))
-    train_cell(settings, tmp_path / cell)
-    sae, cfg = load_sae(tmp_path / cell)
+    eval_folder = str(folder / activation_dir(config, "resid2", "eval"))
+    settings = replace(settings, activations=str(folder / activation_dir(config, "resid2", "train")), device="cuda",
+                       autocast_bf16=True, heldout=replace(settings.heldout, activations=eval_folder))
+    train_cell(settings, tmp_path / cell, threads=1)
+    sae, cfg = load_sae(tmp_path / cell, CPU)
     assert all(torch.isfinite(parameter).all() for parameter in sae.parameters())
     assert 0 <= cfg["training"]["final_nmse"] < 2
-    evaluation = eval_settings(config, "resid2", cell)
-    evaluation["eval_activations"] = str(folder / activation_dir(config, "resid2", "eval"))
+    evaluation = replace(eval_settings(config, "resid2", cell), eval_activations=eval_folder, device="cuda")
     metrics = evaluate_cell(evaluation, tmp_path / cell, tmp_path / cell / "metrics.json")
     assert 0 <= metrics["nmse"] < 2 and 0 <= metrics["dead_fraction"] <= 1
