@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from saesweep.analysis import plots
+from saesweep.analysis import law_plots, plots
 from saesweep.analysis.plots import INTERPRETABILITY
 from saesweep.analysis.aggregate import with_curves
 from saesweep.analysis.scaling import fit_scaling_laws
@@ -57,7 +57,7 @@ def check_written(paths: list[Path], *labels: str) -> str:
 
 
 def test_metric_vs_n(cells: pd.DataFrame, fits: dict, tmp_path: Path) -> None:
-    paths = plots.plot_metric_vs_n(cells, fits, "nmse", tmp_path / "figs" / "nmse_vs_n", TITLE)
+    paths = law_plots.plot_metric_vs_n(cells, fits, "nmse", tmp_path / "figs" / "nmse_vs_n", TITLE)
     text = check_written(
         paths,
         "number of latents n (log scale)",
@@ -71,27 +71,27 @@ def test_metric_vs_n(cells: pd.DataFrame, fits: dict, tmp_path: Path) -> None:
 
 
 def test_metric_vs_k(cells: pd.DataFrame, fits: dict, tmp_path: Path) -> None:
-    paths = plots.plot_metric_vs_k(cells, fits, "nmse", tmp_path / "nmse_vs_k", TITLE)
+    paths = law_plots.plot_metric_vs_k(cells, fits, "nmse", tmp_path / "nmse_vs_k", TITLE)
     check_written(paths, "active latents per token k (log scale)", "n=512")
 
 
 def test_joint_contours(cells: pd.DataFrame, fits: dict, tmp_path: Path) -> None:
-    paths = plots.plot_joint_contours(cells, fits, "nmse", tmp_path / "joint", TITLE)
+    paths = law_plots.plot_joint_contours(cells, fits, "nmse", tmp_path / "joint", TITLE)
     check_written(paths, "number of latents n (log scale)", "active latents per token k (log scale)", "fill: joint fit")
 
 
 def test_skipped_fits_are_noted(cells: pd.DataFrame, tmp_path: Path) -> None:
     few = cells[cells["n_latents"] <= 1024]
     few_fits = fit_scaling_laws(few, ["nmse"], bootstrap=0)
-    text = check_written(plots.plot_metric_vs_n(few, few_fits, "nmse", tmp_path / "few_n", TITLE), "fit skipped")
+    text = check_written(law_plots.plot_metric_vs_n(few, few_fits, "nmse", tmp_path / "few_n", TITLE), "fit skipped")
     assert "need at least" in text
-    check_written(plots.plot_joint_contours(few, few_fits, "nmse", tmp_path / "few_joint", TITLE), "fit skipped")
-    no_fits = plots.plot_metric_vs_n(few, {"groups": []}, "nmse", tmp_path / "none", TITLE)
+    check_written(law_plots.plot_joint_contours(few, few_fits, "nmse", tmp_path / "few_joint", TITLE), "fit skipped")
+    no_fits = law_plots.plot_metric_vs_n(few, {"groups": []}, "nmse", tmp_path / "none", TITLE)
     check_written(no_fits, "fit skipped: no fit for nmse")
 
 
 def test_non_positive_values_are_noted(cells: pd.DataFrame, fits: dict, tmp_path: Path) -> None:
-    paths = plots.plot_metric_vs_n(cells, fits, "delta_lm_loss", tmp_path / "dlm", TITLE)
+    paths = law_plots.plot_metric_vs_n(cells, fits, "delta_lm_loss", tmp_path / "dlm", TITLE)
     check_written(paths, "ΔLM loss (nats/token) (log scale)", "non-positive")
 
 
@@ -143,7 +143,7 @@ def test_dead_latents(cells: pd.DataFrame, tmp_path: Path) -> None:
 def test_all_non_positive_values_fall_back_to_a_linear_axis(cells: pd.DataFrame, tmp_path: Path) -> None:
     negative = cells.assign(delta_lm_loss=-cells["delta_lm_loss"].abs() - 1e-3)
     fits = fit_scaling_laws(negative, ["delta_lm_loss"], bootstrap=0)
-    paths = plots.plot_metric_vs_n(negative, fits, "delta_lm_loss", tmp_path / "neg", TITLE)
+    paths = law_plots.plot_metric_vs_n(negative, fits, "delta_lm_loss", tmp_path / "neg", TITLE)
     check_written(paths, "no positive value: linear scale")
 
 
@@ -223,9 +223,9 @@ def test_compute_frontier(tmp_path: Path) -> None:
     logs = planted_logs()
     fits = {"compute_frontier": fit_compute_frontiers(logs, bootstrap=20)}
     text = check_written(
-        plots.plot_compute_frontier(logs, fits, tmp_path / "compute", TITLE),
+        law_plots.plot_compute_frontier(logs, fits, tmp_path / "compute", TITLE),
         "resid1 · topk · k8", "frontier", "n=64", "n=2048", "·C^−0.", "law fitted to the frontier",
     )
     assert "contradicted" not in text
-    empty = check_written(plots.plot_compute_frontier(logs, {"compute_frontier": {"groups": []}}, tmp_path / "e", TITLE))
+    empty = check_written(law_plots.plot_compute_frontier(logs, {"compute_frontier": {"groups": []}}, tmp_path / "e", TITLE))
     assert "no curve with held-out points" in empty
