@@ -200,6 +200,7 @@ def test_interpretability(cells: pd.DataFrame, tmp_path: Path) -> None:
     full["probe_loss"] = 1.0 / full["n_latents"]
     for metric in INTERPRETABILITY:
         full[f"{metric}_se"] = 1e-6 if metric == "probe_loss" else 0.5
+        full[f"{metric}_count"] = 20  # units per cell: the t quantile's degrees of freedom
     text = check_written(
         plots.plot_interpretability(full, tmp_path / "interp", TITLE),
         "probe loss (nats, mean over tasks)",
@@ -229,3 +230,22 @@ def test_compute_frontier(tmp_path: Path) -> None:
     assert "contradicted" not in text
     empty = check_written(law_plots.plot_compute_frontier(logs, {"compute_frontier": {"groups": []}}, tmp_path / "e", TITLE))
     assert "no curve with held-out points" in empty
+
+
+def test_a_law_not_resolved_is_drawn_as_such(tmp_path: Path) -> None:
+    """Issue 25's table as a compute frontier whose comparison is forced to the pure law: the
+    law is drawn dashed and the legend and the note say "not resolved"."""
+    from saesweep.analysis import calibrate
+    from saesweep.analysis.scaling import fit_pair
+
+    laws = fit_pair("C", np.array(calibrate.ISSUE_NS), np.array(calibrate.ISSUE_NMSE), 10, 0)
+    assert laws["power"]["status"] == "not resolved"
+    laws["comparison"] |= {"preferred": "power", "better": "power"}
+    logs = pd.DataFrame({"site": "s", "arch": "topk", "curve": "k128", "n_latents": 256, "seed": 0, "d": 576, "tokens": [1, 2], "heldout_nmse": [0.3, 0.2]})
+    frontier = pd.DataFrame({"compute": list(calibrate.ISSUE_NS), "loss": list(calibrate.ISSUE_NMSE)})
+    group = {"site": "s", "arch": "topk", "curve": "k128", "frontier": frontier.to_dict("records"), "laws": laws}
+    text = check_written(
+        law_plots.plot_compute_frontier(logs, {"compute_frontier": {"groups": [group]}}, tmp_path / "nr", TITLE),
+        ": not resolved", "not resolved (dashed): the exponent b's 95% interval",
+    )
+    assert "contradicted" not in text

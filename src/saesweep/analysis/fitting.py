@@ -101,14 +101,13 @@ class Fit:
 
 
 def fit_law(law: Law, nk: np.ndarray, y: np.ndarray, warm: np.ndarray | None = None) -> Fit | str:
-    """Fit ``law`` to cells ``nk`` (m × 2) with means ``y`` from ``initial_points``, or from ``warm``
-    alone (a nearby optimum, e.g. the full data's for a subset) when given; a reason string if
-    impossible."""
+    """Fit ``law`` to cells ``nk`` (m × 2) with means ``y`` from ``initial_points`` and, when given,
+    ``warm`` (a nearby optimum, e.g. the full data's for a subset); a reason string if impossible."""
     reason = too_few(law, nk)
     if reason:
         return reason
     xu, xv = design(law, nk[:, 0], nk[:, 1])
-    starts = initial_points(xu, xv, y) if warm is None else [warm]
+    starts = initial_points(xu, xv, y) + ([] if warm is None else [warm])
     theta, loss, converged = minimise(xu, xv, y, starts)
     if not np.isfinite(loss):
         return "optimiser found no finite optimum"

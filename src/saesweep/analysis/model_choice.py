@@ -29,7 +29,7 @@ CANNOT_TELL = "the data cannot tell"
 
 def loo_mse(fit: Fit) -> float | str:
     """The leave-one-out mean squared log prediction error of ``fit``'s law on its cells (module
-    docstring), each refit started from the full-data optimum; a reason string where some
+    docstring), each refit started from ``fitting.initial_points`` and the full-data optimum; a reason string where some
     cell cannot be left out."""
     reason = too_few(fit.law, fit.nk, spare=1)
     if reason:
