@@ -125,7 +125,8 @@ class Linearised:
     def half_width(self, jac: np.ndarray, level: float | None = None, new_observation: bool = False) -> np.ndarray:
         """t_{m−p}((1 + level)/2) · s · √(jᵀ (JᵀJ)⁺ j [+ 1 for a new observation]) per row j of
         ``jac`` (level: ``core.stats.LEVEL`` unless given)."""
-        leverage = np.einsum("ij,jk,ik->i", jac, self.inverse, jac) + (1.0 if new_observation else 0.0)
+        # jᵀ (JᵀJ)⁺ j ≥ 0; the pseudo-inverse of a nearly singular JᵀJ can give −ε: clipped to 0
+        leverage = np.maximum(np.einsum("ij,jk,ik->i", jac, self.inverse, jac), 0.0) + (1.0 if new_observation else 0.0)
         quantile = t_quantile(self.dof) if level is None else t_quantile(self.dof, level)
         return quantile * self.spread * np.sqrt(leverage)
 
