@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from saesweep.analysis import plots
+from saesweep.analysis import law_plots, plots
 from saesweep.analysis.plots import INTERPRETABILITY
 from saesweep.analysis.aggregate import with_curves
 from saesweep.analysis.scaling import fit_scaling_laws
@@ -57,7 +57,7 @@ def check_written(paths: list[Path], *labels: str) -> str:
 
 
 def test_metric_vs_n(cells: pd.DataFrame, fits: dict, tmp_path: Path) -> None:
-    paths = plots.plot_metric_vs_n(cells, fits, "nmse", tmp_path / "figs" / "nmse_vs_n", TITLE)
+    paths = law_plots.plot_metric_vs_n(cells, fits, "nmse", tmp_path / "figs" / "nmse_vs_n", TITLE)
     text = check_written(
         paths,
         "number of latents n (log scale)",
@@ -71,27 +71,27 @@ def test_metric_vs_n(cells: pd.DataFrame, fits: dict, tmp_path: Path) -> None:
 
 
 def test_metric_vs_k(cells: pd.DataFrame, fits: dict, tmp_path: Path) -> None:
-    paths = plots.plot_metric_vs_k(cells, fits, "nmse", tmp_path / "nmse_vs_k", TITLE)
+    paths = law_plots.plot_metric_vs_k(cells, fits, "nmse", tmp_path / "nmse_vs_k", TITLE)
     check_written(paths, "active latents per token k (log scale)", "n=512")
 
 
 def test_joint_contours(cells: pd.DataFrame, fits: dict, tmp_path: Path) -> None:
-    paths = plots.plot_joint_contours(cells, fits, "nmse", tmp_path / "joint", TITLE)
+    paths = law_plots.plot_joint_contours(cells, fits, "nmse", tmp_path / "joint", TITLE)
     check_written(paths, "number of latents n (log scale)", "active latents per token k (log scale)", "fill: joint fit")
 
 
 def test_skipped_fits_are_noted(cells: pd.DataFrame, tmp_path: Path) -> None:
     few = cells[cells["n_latents"] <= 1024]
     few_fits = fit_scaling_laws(few, ["nmse"], bootstrap=0)
-    text = check_written(plots.plot_metric_vs_n(few, few_fits, "nmse", tmp_path / "few_n", TITLE), "fit skipped")
+    text = check_written(law_plots.plot_metric_vs_n(few, few_fits, "nmse", tmp_path / "few_n", TITLE), "fit skipped")
     assert "need at least" in text
-    check_written(plots.plot_joint_contours(few, few_fits, "nmse", tmp_path / "few_joint", TITLE), "fit skipped")
-    no_fits = plots.plot_metric_vs_n(few, {"groups": []}, "nmse", tmp_path / "none", TITLE)
+    check_written(law_plots.plot_joint_contours(few, few_fits, "nmse", tmp_path / "few_joint", TITLE), "fit skipped")
+    no_fits = law_plots.plot_metric_vs_n(few, {"groups": []}, "nmse", tmp_path / "none", TITLE)
     check_written(no_fits, "fit skipped: no fit for nmse")
 
 
 def test_non_positive_values_are_noted(cells: pd.DataFrame, fits: dict, tmp_path: Path) -> None:
-    paths = plots.plot_metric_vs_n(cells, fits, "delta_lm_loss", tmp_path / "dlm", TITLE)
+    paths = law_plots.plot_metric_vs_n(cells, fits, "delta_lm_loss", tmp_path / "dlm", TITLE)
     check_written(paths, "ΔLM loss (nats/token) (log scale)", "non-positive")
 
 
@@ -143,7 +143,7 @@ def test_dead_latents(cells: pd.DataFrame, tmp_path: Path) -> None:
 def test_all_non_positive_values_fall_back_to_a_linear_axis(cells: pd.DataFrame, tmp_path: Path) -> None:
     negative = cells.assign(delta_lm_loss=-cells["delta_lm_loss"].abs() - 1e-3)
     fits = fit_scaling_laws(negative, ["delta_lm_loss"], bootstrap=0)
-    paths = plots.plot_metric_vs_n(negative, fits, "delta_lm_loss", tmp_path / "neg", TITLE)
+    paths = law_plots.plot_metric_vs_n(negative, fits, "delta_lm_loss", tmp_path / "neg", TITLE)
     check_written(paths, "no positive value: linear scale")
 
 
@@ -200,6 +200,7 @@ def test_interpretability(cells: pd.DataFrame, tmp_path: Path) -> None:
     full["probe_loss"] = 1.0 / full["n_latents"]
     for metric in INTERPRETABILITY:
         full[f"{metric}_se"] = 1e-6 if metric == "probe_loss" else 0.5
+        full[f"{metric}_count"] = 20  # units per cell: the t quantile's degrees of freedom
     text = check_written(
         plots.plot_interpretability(full, tmp_path / "interp", TITLE),
         "probe loss (nats, mean over tasks)",
@@ -223,9 +224,28 @@ def test_compute_frontier(tmp_path: Path) -> None:
     logs = planted_logs()
     fits = {"compute_frontier": fit_compute_frontiers(logs, bootstrap=20)}
     text = check_written(
-        plots.plot_compute_frontier(logs, fits, tmp_path / "compute", TITLE),
+        law_plots.plot_compute_frontier(logs, fits, tmp_path / "compute", TITLE),
         "resid1 · topk · k8", "frontier", "n=64", "n=2048", "·C^−0.", "law fitted to the frontier",
     )
     assert "contradicted" not in text
-    empty = check_written(plots.plot_compute_frontier(logs, {"compute_frontier": {"groups": []}}, tmp_path / "e", TITLE))
+    empty = check_written(law_plots.plot_compute_frontier(logs, {"compute_frontier": {"groups": []}}, tmp_path / "e", TITLE))
     assert "no curve with held-out points" in empty
+
+
+def test_a_law_not_resolved_is_drawn_as_such(tmp_path: Path) -> None:
+    """Issue 25's table as a compute frontier whose comparison is forced to the pure law: the
+    law is drawn dashed and the legend and the note say "not resolved"."""
+    from saesweep.analysis import calibrate
+    from saesweep.analysis.scaling import fit_pair
+
+    laws = fit_pair("C", np.array(calibrate.ISSUE_NS), np.array(calibrate.ISSUE_NMSE), 10, 0)
+    assert laws["power"]["status"] == "not resolved"
+    laws["comparison"] |= {"preferred": "power", "better": "power"}
+    logs = pd.DataFrame({"site": "s", "arch": "topk", "curve": "k128", "n_latents": 256, "seed": 0, "d": 576, "tokens": [1, 2], "heldout_nmse": [0.3, 0.2]})
+    frontier = pd.DataFrame({"compute": list(calibrate.ISSUE_NS), "loss": list(calibrate.ISSUE_NMSE)})
+    group = {"site": "s", "arch": "topk", "curve": "k128", "frontier": frontier.to_dict("records"), "laws": laws}
+    text = check_written(
+        law_plots.plot_compute_frontier(logs, {"compute_frontier": {"groups": [group]}}, tmp_path / "nr", TITLE),
+        ": not resolved", "not resolved (dashed): the exponent b's 95% interval",
+    )
+    assert "contradicted" not in text

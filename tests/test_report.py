@@ -39,8 +39,10 @@ def test_fit_table_has_one_row_per_law() -> None:
     assert power["held-out check"].startswith("n=4096 predicted from smaller n: k=8: ")
     assert power["held-out check"].endswith("inside the interval") and not power["flagged"]
     assert power["status"] == "ok" and power["premise"].startswith("fall over n = 512…4096: ")
-    # 4 cells leave the law with floor no residual degree of freedom for AICc
-    assert power["AICc comparison"] == "not possible: floor_n: AICc undefined for 4 cells and 3 parameters"
+    # 4 cells leave the law with floor too few cells to leave one out
+    assert power["comparison"] == (
+        "not possible: floor_n: leave-one-out: 4 distinct n value(s), need at least 5 for 3 parameters"
+    )
     floor_k = nmse[(nmse["law"] == "floor_k") & (nmse["at"] == "n=512")].iloc[0]
     assert floor_k["status"] == "skipped" and "need at least 4" in floor_k["reason"]
     absent = table[table["metric"] == "absent_metric"]
@@ -69,7 +71,7 @@ def test_flagged_prediction_is_marked(tmp_path: Path) -> None:
     assert list(csv.loc[csv["flagged"] == True, "at"]) == ["k32"]  # noqa: E712 (a CSV column of True/False/NaN)
 
 
-def test_contradicted_laws_and_the_aicc_comparison_are_marked(tmp_path: Path) -> None:
+def test_contradicted_laws_and_the_comparison_are_marked(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     ns = [2**e for e in range(9, 15)]
     grid = pd.MultiIndex.from_product([ns, [32]], names=["n_latents", "k"]).to_frame(index=False)
@@ -85,12 +87,12 @@ def test_contradicted_laws_and_the_aicc_comparison_are_marked(tmp_path: Path) ->
     assert by_n.loc[("rises", "floor_n"), "reason"].startswith("the fitted loss rises with n")
     assert by_n.loc[("rises", "floor_n"), "premise"].startswith("fall over n = 512…16384: -")
     assert by_n.loc[("falls", "power_n"), "premise"].startswith("fall over n = 512…16384: ")
-    # pure power-law data: the pure law is preferred, on both rows of the pair
+    # pure power-law data: the law with floor (c → 0) predicts as well; both rows say so
     comparison = fits["groups"][0]["metrics"]["nmse"]["vs_n"]["k32"]["comparison"]
-    assert by_n.loc[("falls", "power_n"), "AICc comparison"] == f"preferred (ΔAICc = {comparison['delta']:.1f})"
-    floor_view = f"power_n preferred (ΔAICc = {comparison['delta']:.1f})"
-    assert by_n.loc[("falls", "floor_n"), "AICc comparison"] == floor_view
-    assert by_n.loc[("falls", "power_n"), "AICc"] == pytest.approx(comparison["aicc"]["power"])
+    assert comparison["verdict"] == "the data cannot tell"
+    said = f"the data cannot tell (LOO ratio pure/floor = {comparison['ratio']:.3g}; the lower: {comparison['better']}_n)"
+    assert by_n.loc[("falls", "power_n"), "comparison"] == by_n.loc[("falls", "floor_n"), "comparison"] == said
+    assert by_n.loc[("falls", "power_n"), "LOO error"] == pytest.approx(comparison["loo_mse"]["power"])
     page = (tmp_path / "fits.html").read_text()
     rows = re.findall(r"<tr class='([^']*)'><td>(\w+)</td><td>topk</td><td>nmse</td><td>(\w+)</td>", page)
     marked = {(site, law) for kind, site, law in rows if "contradicted" in kind.split()}
@@ -108,3 +110,20 @@ def test_run_config_carries_provenance(tmp_path: Path) -> None:
     assert {"package_version", "git_commit"} <= set(document["provenance"])
     page = (tmp_path / "run_config.html").read_text()
     assert "Configuration of run demo" in page and "m&lt;&amp;&gt;" in page
+
+
+def test_a_law_not_resolved_is_marked(tmp_path: Path) -> None:
+    """Issue 25's table: its pure law's exponent interval holds 0; the row says "not resolved"
+    with the reason and is marked, the law with floor is preferred on both rows."""
+    from saesweep.analysis import calibrate
+    from saesweep.analysis.scaling import fit_pair
+
+    laws = fit_pair("C", np.array(calibrate.ISSUE_NS), np.array(calibrate.ISSUE_NMSE), 20, 0)
+    fits = {"groups": [], "compute_frontier": {"groups": [{"site": "s", "arch": "topk", "curve": "k128", "laws": laws}]}}
+    fits |= {"bootstrap": 20, "seed": 0, "min_fall": 0.05, "loo_ratio": 2.0, "level": 0.95}
+    write_fit_table(fits, tmp_path / "fits.csv", tmp_path / "fits.html")
+    csv = pd.read_csv(tmp_path / "fits.csv").set_index("law")
+    assert csv.loc["power_C", "status"] == "not resolved" and "includes 0" in csv.loc["power_C", "reason"]
+    assert csv.loc["floor_C", "status"] == "ok" and csv.loc["floor_C", "comparison"].startswith("preferred (")
+    page = (tmp_path / "fits.html").read_text()
+    assert page.count("<tr class='not-resolved'>") == 1 and "<i>not resolved</i>" in page

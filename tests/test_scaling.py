@@ -9,7 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from saesweep.analysis.scaling import AICC_WEAK, MIN_FALL, fit_scaling_laws, predict
+from saesweep.analysis import calibrate
+from saesweep.analysis.laws import predict
+from saesweep.analysis.model_choice import CANNOT_TELL, LOO_RATIO
+from saesweep.analysis.premise import MIN_FALL
+from saesweep.analysis.scaling import fit_pair, fit_scaling_laws
 
 NS = [2**e for e in range(9, 17)]
 KS = [8, 16, 32, 64]
@@ -74,10 +78,10 @@ def test_floor_law_recovered_within_bootstrap_interval(floor_fits: dict) -> None
         assert entry["bootstrap"]["succeeded"] >= 0.9 * entry["bootstrap"]["requested"]
         assert entry["validation"]["status"] == "ok" and not entry["validation"]["flagged"]
         assert abs(entry["validation"]["max_abs_rel_error"]) < 0.03
-        # the pure power law cannot bend towards the floor: it fits worse, and AICc says so
+        # the pure power law cannot bend towards the floor: it predicts left-out cells worse
         pair = metric_fits(floor_fits)["vs_n"][f"k{k}"]
         assert pair["power"]["huber_loss"] > entry["huber_loss"]
-        assert pair["comparison"]["preferred"] == "floor" and not pair["comparison"]["weak"]
+        assert pair["comparison"]["preferred"] == "floor" and pair["comparison"]["ratio"] > LOO_RATIO
 
 
 def test_law_over_k_finds_no_k_dependence(floor_fits: dict) -> None:
@@ -98,10 +102,16 @@ def test_joint_law_recovers_gpt4_parameters() -> None:
     cells = make_cells(joint_law, ns=ns, ks=ks, seeds=1, noise=0.005, rng_seed=0)
     entry = metric_fits(fit_scaling_laws(cells, ["nmse"], bootstrap=40, seed=0))["joint"]
     assert entry["status"] == "ok" and entry["param_names"] == list(GPT4)
+    # six correlated 95 % intervals all cover in one draw only about 0.95^6 ≈ 74 % of the time:
+    # at most one may miss, and by no more than its own width
+    missed = []
     for name, true in GPT4.items():
         lo, hi = entry["ci95"][name]
-        assert lo <= true <= hi, (name, entry["ci95"][name])
+        if not lo <= true <= hi:
+            missed.append(name)
+            assert min(abs(true - lo), abs(true - hi)) < hi - lo, (name, entry["ci95"][name])
         assert abs(entry["params"][name] - true) < (0.15 if name in ("alpha", "zeta") else 0.05), name
+    assert len(missed) <= 1, missed
     nn, kk = np.meshgrid(ns, ks)
     np.testing.assert_allclose(predict(entry, nn, kk), joint_law(nn, kk), rtol=0.01)
     assert not entry["validation"]["flagged"]
@@ -174,19 +184,20 @@ def test_planted_floor_law_is_ok_recovered_and_preferred() -> None:
     assert entry["premise"]["falls_with"]["n"]["fall"] > MIN_FALL
     assert entry["premise"]["power_share"] > MIN_FALL
     comparison = laws["comparison"]
-    assert comparison["aicc"] == {"power": laws["power"]["aicc"], "floor": entry["aicc"]}
-    assert comparison["preferred"] == "floor" and comparison["delta"] < -AICC_WEAK and not comparison["weak"]
-    m, p = entry["n_cells"], 3
-    expected = m * np.log(entry["rss_log"] / m) + 2 * p + 2 * p * (p + 1) / (m - p - 1)
-    assert entry["aicc"] == pytest.approx(expected)
+    assert comparison["loo_mse"] == {"power": laws["power"]["loo_mse"], "floor": entry["loo_mse"]}
+    assert comparison["preferred"] == comparison["better"] == comparison["verdict"] == "floor"
+    assert comparison["ratio"] == pytest.approx(laws["power"]["loo_mse"] / entry["loo_mse"]) and comparison["ratio"] > LOO_RATIO
+    # a left-out cell is predicted no better than the cells the law was fitted to
+    assert entry["loo_mse"] >= entry["rss_log"] / entry["n_cells"]
 
 
-def test_pure_power_law_is_preferred_to_a_floor() -> None:
+def test_pure_power_law_is_not_given_a_floor() -> None:
+    """The law with floor nests the pure law (c → 0): on pure power-law data it fits as closely
+    and predicts left-out cells about as well, so the comparison may not prefer it."""
     laws = one_law_pair(lambda n, k: 2.0 * n**-0.3)
     assert laws["power"]["status"] == "ok" and laws["floor"]["status"] == "ok"
-    # the floor law fits at least as closely (c → 0), but its extra parameter is not needed
     assert laws["floor"]["rss_log"] <= laws["power"]["rss_log"] * 1.05
-    assert laws["comparison"]["preferred"] == "power" and laws["comparison"]["delta"] > AICC_WEAK
+    assert laws["comparison"]["preferred"] != "floor" and laws["comparison"]["verdict"] in ("power", CANNOT_TELL)
 
 
 def test_constant_data_have_a_negligible_power_term() -> None:
@@ -200,19 +211,19 @@ def test_constant_data_have_a_negligible_power_term() -> None:
             entry = laws[form]
             assert entry["status"] == "contradicted", (draw, form, entry["params"])
             reasons.append(entry["reason"])
-        assert laws["comparison"]["preferred"] == "power"  # no floor needed either
     negligible = [r for r in reasons if "power term is negligible" in r]
     assert negligible and all(f"more than {MIN_FALL:.0%} required" in r for r in negligible)
     assert all(r in negligible or r.startswith("the fitted loss rises with n") for r in reasons)
 
 
-def test_comparison_needs_a_residual_degree_of_freedom() -> None:
+def test_comparison_needs_every_cell_to_be_left_out() -> None:
     laws = one_law_pair(lambda n, k: 2.0 * n**-0.3 + 0.05, ns=[512, 1024, 2048, 4096])
-    assert laws["floor"]["status"] == "ok" and laws["floor"]["aicc"] is None  # m − p − 1 = 0
-    assert laws["power"]["aicc"] is not None
+    assert "params" in laws["floor"] and laws["floor"]["loo_mse"] is None  # 3 cells left: p = 3
+    assert laws["floor"]["loo_reason"] == "leave-one-out: 4 distinct n value(s), need at least 5 for 3 parameters"
+    assert laws["power"]["loo_mse"] is not None
     comparison = laws["comparison"]
-    assert comparison["preferred"] is None and comparison["delta"] is None
-    assert comparison["reason"] == "floor_n: AICc undefined for 4 cells and 3 parameters"
+    assert comparison["preferred"] is None and comparison["verdict"] is None and comparison["ratio"] is None
+    assert comparison["reason"] == "floor_n: leave-one-out: 4 distinct n value(s), need at least 5 for 3 parameters"
 
 
 def test_held_out_check_flags_a_broken_trend() -> None:
@@ -261,7 +272,9 @@ def test_too_few_points_are_skipped_with_a_reason() -> None:
     assert by_n["floor"]["formula"] == "L(n) = a * n^(-b) + c"
     assert by_n["power"]["validation"]["status"] == "skipped"  # 2 n left after holding one out
     assert by_n["comparison"]["preferred"] is None
-    assert by_n["comparison"]["reason"] == "power_n: AICc undefined for 3 cells and 2 parameters; floor_n skipped"
+    assert by_n["comparison"]["reason"] == (
+        "power_n: leave-one-out: 3 distinct n value(s), need at least 4 for 2 parameters; floor_n skipped"
+    )
     assert fits["vs_k"]["512"]["power"]["status"] == "skipped"  # a single k
     assert fits["joint"]["status"] == "skipped" and "2 distinct" in fits["joint"]["reason"]
     with pytest.raises(ValueError, match="not fitted"):
@@ -321,3 +334,55 @@ def test_an_architecture_without_k_gets_laws_in_n_per_curve_and_none_in_k() -> N
     assert floor["status"] == "ok" and floor["fixed"] == {"setting": "l0.3"}
     assert all("k" not in cell for cell in floor["validation"]["cells"])
     assert fits["joint"]["status"] == "skipped" and "no k" in fits["joint"]["reason"]
+
+
+def test_the_issue_table_prefers_the_floor_and_its_pure_law_is_not_resolved() -> None:
+    """Issue 25's TopK k = 128 NMSE (0.248 … 0.134 at n = 256 … 4096): AICc preferred the pure
+    law 0.606·n^−0.198, which misses four of five points and whose exponent's interval holds 0."""
+    laws = fit_pair("n", np.array(calibrate.ISSUE_NS), np.array(calibrate.ISSUE_NMSE), 50, 0, "issue")
+    assert laws["comparison"]["preferred"] == "floor"
+    power = laws["power"]
+    assert power["status"] == "not resolved" and not power["resolved"] and power["premise"]["holds"]
+    lo, hi = power["ci95"]["b"]
+    assert lo < 0 < hi and "includes 0" in power["reason"]
+    assert laws["floor"]["status"] == "ok" and laws["floor"]["resolved"]
+
+
+def test_a_planted_flat_law_is_never_ok() -> None:
+    """Flat data with 10 % noise at 5 cells: the fitted exponent is noise. Where it happens to
+    fall by more than MIN_FALL (premise holds), its 95 % interval still includes 0: not resolved."""
+    statuses = []
+    for draw in range(8):
+        cells = make_cells(lambda n, k: np.full_like(n, 0.2), ns=list(calibrate.ISSUE_NS), ks=[32], seeds=1, noise=0.1, rng_seed=draw)
+        power = metric_fits(fit_scaling_laws(cells, ["nmse"], bootstrap=30, seed=0))["vs_n"]["k32"]["power"]
+        statuses.append(power["status"])
+        assert power["status"] in ("contradicted", "not resolved"), (draw, power["params"], power["ci95"])
+    assert "not resolved" in statuses, statuses
+
+
+# Floors the comparison's rates must clear on planted tables at the default's noise (the
+# full tables, with more draws: benchmarks/README.md).  Few draws here, so the floors sit
+# well below the measured rates.
+FLOOR_RIGHT_MIN = 0.6
+WRONG_MAX = 0.2
+
+
+@pytest.mark.parametrize("m", [5, 6, 8])
+def test_the_comparison_finds_a_planted_floor_and_rarely_a_false_one(m: int) -> None:
+    floor = calibrate.choice_rates("floor", m, tables=15, seed=1)
+    power = calibrate.choice_rates("power", m, tables=15, seed=1)
+    assert floor["right"] >= FLOOR_RIGHT_MIN and floor["wrong"] <= WRONG_MAX, floor
+    assert power["wrong"] <= WRONG_MAX, power
+
+
+# The reported 95 % intervals on planted laws at 5 cells: coverage at least this (few draws
+# here; the measured coverage: benchmarks/README.md).
+COVERAGE_MIN = 0.85
+
+
+@pytest.mark.parametrize("form", ["power", "floor"])
+def test_intervals_cover_planted_laws_at_five_cells(form: str) -> None:
+    measured = calibrate.coverage(form, 5, tables=25, replicates=20, seed=2)
+    assert measured.pop("succeeded")["fraction"] >= 0.95
+    for name, rates in measured.items():
+        assert rates["reported"] >= COVERAGE_MIN, (name, rates)

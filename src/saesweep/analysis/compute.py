@@ -12,7 +12,7 @@ encoder product), the same factor for every n, so the frontier's shape and expon
 depend on the convention. Frontier: per (site, arch, curve), the points that no point at
 smaller or equal C beats, i.e. with L below the L of every point of lower C (the lower
 envelope of the (C, L) cloud). Law: ``scaling.fit_pair`` fits L(C) = a·C^(−b) and
-L(C) = a·C^(−b) + c to the frontier points, with 95% intervals, and compares them by AICc.
+L(C) = a·C^(−b) + c to the frontier points, with 95% intervals, and compares them by leave-one-out prediction error.
 
 Points taken before the end of a run lie above what a run with that budget would reach: the
 learning rate decays over the last ``train.lr.decay_fraction`` of a run's own budget, so a

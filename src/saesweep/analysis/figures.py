@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from saesweep.analysis import plots
+from saesweep.analysis import law_plots, plots
 from saesweep.analysis.aggregate import with_curves
 
 
@@ -23,9 +23,9 @@ def draw_all(cells_path: Path, logs_path: Path, fits_path: Path, folder: Path, t
     folder.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     for metric in metrics:
-        written += plots.plot_metric_vs_n(cells, fits, metric, folder / f"{metric}_vs_n", title)
-        written += plots.plot_metric_vs_k(cells, fits, metric, folder / f"{metric}_vs_k", title)
-        written += plots.plot_joint_contours(cells, fits, metric, folder / f"{metric}_joint", title)
+        written += law_plots.plot_metric_vs_n(cells, fits, metric, folder / f"{metric}_vs_n", title)
+        written += law_plots.plot_metric_vs_k(cells, fits, metric, folder / f"{metric}_vs_k", title)
+        written += law_plots.plot_joint_contours(cells, fits, metric, folder / f"{metric}_joint", title)
     written += plots.plot_dead_fraction(cells, folder / "dead_fraction", title)
     written += plots.plot_frontier(cells, folder / "frontier", title)
     written += plots.plot_sparsity_frontier(cells, folder / "sparsity_frontier", title)
@@ -33,7 +33,7 @@ def draw_all(cells_path: Path, logs_path: Path, fits_path: Path, folder: Path, t
     written += plots.plot_k_transfer(cells, folder / "k_transfer", title)
     written += plots.plot_k_transfer(cells, folder / "k_transfer_delta_lm_loss", title, "delta_lm_loss")
     written += plots.plot_interpretability(cells, folder / "interpretability", title)
-    written += plots.plot_compute_frontier(logs, fits, folder / "compute_frontier", title)
+    written += law_plots.plot_compute_frontier(logs, fits, folder / "compute_frontier", title)
     written += plots.plot_training_curves(logs, folder / "training_curves", title)
     written += plots.plot_dead_latents(logs, folder / "dead_latents", title)
     return written

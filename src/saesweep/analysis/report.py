@@ -22,11 +22,12 @@ STYLE = (
     "table{border-collapse:collapse}th,td{border:1px solid #ccc;padding:3px 6px;text-align:left;"
     "vertical-align:top}th{background:#f0f0f0}"
     "tr.skipped td{color:#777}tr.contradicted td{background:#fff4d6;font-style:italic}"
+    "tr.not-resolved td{background:#eef2fb}"
     "tr.flagged td{background:#fde8e8}pre{background:#f6f6f6;padding:.8em}"
 )
 FIT_COLUMNS = [
     "site", "arch", "metric", "law", "at", "status", "parameters (95% CI)", "cells", "premise",
-    "AICc", "AICc comparison", "held-out check", "flagged", "formula", "reason",
+    "LOO error", "comparison", "held-out check", "flagged", "formula", "reason",
 ]
 
 
@@ -71,11 +72,14 @@ def _premise(entry: dict) -> str:
 
 
 def _comparison(laws: dict, form: str) -> str:
-    """The AICc comparison of a pure law and its law with floor, as seen from the row of ``form``."""
+    """The leave-one-out comparison of a pure law and its law with floor
+    (``model_choice.compare``), as seen from the row of ``form``."""
     comparison = laws["comparison"]
-    if comparison["preferred"] is None:
+    if comparison["verdict"] is None:
         return f"not possible: {comparison['reason']}"
-    strength = f"ΔAICc = {abs(comparison['delta']):.1f}{', weak' if comparison['weak'] else ''}"
+    strength = f"LOO ratio pure/floor = {comparison['ratio']:.3g}" if comparison["ratio"] is not None else "LOO ratio unbounded"
+    if comparison["preferred"] is None:
+        return f"{comparison['verdict']} ({strength}; the lower: {laws[comparison['better']]['law']})"
     if comparison["preferred"] == form:
         return f"preferred ({strength})"
     return f"{laws[comparison['preferred']]['law']} preferred ({strength})"
@@ -84,18 +88,18 @@ def _comparison(laws: dict, form: str) -> str:
 def _law_row(site: str, arch: str, metric: str, at: str, entry: dict, comparison: str = "") -> dict[str, Any]:
     row = {"site": site, "arch": arch, "metric": metric, "law": entry.get("law", ""), "at": at}
     row.update(status=entry["status"], formula=entry.get("formula", ""), reason=entry.get("reason", ""))
-    row["AICc comparison"] = comparison
+    row["comparison"] = comparison
     if "params" in entry:
         check, flagged = _held_out(entry)
         row.update({"parameters (95% CI)": _parameters(entry), "cells": entry["n_cells"]})
-        row.update({"premise": _premise(entry), "AICc": entry["aicc"]})
+        row.update({"premise": _premise(entry), "LOO error": entry.get("loo_mse")})
         row.update({"held-out check": check, "flagged": flagged})
     return row
 
 
 def fit_table(fits: dict) -> pd.DataFrame:
     """One row per law of a ``fit_scaling_laws`` result: L(n) at each k, L(k) at each n (pure
-    power law and law with floor, each with the pair's AICc comparison) and the joint L(n, k),
+    power law and law with floor, each with the pair's leave-one-out comparison) and the joint L(n, k),
     per (site, arch) group and metric; a metric that could not be fitted at all is one row with
     its reason; then the laws in C of each compute frontier (``compute``), if any."""
     rows = []
@@ -116,7 +120,7 @@ def fit_table(fits: dict) -> pd.DataFrame:
         for form in ("power", "floor"):
             at = f"{group['curve']}: frontier in C"
             rows.append(_law_row(group["site"], group["arch"], "heldout_nmse", at, laws[form], _comparison(laws, form)))
-    return pd.DataFrame(rows, columns=FIT_COLUMNS).astype({"cells": "Int64", "AICc": float})
+    return pd.DataFrame(rows, columns=FIT_COLUMNS).astype({"cells": "Int64", "LOO error": float})
 
 
 def _page(title: str, body: str) -> str:
@@ -127,11 +131,13 @@ def _page(title: str, body: str) -> str:
 
 
 def _marks(row: pd.Series) -> dict[str, bool]:
-    """The CSS classes of a fit-table row: a skipped law, one contradicting its premise, a flagged
-    held-out check (a contradicted law may be flagged as well)."""
+    """The CSS classes of a fit-table row: a skipped law, one contradicting its premise, one whose
+    exponent's interval includes 0, a flagged held-out check (a contradicted law may be flagged
+    as well)."""
     return {
         "skipped": row.get("status") == "skipped",
         "contradicted": row.get("status") == "contradicted",
+        "not-resolved": row.get("status") == "not resolved",
         "flagged": row.get("flagged") is True,
     }
 
@@ -148,20 +154,23 @@ def _html_table(table: pd.DataFrame) -> str:
 
 def write_fit_table(fits: dict, csv_path: Path, html_path: Path) -> None:
     """``fit_table(fits)`` as CSV and as an HTML page (flagged held-out checks in red, laws that
-    contradict their premise in amber italics)."""
+    contradict their premise in amber italics, laws not resolved in blue)."""
     table = fit_table(fits)
     with atomic_path(csv_path) as temporary:
         table.to_csv(temporary, index=False)
     note = (
-        f"<p>Intervals: the wider of a bootstrap over cells ({fits['bootstrap']} replicates, seed "
-        f"{fits['seed']}) and the linearised least-squares interval with a t quantile. "
+        f"<p>Intervals ({fits['level']:.0%}): the wider of a parametric bootstrap ({fits['bootstrap']} "
+        f"replicates simulated from the fitted law, seed {fits['seed']}) and the linearised "
+        "least-squares interval with a t quantile. "
         "A law over n is refitted without the largest n and asked to predict it; a prediction "
-        "outside its 95% interval is flagged (red row). Every law claims that the loss falls with its "
+        "outside its interval is flagged (red row). Every law claims that the loss falls with its "
         f"variable(s) by more than {fits['min_fall']:.0%} over the observed range; a fit that rises "
         "or falls less is <i>contradicted</i> (amber italic row, reason given) and is not a scaling law. "
-        "Where a pure power law and a law with floor are fitted to the same cells, the one with the "
-        "lower AICc (small-sample corrected AIC of the log residuals) is preferred; "
-        f"a difference of at most {fits['aicc_weak']:g} is weak evidence.</p>"
+        "A law whose exponent's interval includes 0 is <i>not resolved</i> (blue row): the data do not "
+        "exclude a flat curve. Where a pure power law and a law with floor are fitted to the same cells, "
+        "each is refitted without each cell in turn and predicts it (LOO error: mean squared log "
+        f"error); one is preferred when its LOO error is over {fits['loo_ratio']:g} times smaller, "
+        "otherwise the data cannot tell.</p>"
     )
     with atomic_path(html_path) as temporary:
         temporary.write_text(_page("Fitted scaling laws", note + _html_table(table)), encoding="utf-8")

@@ -1,65 +1,28 @@
 """Scaling-law fits over a sweep's cells table (one row per site, arch, n_latents, k, seed).
 
-Laws, with n = number of latents and k = active latents per token:
+The laws are defined in ``analysis.laws``, fitted by ``analysis.fitting`` (seeds averaged
+into one observation per cell, Huber loss on log residuals), checked against their premises
+by ``analysis.premise``, compared by ``analysis.model_choice`` (leave-one-out prediction
+error) and given intervals by ``analysis.bootstrap`` (parametric).  This module runs them over
+the cells table and assembles fits.json.
 
-    power_n   L(n)    = a·n^(−b)                         (at fixed k)
-    floor_n   L(n)    = a·n^(−b) + c,   c ≥ 0            (at fixed k; c is the irreducible term)
-    power_k   L(k)    = a·k^(−b)                         (at fixed n)
-    floor_k   L(k)    = a·k^(−b) + c,   c ≥ 0            (at fixed n)
-    joint     L(n, k) = exp(α + β_k ln k + β_n ln n + γ ln k ln n) + exp(ζ + η ln k)
-                                                         (Gao et al. 2024, eq. for GPT-4)
-    power_C   L(C)    = a·C^(−b),   floor_C  L(C) = a·C^(−b) + c
-                                                         (C: training compute, ``compute``)
-
-Fitting (Hoffmann et al. 2022, approach 3): every law is written as
-log L = logaddexp(X_u·θ_u, X_v·θ_v) (the floor term X_v·θ_v is absent for pure power
-laws; a and c enter as log a and log c, so c ≥ 0 by construction).  We minimise
-Σ_i Huber_δ(log L(x_i) − log y_i), δ = 1e-3, with L-BFGS from a small grid of initial
-points (floor at 1 %, 50 % and 90 % of the smallest observation, the power term from a
-log-linear least-squares fit of the rest) and keep the best.
-
-Observations: the seeds of a cell are averaged (arithmetic mean) into one observation per
-cell.  Log fits need positive values: non-positive or missing observations (e.g. a noisy
-``delta_lm_loss``) are dropped before averaging and counted in ``n_dropped_nonpositive``
+Observations: log fits need positive values: non-positive or missing observations (e.g. a
+noisy ``delta_lm_loss``) are dropped before averaging and counted in ``n_dropped_nonpositive``
 and ``n_dropped_missing``; this biases such a metric upwards near zero.
 
-Uncertainty: ``bootstrap`` replicates resample the law's cells with replacement and, within
-each drawn cell, its seeds with replacement; each replicate is refitted from the full-data
-optimum.  A replicate fails when it has too few distinct x values or its fit is not finite.
-With few cells the replicates that succeed barely differ (with p + 1 cells every one of them
-is the full data), so each 95 % interval is the union of the bootstrap percentile interval
-and the linearised one, θ̂ ± t_{m−p}(0.975) · s · √((JᵀJ)⁺_ii) (see ``_Linearised``; mapped
-through exp for log parameters); the band of a 1-D law is likewise the union of the bootstrap
-band and log L̂(x) ± t_{m−p}(0.975) · s · √(jᵀ (JᵀJ)⁺ j).
+Uncertainty: each 95 % interval (``core.stats.LEVEL``) is the union of the parametric
+bootstrap's percentile interval (``analysis.bootstrap``: ``bootstrap`` replicates simulated
+from the fitted law with the residuals' spread, the spread itself drawn from its χ²
+distribution) and the linearised one, θ̂ ± t_{m−p}(0.975) · s · √((JᵀJ)⁺_ii)
+(``fitting.Linearised``; mapped through exp for log parameters); the band of a 1-D law is
+likewise the union of the bootstrap band and log L̂(x) ± t_{m−p}(0.975) · s · √(jᵀ (JᵀJ)⁺ j).
+The seed-to-seed variance enters through s: the cell means scatter by it.  Coverage on
+planted laws: ``python -m saesweep.analysis.calibrate`` (benchmarks/README.md).
 
-Premises: every law claims that the loss falls with its variable(s), measurably, over the
-observed range.  The fit is free (b is not constrained, so a contradiction shows instead of
-being pinned at b = 0); afterwards L̂ is evaluated on a log grid of BAND_POINTS values
-spanning the fitted cells' range of each variable (BAND_POINTS × BAND_POINTS in (n, k) for
-the joint law, which is checked along n at each grid k and along k at each grid n):
-
-    1. L̂ never rises between two neighbouring grid points (for the 1-D laws: b ≥ 0), and
-    2. L̂ falls measurably along every grid line: L̂(x_min) / L̂(x_max) − 1 > MIN_FALL
-       (for a pure power law: (x_max/x_min)^b − 1 > MIN_FALL, so with 1, b > 0).
-
-A law failing either check keeps its parameters but gets ``"status": "contradicted"`` and a
-``reason`` in words.  For a law with floor, check 2 implies that the power term is not
-negligible against the floor, a·x_min^(−b) > MIN_FALL·c (since L̂(x_min) − L̂(x_max) <
-a·x_min^(−b) and L̂(x_max) > c), and it also catches the other way a floor law degenerates on
-flat data (c → 0, b → 0, so a·x^(−b) is itself a constant).
-
-Model comparison (1-D laws): where the pure law and the law with floor are both fitted to the
-same cells, the data's preference is decided by AICc (small-sample corrected AIC) of the log
-residuals r_i = log L̂(x_i) − log y_i at the fitted optimum, with m cells and p parameters:
-
-    AICc = m·ln(RSS/m) + 2p + 2p(p + 1)/(m − p − 1),   RSS = Σ r_i²,
-
-i.e. a Gaussian likelihood for the log residuals (the Huber objective with δ = 1e-3 is nearly
-least absolute deviations, so this is an approximation shared by both laws).  The law with the
-lower AICc is preferred (the pure law on a tie: fewer parameters); |ΔAICc| ≤ AICC_WEAK is
-conventionally weak evidence either way (Burnham & Anderson 2002).  With m − p − 1 ≤ 0, or
-RSS = 0, a law's AICc is undefined and no comparison is made.  The comparison ignores the
-premises: a preferred law may still be ``contradicted``.
+Resolution (1-D laws): a law that passes its premises but whose exponent's 95 % interval
+includes 0 (or is unbounded) gets ``"status": "not resolved"`` and a ``reason``: the fitted
+curve falls, but the data do not exclude a flat one.  (The joint law's exponents are not
+judged one by one; its premises are checked along both variables.)
 
 Validation (laws over n only): refit on all cells but those at the largest n, predict
 that n, and compare with the observation.  The prediction interval is the linearised one
@@ -68,276 +31,27 @@ residuals r, Jacobian J of log L at its cells and j₀ at the held-out cell,
 
     log L(x₀) ± t_{m−p}(1 − 0.025/h) · s · √(1 + j₀ᵀ (JᵀJ)⁺ j₀),   s² = Σ r² / (m − p),
 
-so it covers observation noise and parameter uncertainty, and stays honest with few cells
-(where a bootstrap over cells has almost no spread); with h held-out cells (the joint law
-holds out one per k) the level is corrected to 1 − 0.05/h (Bonferroni).  The fit is
-flagged when any held-out observation lies outside its interval.
+so it covers observation noise and parameter uncertainty, and stays honest with few cells;
+with h held-out cells (the joint law holds out one per k) the level is corrected to
+1 − 0.05/h (Bonferroni).  The fit is flagged when any held-out observation lies outside its
+interval.
 """
 
 from __future__ import annotations
 
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from scipy.optimize import minimize
-from scipy.stats import t as student_t
 
 from saesweep.analysis.aggregate import with_curves
-
-HUBER_DELTA = 1e-3
-FLOOR_FRACTIONS = (0.01, 0.5, 0.9)
-BAND_POINTS = 32
-# The smallest relative fall L̂(x_min)/L̂(x_max) − 1 over the observed range for which a law is
-# said to fall (premise check 2).  A law that changes by at most 5 % across the whole observed
-# range is a constant at the precision of a sweep, whose cells are single training runs with
-# hyperparameters shared across n and k: its power term adds at most 5 % to the floor, so its
-# exponent is not measured but traded against a and c, and it says nothing about scaling.
-# 5 % is several times the seed-to-seed scatter the intervals are tested against (1 %), so a
-# real fall of that size still stands out of the noise; a range with a weaker trend needs more
-# data, not a law.
-MIN_FALL = 0.05
-# |ΔAICc| at or below which a preference between two laws is conventionally weak.
-AICC_WEAK = 2.0
-
-
-@dataclass(frozen=True)
-class Law:
-    """One functional form: public parameter names, which of them are fitted as logs, its variable."""
-
-    name: str
-    formula: str
-    param_names: tuple[str, ...]
-    log_params: tuple[str, ...]
-    x: str  # "n", "k", "n,k" or "C" (held in the n column of the cells)
-    floor: bool
-
-
-LAWS: dict[str, Law] = {
-    law.name: law
-    for law in (
-        Law("power_n", "L(n) = a * n^(-b)", ("a", "b"), ("a",), "n", False),
-        Law("floor_n", "L(n) = a * n^(-b) + c", ("a", "b", "c"), ("a", "c"), "n", True),
-        Law("power_k", "L(k) = a * k^(-b)", ("a", "b"), ("a",), "k", False),
-        Law("floor_k", "L(k) = a * k^(-b) + c", ("a", "b", "c"), ("a", "c"), "k", True),
-        Law("power_C", "L(C) = a * C^(-b)", ("a", "b"), ("a",), "C", False),
-        Law("floor_C", "L(C) = a * C^(-b) + c", ("a", "b", "c"), ("a", "c"), "C", True),
-        Law(
-            "joint",
-            "L(n, k) = exp(alpha + beta_k*ln(k) + beta_n*ln(n) + gamma*ln(k)*ln(n)) + exp(zeta + eta*ln(k))",
-            ("alpha", "beta_k", "beta_n", "gamma", "zeta", "eta"),
-            (),
-            "n,k",
-            True,
-        ),
-    )
-}
-
-
-def _design(law: Law, n: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """Feature matrices of the power term (X_u) and the floor term (X_v, None without floor)."""
-    ln, lk = np.log(n.astype(float)), np.log(k.astype(float))
-    one = np.ones_like(ln)
-    if law.x == "n,k":
-        return np.column_stack([one, lk, ln, lk * ln]), np.column_stack([one, lk])
-    lx = lk if law.x == "k" else ln
-    return np.column_stack([one, -lx]), (one[:, None] if law.floor else None)
-
-
-def _log_predict(theta: np.ndarray, xu: np.ndarray, xv: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """log L and its Jacobian with respect to the internal parameters θ = (θ_u, θ_v)."""
-    pu = xu.shape[1]
-    u = xu @ theta[:pu]
-    if xv is None:
-        return u, xu
-    f = np.logaddexp(u, xv @ theta[pu:])
-    w = np.exp(u - f)[:, None]
-    return f, np.hstack([w * xu, (1.0 - w) * xv])
-
-
-def _objective(theta: np.ndarray, xu: np.ndarray, xv: np.ndarray | None, logy: np.ndarray) -> tuple[float, np.ndarray]:
-    """Σ Huber_δ(r) / δ over log residuals r, and its gradient (dividing by δ only rescales)."""
-    f, jac = _log_predict(theta, xu, xv)
-    r = f - logy
-    small = np.abs(r) <= HUBER_DELTA
-    loss = np.where(small, 0.5 * r**2 / HUBER_DELTA, np.abs(r) - 0.5 * HUBER_DELTA).sum()
-    return float(loss), jac.T @ np.clip(r / HUBER_DELTA, -1.0, 1.0)
-
-
-def _initial_points(xu: np.ndarray, xv: np.ndarray | None, y: np.ndarray) -> list[np.ndarray]:
-    """Log-linear least squares for a pure power law; with a floor, one start per FLOOR_FRACTIONS."""
-    if xv is None:
-        return [np.linalg.lstsq(xu, np.log(y), rcond=None)[0]]
-    _, group = np.unique(xv, axis=0, return_inverse=True)
-    group_min = pd.Series(y).groupby(group.ravel()).transform("min").to_numpy()
-    starts = []
-    for frac in FLOOR_FRACTIONS:
-        theta_v = np.linalg.lstsq(xv, np.log(frac * group_min), rcond=None)[0]
-        theta_u = np.linalg.lstsq(xu, np.log(y - frac * group_min), rcond=None)[0]
-        starts.append(np.concatenate([theta_u, theta_v]))
-    return starts
-
-
-def _minimise(
-    xu: np.ndarray, xv: np.ndarray | None, y: np.ndarray, starts: list[np.ndarray]
-) -> tuple[np.ndarray, float, bool]:
-    """Best L-BFGS optimum over the starting points: (θ, loss, converged)."""
-    best: tuple[np.ndarray, float, bool] = (np.full_like(starts[0], np.nan), np.inf, False)
-    for start in starts:
-        res = minimize(
-            _objective,
-            start,
-            args=(xu, xv, np.log(y)),
-            jac=True,
-            method="L-BFGS-B",
-            options={"maxiter": 2000, "ftol": 1e-13, "gtol": 1e-9},
-        )
-        if np.all(np.isfinite(res.x)) and np.isfinite(res.fun) and res.fun < best[1]:
-            best = (res.x, float(res.fun), bool(res.success))
-    return best
-
-
-def _to_public(law: Law, theta: np.ndarray) -> np.ndarray:
-    """Internal θ (log a, b, log c / α…η) → public parameters in ``law.param_names`` order."""
-    out = theta.astype(float).copy()
-    for i, name in enumerate(law.param_names):
-        if name in law.log_params:
-            out[..., i] = np.exp(theta[..., i])
-    return out
-
-
-def _too_few(law: Law, nk: np.ndarray) -> str | None:
-    """Why ``nk`` (distinct cells, columns n and k) cannot determine the law, or None."""
-    p = len(law.param_names)
-    if law.x == "n,k" and (len(np.unique(nk[:, 0])) < 2 or len(np.unique(nk[:, 1])) < 2):
-        return "needs at least 2 distinct n and 2 distinct k"
-    if len(np.unique(nk, axis=0)) < p + 1:
-        return f"{len(np.unique(nk, axis=0))} distinct {law.x} value(s), need at least {p + 1} for {p} parameters"
-    return None
-
-
-@dataclass
-class _Fit:
-    theta: np.ndarray
-    loss: float
-    converged: bool
-    samples: np.ndarray  # successful bootstrap θ, shape (S, p)
-    residuals: np.ndarray  # log(prediction) − log(observation) per cell
-
-
-def _fit(law: Law, nk: np.ndarray, vals: list[np.ndarray], rng: np.random.Generator, bootstrap: int) -> _Fit | str:
-    """Fit ``law`` to cells ``nk`` (m × 2) with seed values ``vals``; a reason string if impossible."""
-    reason = _too_few(law, nk)
-    if reason:
-        return reason
-    y = np.array([v.mean() for v in vals])
-    xu, xv = _design(law, nk[:, 0], nk[:, 1])
-    theta, loss, converged = _minimise(xu, xv, y, _initial_points(xu, xv, y))
-    if not np.isfinite(loss):
-        return "optimiser found no finite optimum"
-    samples = []
-    m = len(vals)
-    for _ in range(bootstrap):
-        idx = rng.integers(m, size=m)
-        yb = np.array([rng.choice(vals[i], size=len(vals[i])).mean() for i in idx])
-        if _too_few(law, nk[idx]):
-            continue
-        xub, xvb = _design(law, nk[idx, 0], nk[idx, 1])
-        tb, lb, _ = _minimise(xub, xvb, yb, [theta])
-        if np.isfinite(lb) and np.all(np.isfinite(_to_public(law, tb))):
-            samples.append(tb)
-    residuals = _log_predict(theta, xu, xv)[0] - np.log(y)
-    return _Fit(theta, loss, converged, np.array(samples).reshape(-1, len(theta)), residuals)
-
-
-@dataclass
-class _Linearised:
-    """A fit linearised at its optimum (nonlinear least squares in log space): with m cells,
-    p parameters, log residuals r and Jacobian J of log L at the cells,
-    s² = Σ r² / (m − p) and the unscaled covariance (JᵀJ)⁺."""
-
-    inverse: np.ndarray
-    spread: float
-    dof: int
-
-    def half_width(self, jac: np.ndarray, level: float, new_observation: bool = False) -> np.ndarray:
-        """t_{m−p}((1 + level)/2) · s · √(jᵀ (JᵀJ)⁺ j [+ 1 for a new observation]) per row j of ``jac``."""
-        leverage = np.einsum("ij,jk,ik->i", jac, self.inverse, jac) + (1.0 if new_observation else 0.0)
-        return student_t.ppf((1 + level) / 2, self.dof) * self.spread * np.sqrt(leverage)
-
-
-def _linearise(fit: _Fit, xu: np.ndarray, xv: np.ndarray | None) -> _Linearised:
-    jac = _log_predict(fit.theta, xu, xv)[1]
-    m, p = jac.shape
-    return _Linearised(np.linalg.pinv(jac.T @ jac), float(np.sqrt((fit.residuals**2).sum() / (m - p))), m - p)
-
-
-def _num(x: float) -> float | None:
-    """A JSON-safe float (None for NaN or infinity)."""
-    return float(x) if np.isfinite(x) else None
-
-
-def _premise(law: Law, theta: np.ndarray, nk: np.ndarray) -> tuple[dict, str | None]:
-    """The premise checks of the module docstring for a fit ``theta`` to cells ``nk``: the
-    ``premise`` record of its entry and, when a check fails, the reason in words (else None)."""
-    ranges = {"n": (int(nk[:, 0].min()), int(nk[:, 0].max())), "k": (int(nk[:, 1].min()), int(nk[:, 1].max()))}
-    ranges["C"] = ranges["n"]
-    nn, kk = np.meshgrid(*(np.geomspace(*ranges[v], BAND_POINTS) for v in ("n", "k")))  # rows: k, columns: n
-    log_l = _log_predict(theta, *_design(law, nn.ravel(), kk.ravel()))[0].reshape(nn.shape)
-    variables = law.x.split(",")
-    statement = f"L falls with {' and with '.join(variables)}, by more than {MIN_FALL:.0%} over the observed range"
-    record: dict = {"statement": statement, "falls_with": {}}
-    reasons = []
-    for v in variables:
-        lines = log_l.T if v == "k" else log_l  # each row: L̂ along v at one value of the other variable
-        rises = bool(np.any(np.diff(lines, axis=1) > 0))
-        fall = float(np.expm1(lines[:, 0] - lines[:, -1]).min())
-        record["falls_with"][v] = {"rises": rises, "fall": _num(fall), "range": list(ranges[v])}
-        where = f"over {v} = {ranges[v][0]}…{ranges[v][1]}"
-        if rises:
-            slope = f" (b = {theta[1]:.3g} ≤ 0)" if law.x != "n,k" else " somewhere"
-            reasons.append(f"the fitted loss rises with {v}{slope} {where}")
-        elif not fall > MIN_FALL:
-            reasons.append(
-                f"the fitted loss falls with {v} by only {fall:.1%} {where} (more than {MIN_FALL:.0%} required): "
-                "its power term is negligible there"
-            )
-    if law.floor and law.x != "n,k":
-        a, b, c = _to_public(law, theta)
-        with np.errstate(divide="ignore", over="ignore"):
-            share = a * ranges[law.x][0] ** -b / c
-        record["power_share"] = _num(share)
-        if reasons and not share > MIN_FALL:
-            reasons[-1] += f" (a·{law.x}^(−b) at {law.x} = {ranges[law.x][0]} is {share:.1%} of the floor c)"
-    record["holds"] = not reasons
-    return record, "; ".join(reasons) or None
-
-
-def _aicc(residuals: np.ndarray, p: int) -> float | None:
-    """AICc = m·ln(RSS/m) + 2p + 2p(p + 1)/(m − p − 1) of m log residuals; None where undefined
-    (m − p − 1 ≤ 0 or RSS = 0)."""
-    m, rss = len(residuals), float((residuals**2).sum())
-    if m - p - 1 <= 0 or rss <= 0:
-        return None
-    return float(m * np.log(rss / m) + 2 * p + 2 * p * (p + 1) / (m - p - 1))
-
-
-def _compare(power: dict, floor: dict) -> dict:
-    """AICc comparison of the pure law and the law with floor fitted to the same cells."""
-    out: dict = {"criterion": "AICc", "aicc": {"power": power.get("aicc"), "floor": floor.get("aicc")}}
-    missing = [
-        f"{e['law']} skipped"
-        if e["status"] == "skipped"
-        else f"{e['law']}: AICc undefined for {e['n_cells']} cells and {len(e['param_names'])} parameters"
-        for e in (power, floor)
-        if e.get("aicc") is None
-    ]
-    if missing:
-        return out | {"preferred": None, "delta": None, "weak": None, "reason": "; ".join(missing)}
-    delta = floor["aicc"] - power["aicc"]
-    return out | {"preferred": "floor" if delta < 0 else "power", "delta": delta, "weak": bool(abs(delta) <= AICC_WEAK)}
+from saesweep.analysis.bootstrap import parameter_intervals, parametric_samples
+from saesweep.analysis.fitting import HUBER_DELTA, fit_law, linearise
+from saesweep.analysis.laws import LAWS, Law, design, log_predict, to_public
+from saesweep.analysis.model_choice import LOO_RATIO, compare, loo_mse
+from saesweep.analysis.premise import BAND_POINTS, MIN_FALL, num, premise
+from saesweep.core.stats import LEVEL, TAILS_PERCENT
 
 
 def _skipped(law: Law, reason: str) -> dict:
@@ -351,15 +65,15 @@ def _skipped(law: Law, reason: str) -> dict:
     }
 
 
-def _validate(law: Law, nk: np.ndarray, vals: list[np.ndarray], rng: np.random.Generator) -> dict:
+def _validate(law: Law, nk: np.ndarray, vals: list[np.ndarray]) -> dict:
     """Refit without the largest n and predict it (see the module docstring)."""
     held = nk[:, 0] == nk[:, 0].max()
-    train = _fit(law, nk[~held], [v for v, h in zip(vals, held) if not h], rng, bootstrap=0)
+    y = np.array([v.mean() for v in vals])
+    train = fit_law(law, nk[~held], y[~held])
     if isinstance(train, str):
         return {"status": "skipped", "reason": f"without the largest n: {train}"}
-    linearised = _linearise(train, *_design(law, nk[~held, 0], nk[~held, 1]))
-    log_predicted, jac = _log_predict(train.theta, *_design(law, nk[held, 0], nk[held, 1]))
-    half_width = linearised.half_width(jac, 1 - 0.05 / held.sum(), new_observation=True)
+    log_predicted, jac = log_predict(train.theta, *design(law, nk[held, 0], nk[held, 1]))
+    half_width = linearise(train).half_width(jac, 1 - (1 - LEVEL) / held.sum(), new_observation=True)
     rows = []
     for j, (n, k) in enumerate(nk[held]):
         observed = float(vals[np.flatnonzero(held)[j]].mean())
@@ -369,9 +83,9 @@ def _validate(law: Law, nk: np.ndarray, vals: list[np.ndarray], rng: np.random.G
             "n": int(n),
             "k": int(k),
             "observed": observed,
-            "predicted": _num(predicted),
-            "rel_error": _num(predicted / observed - 1.0),
-            "interval": [_num(lo), _num(hi)],
+            "predicted": num(predicted),
+            "rel_error": num(predicted / observed - 1.0),
+            "interval": [num(lo), num(hi)],
             "within_interval": bool(lo <= observed <= hi),
         })
     inside = all(r["within_interval"] for r in rows)
@@ -386,6 +100,17 @@ def _validate(law: Law, nk: np.ndarray, vals: list[np.ndarray], rng: np.random.G
     }
 
 
+def _resolution(law: Law, ci95: dict) -> str | None:
+    """Why a 1-D law's fall is not resolved (its exponent's interval includes 0), or None."""
+    if law.x == "n,k":
+        return None
+    lo, hi = ci95["b"]
+    if lo is not None and hi is not None and not lo <= 0 <= hi:
+        return None
+    shown = f"[{lo:.3g}, {hi:.3g}]" if lo is not None and hi is not None else "unbounded"
+    return f"the exponent b's {LEVEL:.0%} interval {shown} includes 0: the fall with {law.x} is not resolved"
+
+
 def _fit_entry(
     law: Law, subset: pd.DataFrame, metric: str, fixed: dict[str, int], rng: np.random.Generator, bootstrap: int
 ) -> dict:
@@ -396,13 +121,14 @@ def _fit_entry(
     cells = [(key, g.to_numpy(float)) for key, g in usable.groupby(["n_latents", "k"])[metric]]
     nk = np.array([key for key, _ in cells], dtype=np.int64).reshape(-1, 2)
     vals = [v for _, v in cells]
-    fit = _fit(law, nk, vals, rng, bootstrap)
+    fit = fit_law(law, nk, np.array([v.mean() for v in vals]))
     if isinstance(fit, str):
         if dropped_nonpos:
             fit += f" ({dropped_nonpos} non-positive observation(s) dropped)"
         return _skipped(law, fit)
-    public = _to_public(law, fit.theta)
-    boot = _to_public(law, fit.samples)
+    samples = parametric_samples(fit, bootstrap, rng)
+    public, boot = to_public(law, fit.theta), to_public(law, samples)
+    loo = loo_mse(fit)
     entry = {
         "status": "ok",
         "law": law.name,
@@ -410,10 +136,10 @@ def _fit_entry(
         "param_names": list(law.param_names),
         "x": law.x,
         "fixed": fixed,
-        "params": {p: _num(v) for p, v in zip(law.param_names, public)},
+        "params": {p: num(v) for p, v in zip(law.param_names, public)},
         "ci95": {p: None for p in law.param_names},
         "std": {p: None for p in law.param_names},
-        "bootstrap": {"requested": bootstrap, "succeeded": len(boot)},
+        "bootstrap": {"kind": "parametric", "requested": bootstrap, "succeeded": len(boot)},
         "n_cells": len(vals),
         "n_obs": int(sum(len(v) for v in vals)),
         "n_dropped_nonpositive": dropped_nonpos,
@@ -422,35 +148,37 @@ def _fit_entry(
         "converged": fit.converged,
         "max_abs_log_residual": float(np.abs(fit.residuals).max()),
         "rss_log": float((fit.residuals**2).sum()),
-        "aicc": _aicc(fit.residuals, len(fit.theta)),
+        "loo_mse": None if isinstance(loo, str) else loo,
     }
-    entry["premise"], contradiction = _premise(law, fit.theta, nk)
+    if isinstance(loo, str):
+        entry["loo_reason"] = loo
+    entry["premise"], contradiction = premise(law, fit.theta, nk)
+    linearised = linearise(fit)
+    lo, hi = parameter_intervals(fit, samples, linearised)
+    if len(boot) >= 2:
+        entry["std"] = {p: num(s) for p, s in zip(law.param_names, boot.std(axis=0, ddof=1))}
+    entry["ci95"] = {p: [num(a), num(b)] for p, a, b in zip(law.param_names, lo, hi)}
+    unresolved = _resolution(law, entry["ci95"])
     if contradiction:
         entry.update(status="contradicted", reason=contradiction)
-    linearised = _linearise(fit, *_design(law, nk[:, 0], nk[:, 1]))
-    half = linearised.half_width(np.eye(len(fit.theta)), 0.95)
-    with np.errstate(over="ignore"):  # an unidentified parameter's interval may be unbounded
-        lo, hi = _to_public(law, fit.theta - half), _to_public(law, fit.theta + half)
-    if len(boot) >= 2:
-        boot_lo, boot_hi = np.percentile(boot, [2.5, 97.5], axis=0)
-        lo, hi = np.minimum(lo, boot_lo), np.maximum(hi, boot_hi)
-        entry["std"] = {p: _num(s) for p, s in zip(law.param_names, boot.std(axis=0, ddof=1))}
-    entry["ci95"] = {p: [_num(a), _num(b)] for p, a, b in zip(law.param_names, lo, hi)}
+    elif unresolved:
+        entry.update(status="not resolved", reason=unresolved)
     if law.x != "n,k":
+        entry["resolved"] = unresolved is None
         col = 1 if law.x == "k" else 0
         grid = np.geomspace(nk[:, col].min(), nk[:, col].max(), BAND_POINTS)
-        xu, xv = _design(law, grid, grid)
-        log_mean, jac = _log_predict(fit.theta, xu, xv)
-        half_band = linearised.half_width(jac, 0.95)
+        xu, xv = design(law, grid, grid)
+        log_mean, jac = log_predict(fit.theta, xu, xv)
+        half_band = linearised.half_width(jac)
         with np.errstate(over="ignore"):
             band_lo, band_hi = np.exp(log_mean - half_band), np.exp(log_mean + half_band)
         if len(boot) >= 2:
-            preds = np.exp([_log_predict(t, xu, xv)[0] for t in fit.samples])
-            boot_lo, boot_hi = np.percentile(preds, [2.5, 97.5], axis=0)
+            preds = np.exp([log_predict(t, xu, xv)[0] for t in samples])
+            boot_lo, boot_hi = np.percentile(preds, TAILS_PERCENT, axis=0)
             band_lo, band_hi = np.minimum(band_lo, boot_lo), np.maximum(band_hi, boot_hi)
-        entry["band"] = {"x": grid.tolist(), "lo": list(map(_num, band_lo)), "hi": list(map(_num, band_hi))}
+        entry["band"] = {"x": grid.tolist(), "lo": list(map(num, band_lo)), "hi": list(map(num, band_hi))}
     if "n" in law.x:
-        entry["validation"] = _validate(law, nk, vals, rng)
+        entry["validation"] = _validate(law, nk, vals)
     return entry
 
 
@@ -487,7 +215,7 @@ def _fit_metric(group: pd.DataFrame, metric: str, bootstrap: int, seed: int, sit
 
     def pair(variable: str, subset: pd.DataFrame, fixed: dict[str, int]) -> dict:
         power, floor = fit(f"power_{variable}", subset, fixed), fit(f"floor_{variable}", subset, fixed)
-        return {"power": power, "floor": floor, "comparison": _compare(power, floor)}
+        return {"power": power, "floor": floor, "comparison": compare(power, floor)}
 
     k_only = k_family(g)
 
@@ -520,7 +248,8 @@ def fit_scaling_laws(cells: pd.DataFrame, metrics: Sequence[str], bootstrap: int
 
     Returns a JSON-serialisable dict (non-finite numbers become None)::
 
-        {"huber_delta": 1e-3, "min_fall": MIN_FALL, "aicc_weak": AICC_WEAK, "bootstrap": B, "seed": s,
+        {"huber_delta": 1e-3, "min_fall": MIN_FALL, "loo_ratio": LOO_RATIO, "level": 0.95,
+         "bootstrap": B, "seed": s,
          "metrics": [...], "groups": [{"site": str, "arch": str, "metrics": {metric: M}}]}
 
     M is {"status": "skipped", "reason": str} (metric column absent) or::
@@ -530,33 +259,32 @@ def fit_scaling_laws(cells: pd.DataFrame, metrics: Sequence[str], bootstrap: int
          "vs_k":  {str(n): {"power": E, "floor": E, "comparison": C}},   # laws L(k) at each n
          "joint": E}                                                     # L(n, k)
 
-    A law entry E always has "status" ("ok", "contradicted" or "skipped"), "law" (a key of
-    LAWS), "formula", "param_names", "x" ("n", "k" or "n,k").  Skipped entries add "reason";
-    fitted ones ("ok", or "contradicted" with a "reason": see Premises) add
-    "fixed" ({"k": 32} / {"n": 4096} / {}), "params" {name: value}, "ci95" {name: [lo, hi]}
-    (see Uncertainty) and "std" {name: s} (bootstrap; None without ≥ 2 successful replicates), "bootstrap"
-    {"requested", "succeeded"}, "n_cells", "n_obs", "n_dropped_nonpositive",
-    "n_dropped_missing", "huber_loss" (Σ Huber_δ(r)/δ at the optimum), "converged" (L-BFGS's own
-    success flag; it often stops on a line-search warning at a good optimum), "max_abs_log_residual",
-    "rss_log" (Σ r² of the log residuals), "aicc" (None where undefined), "premise"
-    {"statement", "holds", "falls_with": {variable: {"rises", "fall", "range": [lo, hi]}}}
-    ("fall": the smallest L̂(x_min)/L̂(x_max) − 1 over the grid lines; laws with floor over one
-    variable add "power_share" = a·x_min^(−b)/c);
-    1-D laws add "band" {"x": grid over the observed range, "lo", "hi"}: the 95 % band of L
-    (see Uncertainty; None where unbounded); laws over n add "validation": {"status": "skipped", "reason"} or
-    {"status": "ok", "holdout_n", "n_train_cells", "cells": [{"n", "k", "observed",
-    "predicted", "rel_error", "interval": [lo, hi], "within_interval"}],
+    A law entry E always has "status" ("ok", "not resolved", "contradicted" or "skipped"),
+    "law" (a key of LAWS), "formula", "param_names", "x" ("n", "k" or "n,k").  Skipped entries
+    add "reason"; fitted ones ("ok"; "contradicted" or "not resolved" with a "reason": see
+    Premises and Resolution) add "fixed" ({"k": 32} / {"n": 4096} / {}), "params" {name: value},
+    "ci95" {name: [lo, hi]} (see Uncertainty) and "std" {name: s} (bootstrap; None without ≥ 2
+    successful replicates), "bootstrap" {"kind": "parametric", "requested", "succeeded"},
+    "n_cells", "n_obs", "n_dropped_nonpositive", "n_dropped_missing", "huber_loss" (Σ
+    Huber_δ(r)/δ at the optimum), "converged" (L-BFGS's own success flag; it often stops on a
+    line-search warning at a good optimum), "max_abs_log_residual", "rss_log" (Σ r² of the log
+    residuals), "loo_mse" (``model_choice.loo_mse``; None where the cells are too few, with
+    "loo_reason"), "premise" {"statement", "holds", "falls_with": {variable: {"rises", "fall",
+    "range": [lo, hi]}}} ("fall": the smallest L̂(x_min)/L̂(x_max) − 1 over the grid lines; laws
+    with floor over one variable add "power_share" = a·x_min^(−b)/c); 1-D laws add "resolved"
+    (whether b's interval excludes 0) and "band" {"x": grid over the observed range, "lo", "hi"}:
+    the 95 % band of L (see Uncertainty; None where unbounded); laws over n add "validation":
+    {"status": "skipped", "reason"} or {"status": "ok", "holdout_n", "n_train_cells", "cells":
+    [{"n", "k", "observed", "predicted", "rel_error", "interval": [lo, hi], "within_interval"}],
     "max_abs_rel_error", "within_interval", "flagged"}.
 
-    A comparison C (see Model comparison) is {"criterion": "AICc", "aicc": {"power", "floor"},
-    "preferred": "power" | "floor", "delta": AICc(floor) − AICc(power), "weak": |delta| ≤ AICC_WEAK}
-    or, where either AICc is undefined, {"criterion", "aicc", "preferred": None, "delta": None,
-    "weak": None, "reason": str}.
+    A comparison C is ``model_choice.compare``'s record.
     """
     out: dict = {
         "huber_delta": HUBER_DELTA,
         "min_fall": MIN_FALL,
-        "aicc_weak": AICC_WEAK,
+        "loo_ratio": LOO_RATIO,
+        "level": LEVEL,
         "bootstrap": bootstrap,
         "seed": seed,
         "metrics": list(metrics),
@@ -576,26 +304,9 @@ def fit_pair(variable: str, x: np.ndarray, y: np.ndarray, bootstrap: int, seed: 
     table = pd.DataFrame({"n_latents": np.asarray(x, dtype=np.int64), "k": 1, "seed": 0, "y": y})
     table["_ok"] = table["y"].gt(0) & table["y"].notna()
     power, floor = (_fit_entry(LAWS[f"{form}_{variable}"], table, "y", {}, rng, bootstrap) for form in ("power", "floor"))
-    return {"power": power, "floor": floor, "comparison": _compare(power, floor)}
+    return {"power": power, "floor": floor, "comparison": compare(power, floor)}
 
 
 def find_group(fits: dict, site: str, arch: str) -> dict | None:
     """The ``metrics`` dict of one (site, arch) group of a fit_scaling_laws result, or None."""
     return next((g["metrics"] for g in fits["groups"] if g["site"] == site and g["arch"] == arch), None)
-
-
-def predict(law_entry: dict, n: np.ndarray | float | None = None, k: np.ndarray | float | None = None) -> np.ndarray:
-    """Evaluate a fitted law entry (``ok`` or ``contradicted``) at n and/or k (broadcast); the other
-    variable may be omitted."""
-    if "params" not in law_entry:
-        raise ValueError(f"law {law_entry.get('law')} was not fitted: {law_entry.get('reason')}")
-    law = LAWS[law_entry["law"]]
-    n_arr, k_arr = np.broadcast_arrays(
-        np.atleast_1d(np.asarray(1.0 if n is None else n, float)),
-        np.atleast_1d(np.asarray(1.0 if k is None else k, float)),
-    )
-    public = np.array([law_entry["params"][p] for p in law.param_names], float)
-    with np.errstate(divide="ignore"):
-        theta = np.array([np.log(v) if p in law.log_params else v for p, v in zip(law.param_names, public)])
-    xu, xv = _design(law, n_arr.ravel(), k_arr.ravel())
-    return np.exp(_log_predict(theta, xu, xv)[0]).reshape(n_arr.shape)

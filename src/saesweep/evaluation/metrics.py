@@ -322,8 +322,11 @@ def ablation_sparsity(delta_logits: torch.Tensor) -> float:
 
 def mean_and_standard_error(values: Sequence[float]) -> tuple[float, float]:
     """(mean, standard error s/√m) of the finite values among ``values``, s the sample
-    standard deviation (ddof 1): the interval of a metric averaged over m sampled latents
-    or tasks is mean ± 1.96·SE. nan for the mean without values, for the SE below 2."""
+    standard deviation (ddof 1), over the m finite values: the 95 % interval of a metric
+    averaged over m sampled latents or tasks is mean ± t_{m−1}(0.975)·SE, on m − 1 degrees of
+    freedom (``core.stats.t_quantile(m − 1)``; m is stored beside the SE as ``{name}_count``,
+    and ``analysis.intervals`` combines it with the seeds). nan for the mean without values,
+    for the SE below 2."""
     finite = [float(v) for v in values if math.isfinite(v)]
     if not finite:
         return NAN, NAN
