@@ -5,6 +5,7 @@ import torch
 from torch.nn import functional as F
 
 from saesweep.evaluation import metrics as M
+from saesweep.evaluation import probes as P
 from saesweep.sae.topk import TopKSAE
 
 
@@ -146,11 +147,11 @@ def test_ablation_sparsity_range():
 
 
 def test_label_entropy():
-    assert M.label_entropy(torch.tensor([True, False])) == pytest.approx(math.log(2))
-    assert M.label_entropy(torch.tensor([True, True])) == 0.0
+    assert P.label_entropy(torch.tensor([True, False])) == pytest.approx(math.log(2))
+    assert P.label_entropy(torch.tensor([True, True])) == 0.0
     p = 0.25
     h = -(p * math.log(p) + (1 - p) * math.log(1 - p))
-    assert M.label_entropy(torch.tensor([True, False, False, False])) == pytest.approx(h)
+    assert P.label_entropy(torch.tensor([True, False, False, False])) == pytest.approx(h)
 
 
 def _latents(T, m, seed):
@@ -163,22 +164,22 @@ def test_probe_finds_the_latent_that_encodes_the_task():
     values, g = _latents(1000, 150, 4)
     labels = torch.rand(1000, generator=g) < 0.3
     values[:, 123] = labels.float() * (1.0 + torch.rand(1000, generator=g))  # fires iff label
-    loss, j = M.best_latent_probe_loss(values, labels)
+    loss, j = P.best_latent_probe_loss(values, labels)
     assert j == 123
     assert loss < 0.02
     # inverted encoding (latent off on positives) is found as well
     values[:, 123] = (~labels).float() * 2.0
-    loss, j = M.best_latent_probe_loss(values, labels)
+    loss, j = P.best_latent_probe_loss(values, labels)
     assert j == 123 and loss < 0.02
 
 
 def test_probe_on_random_labels_is_near_label_entropy():
     values, g = _latents(3000, 60, 5)
     labels = torch.rand(3000, generator=g) < 0.3
-    loss, _ = M.best_latent_probe_loss(values, labels)
-    h = M.label_entropy(labels[1500:])
+    loss, _ = P.best_latent_probe_loss(values, labels)
+    h = P.label_entropy(labels[1500:])
     assert h - 0.02 < loss < h + 0.01
-    losses = M.probe_losses(values, labels).test
+    losses = P.probe_losses(values, labels).test
     assert losses.shape == (60,) and bool((losses > h - 0.02).all())
 
 
@@ -188,9 +189,9 @@ def test_probe_latent_is_chosen_on_the_training_half():
     its training loss reports its own held-out loss, which does not."""
     values, g = _latents(2000, 300, 0)
     labels = torch.rand(2000, generator=g) < 0.4
-    losses = M.probe_losses(values, labels)
-    h = M.label_entropy(labels[1000:])
-    loss, j = M.best_latent_probe_loss(values, labels)
+    losses = P.probe_losses(values, labels)
+    h = P.label_entropy(labels[1000:])
+    loss, j = P.best_latent_probe_loss(values, labels)
     assert j == int(losses.train.argmin()) and loss == losses.test[j].item()
     assert losses.test.min().item() < h < loss
 
@@ -199,12 +200,12 @@ def test_probe_constant_latents_and_chunking():
     values, g = _latents(600, 40, 6)
     values[:, :5] = 0.0  # dead latents: the probe is the training base rate
     labels = torch.rand(600, generator=g) < 0.5
-    full = M.probe_losses(values, labels).test
-    chunked = M.probe_losses(values, labels, chunk_elements=300 * 7).test  # 7 columns per chunk
+    full = P.probe_losses(values, labels).test
+    chunked = P.probe_losses(values, labels, chunk_elements=300 * 7).test  # 7 columns per chunk
     assert torch.allclose(full, chunked)
     p = labels[:300].double().mean()
     y = labels[300:].double()
     base_loss = -(y * p.log() + (1 - y) * (1 - p).log()).mean()
     assert full[:5] == pytest.approx([base_loss.item()] * 5, rel=1e-6)
     with pytest.raises(ValueError):
-        M.probe_losses(values, labels, train_fraction=0.0)
+        P.probe_losses(values, labels, train_fraction=0.0)
