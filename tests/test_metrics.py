@@ -209,3 +209,78 @@ def test_probe_constant_latents_and_chunking():
     assert full[:5] == pytest.approx([base_loss.item()] * 5, rel=1e-6)
     with pytest.raises(ValueError):
         P.probe_losses(values, labels, train_fraction=0.0)
+
+
+# ----------------------------------------------------------------------------------
+# A second device: fake CUDA tensors (no GPU needed). An op mixing devices raises
+# FakeTensorDeviceMismatchError, so every tensor a function makes must follow its inputs'.
+
+
+def _fake_cuda():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+def _entries(T: int, n: int, per_row: int, device: str):
+    """Code entries (rows, cols, values), ``per_row`` per row, on ``device``."""
+    rows = torch.arange(T, device=device).repeat_interleave(per_row)
+    cols = torch.randint(0, n, (T * per_row,), device=device)
+    return rows, cols, torch.rand(T * per_row, device=device)
+
+
+def test_streamed_pieces_stay_on_a_second_device():
+    from saesweep.evaluation.analysis import CodeChunk, ColumnGather, count_firing
+
+    T, n, d, k = 12, 40, 8, 3
+    with _fake_cuda():
+        x = torch.randn(T, d, device="cuda")
+        indices = torch.randint(0, n, (T, k), device="cuda")
+        values = torch.rand(T, k, device="cuda")
+        assert M.fired_counts(values, indices, n).device.type == "cuda"
+        assert M.fired_counts(torch.rand(T, n, device="cuda")).device.type == "cuda"
+        acc = M.ReconstructionAccumulator(n_latents=n)
+        for part, part_indices, part_values in zip(x.split(6), indices.split(6), values.split(6)):  # slicing a fake tensor fails
+            acc.update(part, part * 0.5, part_indices, part_values)
+        assert {t.device.type for t in (acc.mean, acc.m2, acc.sq_error, acc.cos_sum, acc.l0_sum, acc.counts)} == {"cuda"}
+
+        labels = torch.rand(4, T, device="cuda") < 0.5
+        screen = P.CorrelationScreen(labels, T // 2, n)
+        chunk = CodeChunk(*_entries(T, n, k, "cuda"))
+        screen.update(*chunk)
+        assert screen.correlation().device.type == "cuda" and screen.candidates(5).shape == (4, 5)
+        assert screen.candidates(5).device.type == "cuda"
+        counts = torch.zeros(n, dtype=torch.int64, device="cuda")
+        count_firing(counts, chunk, T // 2)
+        gather = ColumnGather(torch.tensor([1, 7, 30], device="cuda"), n, T)
+        gather.update(chunk)
+        assert gather.columns().shape == (T, 3) and gather.columns().device.type == "cuda"
+
+
+def test_a_tensor_left_on_the_cpu_is_caught():
+    """The check above can fail: code entries on the CPU against labels on the device raise."""
+    with _fake_cuda():
+        screen = P.CorrelationScreen(torch.rand(4, 12, device="cuda") < 0.5, 6, 40)
+        with pytest.raises(RuntimeError, match="same device"):
+            screen.update(*_entries(12, 40, 3, "cpu"))
+
+
+def test_correlation_screen_equals_centred_columns():
+    """|corr| from the streamed sums equals the correlation of centred dense columns on the
+    first N rows, whatever the chunks; rows past N are ignored."""
+    T, n, N = 50, 30, 31
+    g = _gen(7)
+    dense = torch.rand(T, n, generator=g) * (torch.rand(T, n, generator=g) < 0.2)
+    dense[:, 3] = 0.0  # a dead latent scores 0
+    labels = torch.rand(2, T, generator=g) < 0.4
+    screen = P.CorrelationScreen(labels, N, n)
+    for start in range(0, T, 7):
+        rows, cols = dense[start : start + 7].nonzero().T
+        screen.update(rows + start, cols, dense[start : start + 7][rows, cols])
+    values = dense[:N].double() - dense[:N].double().mean(dim=0)
+    for task in range(2):
+        y = labels[task, :N].double() - labels[task, :N].double().mean()
+        expected = (values.T @ y).abs() / (values.norm(dim=0) * y.norm()).clamp_min(1e-12)
+        assert torch.allclose(screen.correlation()[task], expected, atol=1e-12)
+    assert screen.correlation()[:, 3].eq(0).all()
+    assert screen.candidates(4)[0].tolist() == expected.new_tensor(screen.correlation()[0]).topk(4).indices.tolist()

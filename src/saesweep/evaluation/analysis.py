@@ -74,17 +74,17 @@ class ColumnGather:
     def __init__(self, latents: torch.Tensor, n_latents: int, tokens: int) -> None:
         device, m = latents.device, len(latents)
         self.slot = torch.full((n_latents,), m, dtype=torch.int64, device=device)
-        self.slot[latents] = torch.arange(m, device=device)
+        self.slot.index_copy_(0, latents, torch.arange(m, device=device))
         self.values = torch.zeros(tokens, m + 1, device=device)
 
     def update(self, chunk: CodeChunk) -> None:
         """Write the chunk's entries of the chosen latents."""
-        where = (chunk.rows, self.slot[chunk.cols])
+        where = (chunk.rows, self.slot.index_select(0, chunk.cols))
         self.values.index_put_(where, chunk.values.to(self.values.dtype), accumulate=True)
 
     def columns(self) -> torch.Tensor:
         """(T, m): column i holds latent ``latents[i]``'s values."""
-        return self.values[:, :-1]
+        return self.values.narrow(1, 0, self.values.shape[1] - 1)
 
 
 def sample_live_latents(counts: torch.Tensor, count: int, seed: int) -> torch.Tensor:

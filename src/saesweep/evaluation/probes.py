@@ -34,7 +34,7 @@ class CorrelationScreen:
             raise ValueError(f"labels must be (tasks, T) with 0 < rows ≤ T, got {tuple(labels.shape)} and {rows}")
         device = labels.device
         self.labels, self.rows = labels, rows
-        y = labels[:, :rows].double()
+        y = labels.narrow(1, 0, rows).double()
         self.sum_y, self.sum_yy = y.sum(dim=1), (y * y).sum(dim=1)
         self.sum_z = torch.zeros(n_latents, dtype=torch.float64, device=device)
         self.sum_zz = torch.zeros(n_latents, dtype=torch.float64, device=device)
@@ -46,15 +46,16 @@ class CorrelationScreen:
         z = values.double() * (rows < self.rows)
         self.sum_z.index_add_(0, cols, z)
         self.sum_zz.index_add_(0, cols, z * z)
-        self.sum_zy.index_add_(1, cols, self.labels[:, rows].double() * z)
+        self.sum_zy.index_add_(1, cols, self.labels.index_select(1, rows).double() * z)
 
     def correlation(self) -> torch.Tensor:
         """|corr(z_j, y_t)|, (tasks, n) float64."""
         n = self.rows
-        cov = self.sum_zy - self.sum_z * self.sum_y[:, None] / n
+        sum_y = self.sum_y.unsqueeze(1)
+        cov = self.sum_zy - self.sum_z * sum_y / n
         var_z = (self.sum_zz - self.sum_z * self.sum_z / n).clamp_min(0)
-        var_y = (self.sum_yy - self.sum_y * self.sum_y / n).clamp_min(0)
-        return cov.abs() / (var_y[:, None] * var_z).sqrt().clamp_min(1e-12)
+        var_y = (self.sum_yy.unsqueeze(1) - sum_y * sum_y / n).clamp_min(0)
+        return cov.abs() / (var_y * var_z).sqrt().clamp_min(1e-12)
 
     def candidates(self, count: int) -> torch.Tensor:
         """Per task, the ``count`` latents (at most n) of largest |corr|: (tasks, count) int64,
