@@ -18,7 +18,7 @@ Memory (bytes), besides the LM and the SAE, with c = chunk, t = tasks (``TASKS``
 U ≤ t·p + m + a:
 
     3·c·n·4                 one chunk's pre-activations and codes (as in reconstruction)
-  + (2 + 3·t)·n·8 + 3·n·8   the screen's sums and correlations, two firing counts, the slot map
+  + (3 + 3·t)·n·8 + 3·n·8   the screen's sums and correlations, two firing counts, the slot map
   + T·(U + 1)·4 + T·t       the chosen columns and the labels
   + 12·T·p·8                one task's probe fits (float64 working arrays of ``probe_losses``)
 
