@@ -200,6 +200,10 @@ def test_streamed_analysis_equals_the_dense_computation(tiny_model: Path, arch: 
     for name in ("explain_precision", "explain_recall", "ablation_sparsity"):
         assert streamed[name] == pytest.approx(dense[name], abs=1e-9, nan_ok=True)
         assert streamed[f"{name}_count"] == dense[f"{name}_count"] > 0
+    none = analysis_metrics(  # evaluate.ablation_latents may be 0
+        sae, lm, "resid1", activations=activations, windows=windows, token_strings=strings, ablated=ids[:3],
+        skip=skip, chunk=7, probe_candidates=5, explain_latents=6, ablation_latents=0, seed=0)
+    assert none["ablation_sparsity_count"] == 0 and none["probe_tasks"] == streamed["probe_tasks"]
 
 
 def test_evaluation_never_encodes_more_than_a_chunk(tmp_path: Path, tiny_model: Path, tiny_corpus: Path, monkeypatch) -> None:

@@ -213,6 +213,6 @@ def analysis_metrics(
 
     metrics = probe_metrics(tasks, labels, [values_of(row) for row in candidates])
     metrics.update(explain_metrics(values_of(explained).cpu(), windows))
-    fires = values_of(ablation_sample)[:ablation_rows].reshape(len(ablated), windows.shape[1], -1) > 0
+    fires = values_of(ablation_sample)[:ablation_rows].reshape(len(ablated), windows.shape[1], len(ablation_sample)) > 0
     metrics.update(ablation_metrics(sae, lm, site, ablated, skip, ablation_sample.tolist(), fires, seed))
     return metrics
