@@ -106,7 +106,7 @@ class Downstream:
     def losses(self, replacements: dict[str, Replacement]) -> dict[str, tuple[float, float]]:
         """Per named replacement, (mean next-token CE, mean KL(clean ‖ replaced)) over the
         kept positions; sums over batches, then divided."""
-        sums = {name: [0.0, 0, 0.0, 0] for name in replacements}
+        sums = {name: [0.0, 0, 0.0, 0] for name in replacements}  # Σ CE, count, Σ KL, count
         for start in range(0, len(self.windows), self.batch):
             ids, mask = self.windows[start : start + self.batch], self.mask[start : start + self.batch]
             clean = masked_log_probs(self.logits(start, None), mask)
@@ -114,8 +114,7 @@ class Downstream:
                 log_probs = clean if replace is None else masked_log_probs(self.logits(start, replace), mask)
                 total, n = next_token_ce_sum_of_log_probs(log_probs, ids, mask)
                 kl_total, kl_n = kl_sum_of_log_probs(clean, log_probs)
-                entry = sums[name]
-                entry[0], entry[1], entry[2], entry[3] = entry[0] + total, entry[1] + n, entry[2] + kl_total, entry[3] + kl_n
+                sums[name] = [a + b for a, b in zip(sums[name], (total, n, kl_total, kl_n))]
         return {name: (ce / count, kl / kl_count) for name, (ce, count, kl, kl_count) in sums.items()}
 
 
