@@ -49,11 +49,10 @@ def make_text(seed: int, sentences: int) -> str:
     return "".join(parts)
 
 
-def build_model(folder: Path, sample: Path) -> None:
-    """A 4-block Llama (d = 32) and a 300-token BPE tokenizer trained on ``sample``."""
-    import torch
+def build_tokenizer(folder: Path, sample: Path):
+    """A 300-token byte-level BPE tokenizer trained on ``sample``, saved in ``folder``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -63,6 +62,15 @@ def build_model(folder: Path, sample: Path) -> None:
     tokenizer.train([str(sample)], trainer)
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", eos_token="<eos>")
     wrapped.save_pretrained(folder)
+    return wrapped
+
+
+def build_model(folder: Path, sample: Path) -> None:
+    """A 4-block Llama (d = 32) and a 300-token BPE tokenizer trained on ``sample``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    wrapped = build_tokenizer(folder, sample)
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(wrapped), hidden_size=32, intermediate_size=64, num_hidden_layers=4,

@@ -9,24 +9,37 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import tiny_config
+from conftest import CPU, make_text, tiny_config
 from saesweep.cli import main as cli_main
-from saesweep.plan.config import validate_config
-from saesweep.plan.settings import eval_settings
-from saesweep.sae.export import save_sae
-from saesweep.sae.registry import resolve_params
+from saesweep.core.files import read_json
+from saesweep.data.activations import ActivationStore, extract
+from saesweep.data.corpus import prepare_corpus
+from saesweep.evaluation.analysis import (
+    ColumnGather,
+    ablation_metrics,
+    analysis_metrics,
+    code_chunks,
+    count_firing,
+    explain_metrics,
+    sample_live_latents,
+)
 from saesweep.evaluation.evaluate import (
     Downstream,
-    ablation_metrics,
-    dense_codes,
     downstream_metrics,
+    evaluate_cell,
     k_transfer_values,
     reconstruction_metrics,
-    spliced_logits,
 )
-from conftest import CPU
 from saesweep.core.job_settings import ModelSettings, to_json
+from saesweep.evaluation.probes import best_latent_probe_loss
+from saesweep.evaluation.splice import spliced_logits
+from saesweep.evaluation.token_tasks import label_tokens
 from saesweep.data.lm import capture_sites, load_lm
+from saesweep.plan.config import validate_config
+from saesweep.plan.settings import corpus_dir, eval_settings, extraction_settings
+from saesweep.sae.base import SparseAutoencoder
+from saesweep.sae.export import save_sae
+from saesweep.sae.registry import build_sae, resolve_params
 from saesweep.sae.topk import TopKSAE
 
 
@@ -56,6 +69,23 @@ def downstream(tiny_model: Path) -> Downstream:
     lm, _ = load_lm(ModelSettings(str(tiny_model), None, None, "float32", False, None), CPU)
     windows = torch.randint(0, lm.config.vocab_size, (6, 24), generator=torch.Generator().manual_seed(0))
     return Downstream(lm, "resid1", windows, skip=1, batch=4)
+
+
+def ablation_of(
+    sae: SparseAutoencoder, lm: torch.nn.Module, site: str, windows: torch.Tensor, skip: int,
+    activations: torch.Tensor, count: int,
+) -> dict:
+    """``ablation_metrics`` of ``count`` latents live in ``windows``, sampled with seed 0."""
+    counts = torch.zeros(sae.n, dtype=torch.int64)
+    chunks = list(code_chunks(sae, activations, 5))
+    for chunk in chunks:
+        count_firing(counts, chunk, len(activations))
+    latents = sample_live_latents(counts, count, seed=0)
+    gather = ColumnGather(latents, sae.n, len(activations))
+    for chunk in chunks:
+        gather.update(chunk)
+    fires = gather.columns().reshape(len(windows), windows.shape[1] - skip, -1) > 0
+    return ablation_metrics(sae, lm, site, windows, skip, latents.tolist(), fires, seed=0)
 
 
 def test_perfect_reconstruction_gives_zero_delta_and_full_recovery(downstream: Downstream) -> None:
@@ -97,9 +127,7 @@ def test_ablation_scores_every_sampled_latent_at_one_position(downstream: Downst
     d = lm.config.hidden_size
     sae = exact_sae(d)
     activations = capture_sites(lm, windows, ["resid1"])["resid1"][:, skip:].float().reshape(-1, d)
-    codes = dense_codes(sae, activations)
-    few = ablation_metrics(sae, lm, "resid1", windows, skip, codes, count=4, seed=0)
-    many = ablation_metrics(sae, lm, "resid1", windows, skip, codes, count=24, seed=0)
+    few, many = (ablation_of(sae, lm, "resid1", windows, skip, activations, count) for count in (4, 24))
     assert few["ablation_sparsity_count"] == 4 and many["ablation_sparsity_count"] == 24
     assert 0 < few["ablation_sparsity"] <= 1 and 0 < many["ablation_sparsity"] <= 1
     assert many["ablation_sparsity_se"] < few["ablation_sparsity_se"]
@@ -162,3 +190,97 @@ def test_bad_weights_end_in_one_line_naming_the_file(damage, tmp_path, capsys) -
     assert lines[0].startswith(f"saesweep evaluate: error: SAE weights {cell / 'sae.safetensors'}"), lines
     assert expected in lines[0], lines
     assert not (cell / "metrics.json").exists()
+def dense_analysis(
+    sae: SparseAutoencoder, lm: torch.nn.Module, site: str, activations: torch.Tensor, windows: torch.Tensor,
+    strings: list[list[str]], ablated: torch.Tensor, skip: int, candidates: int, explained: int, ablations: int,
+) -> dict:
+    """The analysis metrics as they were computed before streaming: from the dense (T, n)
+    codes, the screen on centred float64 columns, live latents from ``any`` over rows."""
+    codes = sae.encode(sae.normalise(activations)).to_dense()
+    per_task = {}
+    for task, label in label_tokens(strings).items():
+        target = torch.from_numpy(label.reshape(-1))
+        half = len(target) // 2
+        if not all(part.any() and not part.all() for part in (target[:half], target[half:])):
+            continue
+        values, y = codes[:half].double(), target[:half].double()
+        centred, y = values - values.mean(dim=0), y - y.mean()
+        correlation = (centred.T @ y).abs() / (centred.norm(dim=0) * y.norm()).clamp_min(1e-12)
+        chosen = codes[:, correlation.topk(min(candidates, codes.shape[1])).indices]
+        per_task[task] = best_latent_probe_loss(chosen, target)[0]
+
+    def live_sample(fires: torch.Tensor, count: int) -> torch.Tensor:
+        live = fires.any(dim=0).nonzero().squeeze(1)
+        return live[torch.randperm(len(live), generator=torch.Generator().manual_seed(0))[:count]].sort().values
+
+    out = {"probe_tasks": per_task, **explain_metrics(codes[:, live_sample(codes > 0, explained)], windows)}
+    width = windows.shape[1]
+    fires = codes[: len(ablated) * width].reshape(len(ablated), width, -1) > 0
+    latents = live_sample(fires.flatten(0, 1), ablations)
+    out.update(ablation_metrics(sae, lm, site, ablated, skip, latents.tolist(), fires[:, :, latents], seed=0))
+    return out
+
+
+@pytest.mark.parametrize("arch", ["topk", "relu"])
+def test_streamed_analysis_equals_the_dense_computation(tiny_model: Path, arch: str) -> None:
+    """Probe losses of every task, explanation and ablation metrics streamed in chunks of 7
+    rows (T = 12 · 23 = 276) equal those of the dense (T, n) codes."""
+    lm, tokenizer = load_lm(ModelSettings(str(tiny_model), None, None, "float32", False, None), CPU)
+    ids = torch.tensor(tokenizer(make_text(3, 80))["input_ids"][: 12 * 24]).reshape(12, 24)
+    skip, d = 1, lm.config.hidden_size
+    activations = capture_sites(lm, ids, ["resid1"])["resid1"][:, skip:].float().reshape(-1, d)
+    sae = build_sae(arch, d, 96, resolve_params(arch, {"k": 6} if arch == "topk" else {"l1_coef": 0.01}, "test"))
+    generator = torch.Generator().manual_seed(2)
+    sae.initialise(sae.normalise(activations), generator)
+    windows = ids[:, skip:]
+    strings = [tokenizer.convert_ids_to_tokens(row.tolist()) for row in windows]
+    streamed = analysis_metrics(
+        sae, lm, "resid1", activations=activations, windows=windows, token_strings=strings, ablated=ids[:3],
+        skip=skip, chunk=7, probe_candidates=5, explain_latents=6, ablation_latents=4, seed=0)
+    dense = dense_analysis(sae, lm, "resid1", activations, windows, strings, ids[:3], skip, 5, 6, 4)
+    assert streamed["probe_loss_count"] >= 3  # several tasks have both classes in each half
+    assert {task: entry["loss"] for task, entry in streamed["probe_tasks"].items()} == pytest.approx(dense["probe_tasks"], abs=1e-9)
+    for name in ("explain_precision", "explain_recall", "ablation_sparsity"):
+        assert streamed[name] == pytest.approx(dense[name], abs=1e-9, nan_ok=True)
+        assert streamed[f"{name}_count"] == dense[f"{name}_count"] > 0
+    none = analysis_metrics(  # evaluate.ablation_latents may be 0
+        sae, lm, "resid1", activations=activations, windows=windows, token_strings=strings, ablated=ids[:3],
+        skip=skip, chunk=7, probe_candidates=5, explain_latents=6, ablation_latents=0, seed=0)
+    assert none["ablation_sparsity_count"] == 0 and none["probe_tasks"] == streamed["probe_tasks"]
+
+
+def test_evaluation_never_encodes_more_than_a_chunk(tmp_path: Path, tiny_model: Path, tiny_corpus: Path, monkeypatch) -> None:
+    """A whole evaluation of a cell whose SAE refuses to compute pre-activations of more than
+    ``evaluate.batch_size`` rows at once (the analysis has T = 32 · 31 = 992 rows): every
+    metric is computed from chunks."""
+    monkeypatch.chdir(tmp_path)
+    chunk = 40
+    config = validate_config(tiny_config(tiny_model, tiny_corpus, **{
+        "evaluate.batch_size": chunk, "evaluate.lm_batch_size": 1, "evaluate.tokens": 500}))
+    prepare_corpus(config["corpus"], Path(corpus_dir(config)))
+    extract(extraction_settings(config, "eval", device="cpu"))
+    cell = "topk-n64-k4-s0"
+    settings = eval_settings(config, "resid2", cell)
+    params = resolve_params("topk", {"k": 4}, "test")
+    sae = TopKSAE(32, 64, params)
+    store = ActivationStore(settings.eval_activations)
+    sample = store.head(512, CPU)
+    sae.set_normalisation(sample.mean(dim=0), float((sample - sample.mean(dim=0)).pow(2).sum(dim=1).mean().sqrt() / 32**0.5))
+    sae.initialise(sae.normalise(sample), torch.Generator().manual_seed(0))
+    folder = tmp_path / "cell"
+    folder.mkdir()
+    save_sae(sae, folder, {"arch": "topk", "d": 32, "n_latents": 64, "params": params, "site": "resid2", "seed": 0})
+    original = SparseAutoencoder.pre_activations
+    largest = []
+
+    def guarded(self: SparseAutoencoder, x: torch.Tensor) -> torch.Tensor:
+        largest.append(len(x))
+        if len(x) > chunk:
+            raise AssertionError(f"pre-activations of {len(x)} rows at once")
+        return original(self, x)
+
+    monkeypatch.setattr(SparseAutoencoder, "pre_activations", guarded)
+    metrics = evaluate_cell(settings, folder, tmp_path / "metrics.json")
+    assert max(largest) == chunk and sum(largest) > 2 * 32 * 31  # the analysis tokens were encoded in chunks
+    assert read_json(tmp_path / "metrics.json", "metrics")["probe_loss_count"] == metrics["probe_loss_count"] > 0
+    assert metrics["explain_precision_count"] > 0 and metrics["ablation_sparsity_count"] == 2

@@ -5,6 +5,7 @@ import torch
 from torch.nn import functional as F
 
 from saesweep.evaluation import metrics as M
+from saesweep.evaluation import probes as P
 from saesweep.sae.topk import TopKSAE
 
 
@@ -146,11 +147,11 @@ def test_ablation_sparsity_range():
 
 
 def test_label_entropy():
-    assert M.label_entropy(torch.tensor([True, False])) == pytest.approx(math.log(2))
-    assert M.label_entropy(torch.tensor([True, True])) == 0.0
+    assert P.label_entropy(torch.tensor([True, False])) == pytest.approx(math.log(2))
+    assert P.label_entropy(torch.tensor([True, True])) == 0.0
     p = 0.25
     h = -(p * math.log(p) + (1 - p) * math.log(1 - p))
-    assert M.label_entropy(torch.tensor([True, False, False, False])) == pytest.approx(h)
+    assert P.label_entropy(torch.tensor([True, False, False, False])) == pytest.approx(h)
 
 
 def _latents(T, m, seed):
@@ -163,22 +164,22 @@ def test_probe_finds_the_latent_that_encodes_the_task():
     values, g = _latents(1000, 150, 4)
     labels = torch.rand(1000, generator=g) < 0.3
     values[:, 123] = labels.float() * (1.0 + torch.rand(1000, generator=g))  # fires iff label
-    loss, j = M.best_latent_probe_loss(values, labels)
+    loss, j = P.best_latent_probe_loss(values, labels)
     assert j == 123
     assert loss < 0.02
     # inverted encoding (latent off on positives) is found as well
     values[:, 123] = (~labels).float() * 2.0
-    loss, j = M.best_latent_probe_loss(values, labels)
+    loss, j = P.best_latent_probe_loss(values, labels)
     assert j == 123 and loss < 0.02
 
 
 def test_probe_on_random_labels_is_near_label_entropy():
     values, g = _latents(3000, 60, 5)
     labels = torch.rand(3000, generator=g) < 0.3
-    loss, _ = M.best_latent_probe_loss(values, labels)
-    h = M.label_entropy(labels[1500:])
+    loss, _ = P.best_latent_probe_loss(values, labels)
+    h = P.label_entropy(labels[1500:])
     assert h - 0.02 < loss < h + 0.01
-    losses = M.probe_losses(values, labels).test
+    losses = P.probe_losses(values, labels).test
     assert losses.shape == (60,) and bool((losses > h - 0.02).all())
 
 
@@ -188,9 +189,9 @@ def test_probe_latent_is_chosen_on_the_training_half():
     its training loss reports its own held-out loss, which does not."""
     values, g = _latents(2000, 300, 0)
     labels = torch.rand(2000, generator=g) < 0.4
-    losses = M.probe_losses(values, labels)
-    h = M.label_entropy(labels[1000:])
-    loss, j = M.best_latent_probe_loss(values, labels)
+    losses = P.probe_losses(values, labels)
+    h = P.label_entropy(labels[1000:])
+    loss, j = P.best_latent_probe_loss(values, labels)
     assert j == int(losses.train.argmin()) and loss == losses.test[j].item()
     assert losses.test.min().item() < h < loss
 
@@ -199,12 +200,87 @@ def test_probe_constant_latents_and_chunking():
     values, g = _latents(600, 40, 6)
     values[:, :5] = 0.0  # dead latents: the probe is the training base rate
     labels = torch.rand(600, generator=g) < 0.5
-    full = M.probe_losses(values, labels).test
-    chunked = M.probe_losses(values, labels, chunk_elements=300 * 7).test  # 7 columns per chunk
+    full = P.probe_losses(values, labels).test
+    chunked = P.probe_losses(values, labels, chunk_elements=300 * 7).test  # 7 columns per chunk
     assert torch.allclose(full, chunked)
     p = labels[:300].double().mean()
     y = labels[300:].double()
     base_loss = -(y * p.log() + (1 - y) * (1 - p).log()).mean()
     assert full[:5] == pytest.approx([base_loss.item()] * 5, rel=1e-6)
     with pytest.raises(ValueError):
-        M.probe_losses(values, labels, train_fraction=0.0)
+        P.probe_losses(values, labels, train_fraction=0.0)
+
+
+# ----------------------------------------------------------------------------------
+# A second device: fake CUDA tensors (no GPU needed). An op mixing devices raises
+# FakeTensorDeviceMismatchError, so every tensor a function makes must follow its inputs'.
+
+
+def _fake_cuda():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+def _entries(T: int, n: int, per_row: int, device: str):
+    """Code entries (rows, cols, values), ``per_row`` per row, on ``device``."""
+    rows = torch.arange(T, device=device).repeat_interleave(per_row)
+    cols = torch.randint(0, n, (T * per_row,), device=device)
+    return rows, cols, torch.rand(T * per_row, device=device)
+
+
+def test_streamed_pieces_stay_on_a_second_device():
+    from saesweep.evaluation.analysis import CodeChunk, ColumnGather, count_firing
+
+    T, n, d, k = 12, 40, 8, 3
+    with _fake_cuda():
+        x = torch.randn(T, d, device="cuda")
+        indices = torch.randint(0, n, (T, k), device="cuda")
+        values = torch.rand(T, k, device="cuda")
+        assert M.fired_counts(values, indices, n).device.type == "cuda"
+        assert M.fired_counts(torch.rand(T, n, device="cuda")).device.type == "cuda"
+        acc = M.ReconstructionAccumulator(n_latents=n)
+        for part, part_indices, part_values in zip(x.split(6), indices.split(6), values.split(6)):  # slicing a fake tensor fails
+            acc.update(part, part * 0.5, part_indices, part_values)
+        assert {t.device.type for t in (acc.mean, acc.m2, acc.sq_error, acc.cos_sum, acc.l0_sum, acc.counts)} == {"cuda"}
+
+        labels = torch.rand(4, T, device="cuda") < 0.5
+        screen = P.CorrelationScreen(labels, T // 2, n)
+        chunk = CodeChunk(*_entries(T, n, k, "cuda"))
+        screen.update(*chunk)
+        assert screen.correlation().device.type == "cuda" and screen.candidates(5).shape == (4, 5)
+        assert screen.candidates(5).device.type == "cuda"
+        counts = torch.zeros(n, dtype=torch.int64, device="cuda")
+        count_firing(counts, chunk, T // 2)
+        gather = ColumnGather(torch.tensor([1, 7, 30], device="cuda"), n, T)
+        gather.update(chunk)
+        assert gather.columns().shape == (T, 3) and gather.columns().device.type == "cuda"
+
+
+def test_a_tensor_left_on_the_cpu_is_caught():
+    """The check above can fail: code entries on the CPU against labels on the device raise."""
+    with _fake_cuda():
+        screen = P.CorrelationScreen(torch.rand(4, 12, device="cuda") < 0.5, 6, 40)
+        with pytest.raises(RuntimeError, match="same device"):
+            screen.update(*_entries(12, 40, 3, "cpu"))
+
+
+def test_correlation_screen_equals_centred_columns():
+    """|corr| from the streamed sums equals the correlation of centred dense columns on the
+    first N rows, whatever the chunks; rows past N are ignored."""
+    T, n, N = 50, 30, 31
+    g = _gen(7)
+    dense = torch.rand(T, n, generator=g) * (torch.rand(T, n, generator=g) < 0.2)
+    dense[:, 3] = 0.0  # a dead latent scores 0
+    labels = torch.rand(2, T, generator=g) < 0.4
+    screen = P.CorrelationScreen(labels, N, n)
+    for start in range(0, T, 7):
+        rows, cols = dense[start : start + 7].nonzero().T
+        screen.update(rows + start, cols, dense[start : start + 7][rows, cols])
+    values = dense[:N].double() - dense[:N].double().mean(dim=0)
+    for task in range(2):
+        y = labels[task, :N].double() - labels[task, :N].double().mean()
+        expected = (values.T @ y).abs() / (values.norm(dim=0) * y.norm()).clamp_min(1e-12)
+        assert torch.allclose(screen.correlation()[task], expected, atol=1e-12)
+        assert screen.candidates(4)[task].tolist() == expected.topk(4).indices.tolist()
+    assert screen.correlation()[:, 3].eq(0).all()

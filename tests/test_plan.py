@@ -3,6 +3,8 @@ extraction and training really write, the rules' resources come from the same fu
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import subprocess
 import sys
@@ -52,6 +54,34 @@ def test_numbers_of_a_small_config_by_hand(tiny_model, tiny_corpus) -> None:
                                      + sum(c["sae_bytes"] for c in summary["cells"]))
 
 
+def test_evaluation_memory_by_hand(tiny_model, tiny_corpus) -> None:
+    """evaluate: 2000 tokens, 32 analysis windows of 31 kept rows (T = 992), chunk 512, LM batch
+    8 windows of 32, 64 probe candidates, 8 + 2 sampled latents; 10 token tasks; the tiny LM
+    has 4 blocks of d = 32 and V entries in its vocabulary."""
+    config = tiny(tiny_model, tiny_corpus)
+    vocab = json.loads((tiny_model / "config.json").read_text())["vocab_size"]
+    assert budget.lm_shape(config) == (4, vocab)
+    terms = budget.evaluate_bytes(config, 32, 64)
+    assert terms == {
+        "base": 2_000_000_000,
+        "sae": 4 * (2 * 64 * 32 + 3 * 64 + 3 * 32),  # 17,536
+        "lm": 4 * (12 * 4 * 32 * 32 + vocab * 32),
+        "chunk": 4 * 3 * 512 * 64,  # 393,216
+        "activations": 4 * (2000 + 992) * 32,  # 382,976
+        "logits": 4 * 7 * 8 * 32 * vocab,
+        # U = min(64, 10 · 64 + 8 + 2) = 64 chosen columns
+        "analysis": 8 * (6 + 30) * 64 + 4 * 992 * 65 + 992 * 10 + 8 * 12 * 992 * 64,  # 6,381,120
+    }
+    assert budget.evaluate_mem_mb(config, 32, 64) == math.ceil(sum(terms.values()) / 1e6)
+    # the analysis term grows with T + n, not T · n: 16× the windows and 16× the latents
+    bigger = tiny(tiny_model, tiny_corpus, **{"evaluate.analysis_windows": 512, "activations.eval_tokens": 16_000})
+    grown = budget.evaluate_bytes(bigger, 32, 1024)["analysis"]
+    assert grown == 8 * 36 * 1024 + 4 * 15_872 * 651 + 15_872 * 10 + 8 * 12 * 15_872 * 64
+    assert budget.lm_shape(tiny(Path("no/such/model"), tiny_corpus)) == budget.DEFAULT_LM_SHAPE
+    assert [c["eval_mem_mb"] for c in budget.plan(config)["cells"]] == [
+        budget.evaluate_mem_mb(config, 32, n) for n in (64, 256, 64, 256)]
+
+
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_sae_sizes_equal_a_real_sae_of_every_architecture(arch) -> None:
     cls = ARCHITECTURES[arch]
@@ -97,6 +127,12 @@ def test_jobs_per_rule_equal_snakemakes_dry_run(tmp_path, tiny_model, tiny_corpu
                      if len(line.split()) == 2 and line.split()[0] != "total"})
     jobs = budget.jobs_per_rule(validate_config(raw))
     assert jobs == dict(stats)
+    # every evaluation job asks for the memory budget.evaluate_mem_mb gives its cell
+    asked = {block.split("wildcards: ", 1)[1].split("\n", 1)[0]: int(block.split("mem_mb=", 1)[1].split(",", 1)[0])
+             for block in result.stdout.split("rule evaluate_cell:")[1:]}
+    assert len(asked) == 12 and all(
+        mem == budget.evaluate_mem_mb(validate_config(raw), 32, int(cell.split("-n")[1].split("-")[0]))
+        for cell, mem in asked.items())
     assert jobs["train_cell"] == 2 * 6  # 2 sites × (4 TopK + 2 ReLU cells)
 
 

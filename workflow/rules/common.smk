@@ -127,6 +127,22 @@ def train_mem_mb(wildcards):
     return budget.train_mem_mb(settings, width(), config["activations"]["shard_tokens"])
 
 
+def evaluate_mem_mb(wildcards):
+    """Memory of a cell's evaluation job (saesweep.plan.budget.evaluate_mem_mb)."""
+    return budget.evaluate_mem_mb(config, width(), budget.cell_latents(wildcards.cell))
+
+
+def external_evaluate_mem_mb(wildcards, input):
+    """Memory of an external SAE's evaluation job (saesweep.plan.budget.evaluate_mem_mb),
+    n from its cfg.json (before the import has run: the sweep's largest n)."""
+    cfg = Path(input.cfg)
+    if cfg.exists():
+        n = json.loads(cfg.read_text())["n_latents"]
+    else:
+        n = max(cell.n_latents for cell in sweep_cells(config))
+    return budget.evaluate_mem_mb(config, width(), n)
+
+
 def train_runtime(wildcards):
     """Minutes asked for by a cell's training job (saesweep.plan.budget.train_runtime_min)."""
     settings = job.train_settings(config, wildcards.site, wildcards.cell)

@@ -18,7 +18,7 @@ rule evaluate_cell:
         "../../envs/saesweep.yaml"
     threads: 2
     resources:
-        mem_mb=lambda wildcards: budget.evaluate_mem_mb(width()),
+        mem_mb=evaluate_mem_mb,
         runtime=budget.EVALUATE_RUNTIME_MIN,
     params:
         folder=lambda wildcards, input: Path(input.cfg).parent,

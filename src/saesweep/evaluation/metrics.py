@@ -49,13 +49,14 @@ def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
 
 def cosine_similarity(x: torch.Tensor, x_hat: torch.Tensor, eps: float = 1e-8) -> float:
     """Mean over tokens of cos(x_i, x̂_i) = x_i·x̂_i / max(‖x_i‖‖x̂_i‖, eps)."""
-    return (_cosine_sum(x, x_hat, eps) / x.shape[0]) if x.shape[0] else NAN
+    return (_cosine_sum(x, x_hat, eps).item() / x.shape[0]) if x.shape[0] else NAN
 
 
-def _cosine_sum(x: torch.Tensor, x_hat: torch.Tensor, eps: float = 1e-8) -> float:
+def _cosine_sum(x: torch.Tensor, x_hat: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Σ_i cos(x_i, x̂_i), a float64 scalar tensor on the inputs' device."""
     x64, x_hat64 = x.double(), x_hat.double()
     norms = (x64.norm(dim=1) * x_hat64.norm(dim=1)).clamp_min(eps)
-    return ((x64 * x_hat64).sum(dim=1) / norms).sum().item()
+    return ((x64 * x_hat64).sum(dim=1) / norms).sum()
 
 
 def l0(values: torch.Tensor) -> float:
@@ -71,16 +72,19 @@ def fired_counts(
     n_latents: int | None = None,
     threshold: float = DEAD_THRESHOLD,
 ) -> torch.Tensor:
-    """c_j = #{tokens i : z_ij > threshold}, an int64 tensor of shape (n_latents,).
+    """c_j = #{tokens i : z_ij > threshold}, an int64 tensor of shape (n_latents,) on the
+    device of ``values``.
 
-    With ``indices`` (N, k), ``values`` (N, k) are the top-k values and ``n_latents``
-    is required; with ``indices=None``, ``values`` is the dense (N, n) code matrix."""
+    With ``indices``, ``values`` are the stored entries' values of the same shape (top-k
+    pairs (N, k), or a CSR tensor's flat column indices and values) and ``n_latents`` is
+    required; with ``indices=None``, ``values`` is the dense (N, n) code matrix."""
     fired = values > threshold
     if indices is None:
         return fired.sum(dim=0, dtype=torch.int64)
     if n_latents is None:
         raise ValueError("n_latents is required with top-k indices")
-    return torch.bincount(indices[fired], minlength=n_latents)
+    counts = torch.zeros(n_latents, dtype=torch.int64, device=values.device)
+    return counts.index_add_(0, indices.flatten(), fired.flatten().long())
 
 
 def dead_fraction(counts: torch.Tensor) -> float:
@@ -113,7 +117,7 @@ def firing_histogram(
         lo = -1.0  # a single token: every live latent has frequency 1
     live = counts[counts > 0].double()
     log_freq = (live / n_tokens).log10().clamp(lo, 0.0)
-    edges = torch.linspace(lo, 0.0, bins + 1, dtype=torch.float64)
+    edges = torch.linspace(lo, 0.0, bins + 1, dtype=torch.float64, device=counts.device)
     which = torch.bucketize(log_freq, edges[1:-1], right=True)
     binned = torch.bincount(which, minlength=bins).to(torch.int64)
     return FiringHistogram(edges, binned, int((counts == 0).sum().item()))
@@ -125,7 +129,8 @@ class ReconstructionAccumulator:
     Keeps, in float64: N (tokens), the per-dimension running mean and sum of squared
     deviations of x (merged batch by batch with Chan's parallel formula, so that
     Σ_i ‖x_i − x̄‖² needs no second pass), Σ‖x̂ − x‖², Σ cos(x, x̂); and, when codes are
-    given, Σ L0 and the per-latent ``fired_counts``. ``result()`` then gives
+    given, Σ L0 and the per-latent ``fired_counts``. The sums stay tensors on the inputs'
+    device (``update`` never copies to the host); ``result()`` then gives
 
         normalised_mse    = Σ‖x̂ − x‖² / Σ‖x − x̄‖²   (x̄ over all evaluated tokens)
         mse               = Σ‖x̂ − x‖² / (N·d)
@@ -143,10 +148,11 @@ class ReconstructionAccumulator:
         self.n_coded = 0  # tokens whose codes were given
         self.mean: torch.Tensor | None = None
         self.m2: torch.Tensor | None = None
-        self.sq_error = 0.0
-        self.cos_sum = 0.0
-        self.l0_sum = 0
-        self.counts: torch.Tensor | None = None if n_latents is None else torch.zeros(n_latents, dtype=torch.int64)
+        # float64 / int64 scalars and the (n,) counts, made on the first batch's device
+        self.sq_error: torch.Tensor | None = None
+        self.cos_sum: torch.Tensor | None = None
+        self.l0_sum: torch.Tensor | None = None
+        self.counts: torch.Tensor | None = None
 
     @torch.no_grad()
     def update(
@@ -169,43 +175,45 @@ class ReconstructionAccumulator:
         batch_m2 = (x64 - batch_mean).pow(2).sum(dim=0)
         if self.mean is None:
             self.mean, self.m2 = batch_mean, batch_m2
+            self.sq_error = torch.zeros((), dtype=torch.float64, device=x.device)
+            self.cos_sum = torch.zeros((), dtype=torch.float64, device=x.device)
         else:
             total = self.n_tokens + b
             delta = batch_mean - self.mean
             self.m2 = self.m2 + batch_m2 + delta.pow(2) * (self.n_tokens * b / total)
             self.mean = self.mean + delta * (b / total)
         self.n_tokens += b
-        self.sq_error += (x_hat.detach().double() - x64).pow(2).sum().item()
+        self.sq_error += (x_hat.detach().double() - x64).pow(2).sum()
         self.cos_sum += _cosine_sum(x.detach(), x_hat.detach())
         if values is not None:
             values = values.detach()
-            self.n_coded += b
-            self.l0_sum += int((values > 0).sum().item())
             if indices is None and self.n_latents is None:
                 self.n_latents = values.shape[1]
             if self.n_latents is None:
                 raise ValueError("pass n_latents to the accumulator to count firing of top-k codes")
-            if self.counts is None:
-                self.counts = torch.zeros(self.n_latents, dtype=torch.int64)
-            self.counts += fired_counts(values, indices, self.n_latents, self.dead_threshold).cpu()
+            counts = fired_counts(values, indices, self.n_latents, self.dead_threshold)
+            fired = (values > 0).sum(dtype=torch.int64)
+            self.counts = counts if self.counts is None else self.counts + counts
+            self.l0_sum = fired if self.l0_sum is None else self.l0_sum + fired
+            self.n_coded += b
 
     def result(self) -> dict[str, float]:
         """The metrics over everything seen so far (l0, dead_fraction only if codes were given)."""
         out: dict[str, float] = {"n_tokens": float(self.n_tokens)}
         if self.n_tokens == 0 or self.m2 is None:
             return out | {"normalised_mse": NAN, "mse": NAN, "cosine_similarity": NAN}
-        out["normalised_mse"] = _ratio(self.sq_error, self.m2.sum().item())
-        out["mse"] = self.sq_error / (self.n_tokens * self.m2.numel())
-        out["cosine_similarity"] = self.cos_sum / self.n_tokens
+        sq_error = self.sq_error.item()
+        out["normalised_mse"] = _ratio(sq_error, self.m2.sum().item())
+        out["mse"] = sq_error / (self.n_tokens * self.m2.numel())
+        out["cosine_similarity"] = self.cos_sum.item() / self.n_tokens
         if self.n_coded:
-            out["l0"] = self.l0_sum / self.n_coded
-        if self.counts is not None and self.n_coded:
+            out["l0"] = self.l0_sum.item() / self.n_coded
             out["dead_fraction"] = dead_fraction(self.counts)
         return out
 
     def histogram(self, bins: int = 40, log10_min: float | None = None) -> FiringHistogram:
         """``firing_histogram`` of the accumulated fired counts."""
-        if self.counts is None or self.n_coded == 0:
+        if self.counts is None:
             raise ValueError("no latent codes were given to update()")
         return firing_histogram(self.counts, self.n_coded, bins, log10_min)
 
@@ -335,120 +343,3 @@ def mean_and_standard_error(values: Sequence[float]) -> tuple[float, float]:
         return mean, NAN
     variance = sum((v - mean) ** 2 for v in finite) / (len(finite) - 1)
     return mean, math.sqrt(variance / len(finite))
-
-
-# ----------------------------------------------------------------------------------
-# 1-D logistic probes
-
-
-def label_entropy(labels: torch.Tensor) -> float:
-    """H(p) = −p ln p − (1 − p) ln(1 − p), p = mean(labels): the held-out loss of the best
-    constant predictor; 0 for a single class, nan for no labels."""
-    if labels.numel() == 0:
-        return NAN
-    p = labels.double().mean().item()
-    return -sum(q * math.log(q) for q in (p, 1.0 - p) if q > 0)
-
-
-def _probe_objective(a: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Mean BCE of σ(w a + b) per column: mean_t softplus(z) − y z, z = w a + b."""
-    z = a * w + b
-    return (F.softplus(z) - y[:, None] * z).mean(dim=0)
-
-
-class ProbeLosses(NamedTuple):
-    """Per-latent probe losses (m,) on the training and the held-out split."""
-
-    train: torch.Tensor
-    test: torch.Tensor
-
-
-def probe_losses(
-    latent_values: torch.Tensor,
-    labels: torch.Tensor,
-    train_fraction: float = 0.5,
-    iterations: int = 15,
-    l2: float = 1e-4,
-    chunk_elements: int = 1 << 24,
-) -> ProbeLosses:
-    """Training and held-out loss of a 1-D logistic probe on each latent: (m,) float64 each.
-
-    Split (deterministic): the first ⌊train_fraction·T⌋ tokens train, the rest are held
-    out (flatten windows in a fixed order; shuffle beforehand if the order is biased).
-    Per latent j, with a = latent_values[:, j] standardised by its training mean and std
-    (a constant column becomes 0), fit p = σ(w a + b) by minimising
-        mean_train BCE(p, y) + (l2 / 2) w²
-    with ``iterations`` Newton steps from w = 0, b = logit(mean y_train), vectorised over
-    latents (each step backtracks to the best of step sizes 1, 1/2, 1/4, 1/8 so the
-    objective never rises; the small l2 keeps w finite on separable data). The losses are
-    mean BCE = mean_t −[y ln p + (1 − y) ln(1 − p)] over each split, in nats.
-    Columns are processed in chunks of ``chunk_elements`` // T_train; runs on the device of
-    ``latent_values``, returns on the CPU."""
-    if latent_values.dim() != 2 or labels.shape != latent_values.shape[:1]:
-        raise ValueError("latent_values must be (T, m) and labels (T,)")
-    n_train = int(math.floor(train_fraction * labels.shape[0]))
-    if not 0 < n_train < labels.shape[0]:
-        raise ValueError(f"train_fraction={train_fraction} leaves an empty train or test split")
-    device = latent_values.device
-    y = labels.to(device).double()
-    y_train, y_test = y[:n_train], y[n_train:]
-    base = y_train.mean().clamp(1e-6, 1 - 1e-6)
-    b0 = torch.log(base / (1 - base))
-    steps = (1.0, 0.5, 0.25, 0.125)
-    m = latent_values.shape[1]
-    width = max(1, chunk_elements // max(n_train, 1))
-    train_out, test_out = (torch.empty(m, dtype=torch.float64) for _ in range(2))
-    for start in range(0, m, width):
-        cols = latent_values[:, start : start + width].double()
-        mu = cols[:n_train].mean(dim=0)
-        sd = cols[:n_train].std(dim=0, correction=0)
-        scale = torch.where(sd > 1e-12, 1.0 / sd.clamp_min(1e-12), torch.zeros_like(sd))
-        a = (cols - mu) * scale
-        a_train, a_test = a[:n_train], a[n_train:]
-        c = a.shape[1]
-        w = torch.zeros(c, dtype=torch.float64, device=device)
-        b = b0.expand(c).clone()
-        objective = _probe_objective(a_train, y_train, w, b) + 0.5 * l2 * w * w
-        for _ in range(iterations):
-            p = torch.sigmoid(a_train * w + b)
-            r = p - y_train[:, None]
-            s = p * (1 - p)
-            g_w = (r * a_train).mean(dim=0) + l2 * w
-            g_b = r.mean(dim=0)
-            h_ww = (s * a_train * a_train).mean(dim=0) + l2
-            h_wb = (s * a_train).mean(dim=0)
-            h_bb = s.mean(dim=0) + 1e-12
-            det = (h_ww * h_bb - h_wb * h_wb).clamp_min(1e-18)
-            d_w = (h_bb * g_w - h_wb * g_b) / det
-            d_b = (h_ww * g_b - h_wb * g_w) / det
-            best_w, best_b, best_obj = w, b, objective
-            for step in steps:
-                cand_w, cand_b = w - step * d_w, b - step * d_b
-                cand = _probe_objective(a_train, y_train, cand_w, cand_b) + 0.5 * l2 * cand_w * cand_w
-                better = cand < best_obj
-                best_w = torch.where(better, cand_w, best_w)
-                best_b = torch.where(better, cand_b, best_b)
-                best_obj = torch.where(better, cand, best_obj)
-            w, b, objective = best_w, best_b, best_obj
-        train_out[start : start + c] = _probe_objective(a_train, y_train, w, b).cpu()
-        test_out[start : start + c] = _probe_objective(a_test, y_test, w, b).cpu()
-    return ProbeLosses(train_out, test_out)
-
-
-def best_latent_probe_loss(
-    latent_values: torch.Tensor,
-    labels: torch.Tensor,
-    train_fraction: float = 0.5,
-    iterations: int = 15,
-    l2: float = 1e-4,
-) -> tuple[float, int]:
-    """(held-out probe loss of latent j, j) for the latent j with the lowest *training* loss,
-    for a dense (T, m) matrix of latent values (all latents, or a chosen subset: j indexes
-    its columns) and boolean labels (T,): the latent is chosen on the training split only, so
-    the reported loss is not selected on the data it is measured on.
-
-    Probe and split as in ``probe_losses``. A latent that encodes the task gives a loss near
-    0; when no latent helps the loss is near ``label_entropy`` of the labels."""
-    losses = probe_losses(latent_values, labels, train_fraction, iterations, l2)
-    j = int(torch.argmin(losses.train).item())
-    return losses.test[j].item(), j

@@ -22,11 +22,18 @@ from pathlib import Path
 from typing import Any
 
 from saesweep.core.job_settings import TrainSettings, to_json
-from saesweep.plan.cells import sweep_cells
+from saesweep.evaluation.token_tasks import TASKS
+from saesweep.plan.cells import parse_cell, sweep_cells
 from saesweep.plan.settings import train_settings
 
 DEFAULT_WIDTH = 4096
 """d assumed when neither ``model.hidden_size`` nor the model folder's config.json gives it."""
+DEFAULT_LM_SHAPE = (24, 65536)
+"""(blocks, vocabulary) assumed when the model folder's config.json does not give them (a hub
+id before download): GPT-2, Pythia and SmolLM2 have ≤ 24 blocks at ≤ 1B parameters and
+vocabularies of about 50,000."""
+MODEL_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+"""Bytes per LM parameter (config key model.dtype)."""
 STORAGE_BYTES = {"float16": 2, "float32": 4}
 """Bytes per stored activation value (config key activations.storage_dtype)."""
 TOKEN_ID_BYTES = 4
@@ -35,6 +42,8 @@ FLOAT_BYTES = 4
 """SAE parameters, gradients and Adam moments are float32."""
 BASE_MEM_MB = 1500
 """The interpreter, torch and its allocator in a training job."""
+EVALUATE_BASE_MB = 2000
+"""The interpreter, torch, transformers and the tokenizer in an evaluation job."""
 TRAIN_FLOPS_PER_S = {"cpu": 1e10, "auto": 1e10, "cuda": 1e13}
 """Sustained rate, per ``train.device``, assumed for a training step's 6 · tokens · n · d
 FLOPs (forward and backward of the encoder and decoder products): a conservative guess,
@@ -76,9 +85,62 @@ def extract_mem_mb(d: int, activations: dict[str, Any]) -> int:
     return int(3000 + 6 * d * d / 1000 + shard_bytes / 1e6)
 
 
-def evaluate_mem_mb(d: int) -> int:
-    """Memory of an evaluation job: 3 GB plus 2 · d² bytes (the LM for ΔLM loss)."""
-    return 3000 + 2 * d * d // 1000
+def lm_shape(config: dict[str, Any]) -> tuple[int, int]:
+    """(blocks L, vocabulary V) of the model from its folder's config.json (``num_hidden_layers``
+    or ``n_layer``, ``vocab_size``), else ``DEFAULT_LM_SHAPE``."""
+    path = Path(config["model"]["id"], "config.json")
+    if path.exists():
+        model = json.loads(path.read_text())
+        layers = model.get("num_hidden_layers", model.get("n_layer"))
+        if layers is not None and model.get("vocab_size") is not None:
+            return int(layers), int(model["vocab_size"])
+    return DEFAULT_LM_SHAPE
+
+
+def evaluate_bytes(config: dict[str, Any], d: int, n: int) -> dict[str, int]:
+    """Memory of an evaluation job of an SAE with n latents over d dimensions, by term (bytes),
+    as the bound of ``evaluation.analysis`` states it; with c = evaluate.batch_size (the
+    chunk), T = analysis_windows · (context − skip_positions) analysis tokens, t = the token
+    tasks, p, m, a = probe_candidates, explain_latents, ablation_latents, U = min(n, t·p +
+    m + a) chosen latents, L, V = ``lm_shape``, b = lm_batch_size:
+
+        base           ``EVALUATE_BASE_MB``: the interpreter, torch, transformers
+        sae            4 · (2·n·d + 3·n + 3·d)        weights, biases, per-latent extras
+        lm             itemsize(model.dtype) · (12·L·d² + V·d)
+        chunk          4 · 3·c·n                      one chunk's pre-activations and codes
+        activations    4 · (tokens + T) · d           reconstruction and analysis rows
+        logits         4 · 7·b·context·V              one LM batch's logits and log-probabilities
+        analysis       8 · (6 + 3·t)·n + 4 · T·(U + 1) + T·t + 8 · 12·T·p
+                                                      screen sums, counts, chosen columns,
+                                                      labels, one task's probe fits
+
+    None grows with T · n."""
+    evaluate, activations = config["evaluate"], config["activations"]
+    context = activations["context"]
+    tokens = evaluate["analysis_windows"] * (context - activations["skip_positions"])
+    tasks, candidates = len(TASKS), evaluate["probe_candidates"]
+    chosen = min(n, tasks * candidates + evaluate["explain_latents"] + evaluate["ablation_latents"])
+    layers, vocab = lm_shape(config)
+    return {
+        "base": EVALUATE_BASE_MB * 10**6,
+        "sae": FLOAT_BYTES * (2 * n * d + 3 * n + 3 * d),
+        "lm": MODEL_DTYPE_BYTES[config["model"]["dtype"]] * (12 * layers * d * d + vocab * d),
+        "chunk": FLOAT_BYTES * 3 * evaluate["batch_size"] * n,
+        "activations": FLOAT_BYTES * (evaluate["tokens"] + tokens) * d,
+        "logits": FLOAT_BYTES * 7 * evaluate["lm_batch_size"] * context * vocab,
+        "analysis": 8 * (6 + 3 * tasks) * n + FLOAT_BYTES * tokens * (chosen + 1) + tokens * tasks
+        + 8 * 12 * tokens * candidates,
+    }
+
+
+def evaluate_mem_mb(config: dict[str, Any], d: int, n: int) -> int:
+    """Memory of an evaluation job in MB: the sum of ``evaluate_bytes``, rounded up."""
+    return math.ceil(sum(evaluate_bytes(config, d, n).values()) / 1e6)
+
+
+def cell_latents(cell: str) -> int:
+    """n of a cell from its name (for a rule's resources)."""
+    return parse_cell(cell).n_latents
 
 
 def train_processes(distributed: dict[str, Any]) -> tuple[int, int]:
@@ -185,6 +247,7 @@ def cell_budgets(config: dict[str, Any], d: int) -> list[dict[str, Any]]:
                 "sae_bytes": stored,
                 "checkpoint_bytes": checkpoint_bytes(stored, trained, cell.n_latents),
                 "mem_mb": train_mem_mb(settings, d, config["activations"]["shard_tokens"]),
+                "eval_mem_mb": evaluate_mem_mb(config, d, cell.n_latents),
                 "hours": train_hours(settings, d),
                 "runtime_min": train_runtime_min(settings, d),
             })
@@ -250,12 +313,14 @@ def format_plan(summary: dict[str, Any]) -> str:
                          f"{human_bytes(f['token_id_bytes']):>12}")
     lines += [
         "",
-        "cells (train_cell jobs)",
-        f"  {'site':<10}{'cell':<30}{'tokens':>14}{'SAE':>11}{'checkpoint':>12}{'mem_mb':>8}{'est. h':>9}{'asked h':>9}",
+        "cells (mem_mb: a train_cell job's memory; eval mb: its evaluate_cell job's)",
+        f"  {'site':<10}{'cell':<30}{'tokens':>14}{'SAE':>11}{'checkpoint':>12}{'mem_mb':>8}{'eval mb':>9}"
+        f"{'est. h':>9}{'asked h':>9}",
     ]
     for c in summary["cells"]:
         lines.append(f"  {c['site']:<10}{c['cell']:<30}{c['tokens']:>14,}{human_bytes(c['sae_bytes']):>11}"
-                     f"{human_bytes(c['checkpoint_bytes']):>12}{c['mem_mb']:>8}{c['hours']:>9.2f}{c['runtime_min'] / 60:>9.2f}")
+                     f"{human_bytes(c['checkpoint_bytes']):>12}{c['mem_mb']:>8}{c['eval_mem_mb']:>9}{c['hours']:>9.2f}"
+                     f"{c['runtime_min'] / 60:>9.2f}")
     unit = "GPU-hours" if summary["device"] == "cuda" else "hours"
     lines += ["", f"{unit} per rule (asked = the runtime resource sent to the cluster, summed over jobs)"]
     for rule, h in summary["hours"].items():

@@ -1,0 +1,218 @@
+"""The metrics of a cell on its analysis tokens: probe loss on labelled token tasks, n-gram
+explanations and ablation sparsity, streamed over chunks of tokens.
+
+The analysis tokens are the T = W · (C − skip) kept positions of W held-out windows. No
+(T, n) code matrix is ever formed: the codes are computed ``chunk`` rows at a time, twice.
+
+1. First pass: per latent j, its firing count over all T rows and over the first
+   A · (C − skip) rows (the ablated windows'), and the probe screen's sums
+   (``probes.CorrelationScreen``) over the probes' training half.
+2. Choice: per task, the ``probe_candidates`` latents best correlated with it; a seeded
+   sample of ``explain_latents`` live latents; a seeded sample of ``ablation_latents``
+   latents live in the ablated windows.
+3. Second pass: the dense values of the U chosen latents (the union of the three) over all
+   T rows, (T, U) float32; the metrics read only these columns.
+
+Memory (bytes), besides the LM and the SAE, with c = chunk, t = tasks (``TASKS``), p =
+``probe_candidates``, m = ``explain_latents``, a = ``ablation_latents``,
+U ≤ t·p + m + a:
+
+    3·c·n·4                 one chunk's pre-activations and codes (as in reconstruction)
+  + (3 + 3·t)·n·8 + 3·n·8   the screen's sums and correlations, two firing counts, the slot map
+  + T·(U + 1)·4 + T·t       the chosen columns and the labels
+  + 12·T·p·8                one task's probe fits (float64 working arrays of ``probe_losses``)
+
+which does not grow with T · n.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from saesweep.evaluation.explain import explainability
+from saesweep.evaluation.metrics import ablation_sparsity, mean_and_standard_error
+from saesweep.evaluation.probes import CorrelationScreen, best_latent_probe_loss, label_entropy
+from saesweep.evaluation.splice import reconstructor, spliced_logits
+from saesweep.evaluation.token_tasks import label_tokens
+from saesweep.sae.base import SparseAutoencoder
+
+
+class CodeChunk(NamedTuple):
+    """The stored entries of some rows' codes: (row i, latent j, value z_ij), (E,) each, rows
+    counted from the first analysis token. Stored zeros do not fire."""
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    values: torch.Tensor
+
+
+@torch.no_grad()
+def code_chunks(sae: SparseAutoencoder, activations: torch.Tensor, chunk: int) -> Iterator[CodeChunk]:
+    """The codes of raw ``activations`` (T, d), ``chunk`` rows at a time, on the SAE's device:
+    the SAE never encodes more than ``chunk`` rows at once."""
+    device = sae.W_enc.device
+    for start in range(0, len(activations), chunk):
+        codes = sae.encode(sae.normalise(activations[start : start + chunk].to(device))).to_sparse_coo()
+        rows, cols = codes.indices()
+        yield CodeChunk(rows + start, cols, codes.values())
+
+
+def count_firing(counts: torch.Tensor, chunk: CodeChunk, rows: int) -> None:
+    """counts[j] += #{entries of ``chunk`` with row < ``rows`` and z_ij > 0}, in place."""
+    counts.index_add_(0, chunk.cols, ((chunk.values > 0) & (chunk.rows < rows)).long())
+
+
+class ColumnGather:
+    """The dense values (T, m) of m chosen latents over T rows, filled from code chunks; the
+    other latents' entries land in one spare column. Memory: T·(m + 1)·4 + n·8 bytes."""
+
+    def __init__(self, latents: torch.Tensor, n_latents: int, tokens: int) -> None:
+        device, m = latents.device, len(latents)
+        self.slot = torch.full((n_latents,), m, dtype=torch.int64, device=device)
+        self.slot.index_copy_(0, latents, torch.arange(m, device=device))
+        self.values = torch.zeros(tokens, m + 1, device=device)
+
+    def update(self, chunk: CodeChunk) -> None:
+        """Write the chunk's entries of the chosen latents."""
+        where = (chunk.rows, self.slot.index_select(0, chunk.cols))
+        self.values.index_put_(where, chunk.values.to(self.values.dtype), accumulate=True)
+
+    def columns(self) -> torch.Tensor:
+        """(T, m): column i holds latent ``latents[i]``'s values."""
+        return self.values.narrow(1, 0, self.values.shape[1] - 1)
+
+
+def sample_live_latents(counts: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """A seeded sample of up to ``count`` latents with counts[j] > 0, in increasing order:
+    the first ``count`` of a permutation (CPU generator seeded with ``seed``) of the live
+    latents in increasing order. On the device of ``counts``."""
+    live = counts.gt(0).nonzero().squeeze(1)
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(live), generator=generator)[:count].to(live.device)
+    return live[order].sort().values
+
+
+def task_labels(token_strings: list[list[str]], device: torch.device) -> tuple[list[str], torch.Tensor]:
+    """The tasks (``token_tasks.TASKS``) that count, and their labels (tasks, T) bool on
+    ``device`` with windows flattened row-major: a task counts when both classes occur in
+    each half of the T tokens."""
+    labels = label_tokens(token_strings)
+    tasks, rows = [], []
+    for task, label in labels.items():
+        flat = label.reshape(-1)
+        half = len(flat) // 2
+        if all(part.any() and not part.all() for part in (flat[:half], flat[half:])):
+            tasks.append(task)
+            rows.append(flat)
+    tokens = sum(len(window) for window in token_strings)
+    stacked = np.stack(rows) if rows else np.zeros((0, tokens), dtype=bool)
+    return tasks, torch.from_numpy(stacked).to(device)
+
+
+def probe_metrics(tasks: list[str], labels: torch.Tensor, columns: torch.Tensor) -> dict[str, Any]:
+    """Per task t, the held-out loss of the single-latent probe whose latent has the lowest
+    training loss among its candidates, whose values are ``columns[t]`` (T, p): the latents
+    best correlated with the task on the training half (``probes.best_latent_probe_loss``),
+    beside the held-out label entropy. ``probe_loss`` is the mean over the tasks, with its
+    standard error over them."""
+    per_task: dict[str, dict[str, float]] = {}
+    for task, target, chosen in zip(tasks, labels, columns):
+        loss, _ = best_latent_probe_loss(chosen, target)
+        per_task[task] = {"loss": loss, "label_entropy": label_entropy(target[len(target) // 2 :])}
+    mean, se = mean_and_standard_error([entry["loss"] for entry in per_task.values()])
+    return {"probe_loss": mean, "probe_loss_se": se, "probe_loss_count": len(per_task), "probe_tasks": per_task}
+
+
+def explain_metrics(codes: torch.Tensor, windows: torch.Tensor) -> dict[str, Any]:
+    """n-gram explanations (``explain.explainability``) of the latents whose values ``codes``
+    (T, m) holds, with T = windows × their length: explained on the first half of the
+    windows, scored on the second; means over the scored latents with standard errors."""
+    if codes.shape[1] == 0 or len(windows) < 2:
+        precision = recall = torch.empty(0)
+    else:
+        codes = codes.reshape(len(windows), windows.shape[1], codes.shape[1])
+        half = len(windows) // 2
+        result = explainability(windows[:half], codes[:half], windows[half:], codes[half:])
+        precision, recall = result["precision"], result["recall"]
+    out: dict[str, Any] = {}
+    for name, values in (("explain_precision", precision), ("explain_recall", recall)):
+        out[name], out[f"{name}_se"] = mean_and_standard_error(values.tolist())
+        out[f"{name}_count"] = int(values.isfinite().sum())
+    return out
+
+
+def ablation_metrics(
+    sae: SparseAutoencoder, lm: torch.nn.Module, site: str, windows: torch.Tensor, skip: int,
+    latents: Sequence[int], fires: torch.Tensor, seed: int,
+) -> dict[str, Any]:
+    """Ablation sparsity (``metrics.ablation_sparsity``) of ``latents``, sampled among those
+    that fire in the held-out token ``windows`` (W, C); ``fires`` (W, C − skip, len(latents))
+    says where each fires at the kept positions. Each is removed from the SAE
+    reconstruction at one seeded position where it fires, and the logit change against the
+    unablated reconstruction is taken at that position and every later one of its window
+    (the ones the ablation can reach). Mean over the latents, with its standard error."""
+    generator = torch.Generator().manual_seed(seed)
+    reconstruct = reconstructor(sae)
+    unablated: dict[int, torch.Tensor] = {}
+    scores = []
+    for column, latent in enumerate(latents):
+        where = fires[:, :, column].nonzero()
+        window, position = where[torch.randint(len(where), (1,), generator=generator).item()].tolist()
+        ids = windows[window : window + 1]
+        if window not in unablated:
+            unablated[window] = spliced_logits(lm, site, ids, skip, reconstruct)
+
+        def without_latent(a: torch.Tensor, latent: int = latent, position: int = position) -> torch.Tensor:
+            out = reconstruct(a)
+            value = sae.encode(sae.normalise(a[0, position : position + 1])).to_dense()[0, latent]
+            out[0, position] -= value * sae.W_dec[latent] * sae.act_scale
+            return out
+
+        ablated = spliced_logits(lm, site, ids, skip, without_latent)
+        scores.append(ablation_sparsity((ablated - unablated[window])[0, skip + position :]))
+    mean, se = mean_and_standard_error(scores)
+    return {"ablation_sparsity": mean, "ablation_sparsity_se": se, "ablation_sparsity_count": sum(map(math.isfinite, scores))}
+
+
+def analysis_metrics(
+    sae: SparseAutoencoder, lm: torch.nn.Module, site: str, *, activations: torch.Tensor,
+    windows: torch.Tensor, token_strings: list[list[str]], ablated: torch.Tensor, skip: int,
+    chunk: int, probe_candidates: int, explain_latents: int, ablation_latents: int, seed: int,
+) -> dict[str, Any]:
+    """Probe, explanation and ablation metrics on the analysis tokens, by the two passes of
+    the module docstring. ``activations`` (T, d) are the raw activations at the kept
+    positions of ``windows`` (W, C − skip) of token ids, whose strings are
+    ``token_strings``; ``ablated`` (A, C) are the first A windows whole, A ≤ W."""
+    device, tokens = sae.W_enc.device, len(activations)
+    tasks, labels = task_labels(token_strings, device)
+    screen = CorrelationScreen(labels, tokens // 2, sae.n)
+    counts = torch.zeros(sae.n, dtype=torch.int64, device=device)
+    ablation_counts = torch.zeros_like(counts)
+    ablation_rows = len(ablated) * windows.shape[1]
+    for codes in code_chunks(sae, activations, chunk):
+        screen.update(*codes)
+        count_firing(counts, codes, tokens)
+        count_firing(ablation_counts, codes, ablation_rows)
+    candidates = screen.candidates(probe_candidates)
+    explained = sample_live_latents(counts, explain_latents, seed)
+    ablation_sample = sample_live_latents(ablation_counts, ablation_latents, seed)
+
+    chosen = torch.cat([candidates.flatten(), explained, ablation_sample]).unique()
+    gather = ColumnGather(chosen, sae.n, tokens)
+    for codes in code_chunks(sae, activations, chunk):
+        gather.update(codes)
+    columns = gather.columns()
+
+    def values_of(latents: torch.Tensor) -> torch.Tensor:
+        return columns[:, torch.searchsorted(chosen, latents)]
+
+    metrics = probe_metrics(tasks, labels, [values_of(row) for row in candidates])
+    metrics.update(explain_metrics(values_of(explained).cpu(), windows))
+    fires = values_of(ablation_sample)[:ablation_rows].reshape(len(ablated), windows.shape[1], len(ablation_sample)) > 0
+    metrics.update(ablation_metrics(sae, lm, site, ablated, skip, ablation_sample.tolist(), fires, seed))
+    return metrics
