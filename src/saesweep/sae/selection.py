@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from saesweep.sae.collectives import Collectives
+
 
 @dataclass
 class SelectionStep:
@@ -36,3 +38,13 @@ def sparse_decode(W_dec: torch.Tensor, indices: torch.Tensor, values: torch.Tens
     return nn.functional.embedding_bag(
         indices, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum"
     )
+
+
+def write_gradients(
+    sae: nn.Module, grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor], grad_main: torch.Tensor, comm: Collectives
+) -> None:
+    """Set the step's gradients: ``grads`` = (∂W_dec, ∂W_enc, ∂b_enc) as computed, and
+    ∂b_pre = Σ_b G_main,b − Σ_shards ∂b_enc W_enc (the decoder path plus the encoder path,
+    summed over latent shards so every shard's b_pre gets the same gradient)."""
+    sae.W_dec.grad, sae.W_enc.grad, sae.b_enc.grad = grads
+    sae.b_pre.grad = grad_main.sum(dim=0) - comm.shard_sum(grads[2] @ sae.W_enc)

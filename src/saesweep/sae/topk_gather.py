@@ -28,7 +28,7 @@ import torch
 
 from saesweep.sae.base import auxk_normaliser
 from saesweep.sae.collectives import Collectives
-from saesweep.sae.selection import SelectionStep, Wide, sparse_decode
+from saesweep.sae.selection import SelectionStep, Wide, sparse_decode, write_gradients
 
 _BLOCK_ROWS = 4096
 """Rows of the batch encoded at once. At B = 4096, n = 131,072 the (rows, n) fp32 block is
@@ -96,8 +96,7 @@ def gather_step(
         grad_aux = torch.where(any_dead, aux_residual * (2 * aux_coef / normaliser), zero)
         _add_selection_grads(grads, W_dec, centred, aux_indices, aux_values, grad_aux)
 
-    sae.W_dec.grad, sae.W_enc.grad, sae.b_enc.grad = grads
-    sae.b_pre.grad = grad_main.sum(dim=0) - comm.shard_sum(grads[2] @ W_enc)
+    write_gradients(sae, grads, grad_main, comm)
     loss = mse_loss + aux_coef * aux_loss + (wide.weight * wide_loss if wide is not None else 0)
     return SelectionStep(loss, mse_loss, aux_loss, wide_loss, indices, latents)
 

@@ -31,7 +31,7 @@ from torch import nn
 
 from saesweep.sae.base import StepContext, auxk_loss, auxk_normaliser, batch_variance
 from saesweep.sae.collectives import LOCAL, Collectives
-from saesweep.sae.selection import SelectionStep, Wide, sparse_decode
+from saesweep.sae.selection import SelectionStep, Wide, sparse_decode, write_gradients
 from saesweep.sae.topk_gather import gather_step
 
 __all__ = ["PRODUCTS", "SelectionStep", "Wide", "dense_reference_step", "sparse_decode", "sparse_step"]
@@ -226,8 +226,7 @@ def _sparse_step(
         for grad, dead_grad in zip(grads, aux_grads):
             grad.index_add_(0, dead, dead_grad)
 
-    sae.W_dec.grad, sae.W_enc.grad, sae.b_enc.grad = grads
-    sae.b_pre.grad = grad_main.sum(dim=0) - comm.shard_sum(grads[2] @ W_enc)
+    write_gradients(sae, grads, grad_main, comm)
     loss = mse_loss + aux_coef * aux_loss + (wide.weight * wide_loss if wide is not None else 0)
     return SelectionStep(loss, mse_loss, aux_loss, wide_loss, indices, latents)
 
