@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import saesweep.data.activations as activations_module
+from saesweep.data.activations import HASHED
 from conftest import CPU, make_text, tiny_config
 from saesweep.data.activations import ActivationStore, extract, extract_part, write_manifests
 from saesweep.plan.config import validate_config
@@ -190,6 +191,25 @@ def test_manifest_lists_shards_and_statistics_of_the_stored_rows(tmp_path, tiny_
                                32.0, rtol=1e-5)
 
 
+def test_an_unchanged_shard_is_hashed_once_by_the_manifest(tmp_path, tiny_model, tiny_corpus, monkeypatch) -> None:
+    """Opening a folder hashes no shard whose size and modification time are those the
+    manifest recorded when it hashed it; a shard touched since is hashed (and found intact)."""
+    config = prepared(tmp_path, tiny_model, tiny_corpus, monkeypatch, **{
+        "activations.train_tokens": 1500, "activations.shard_tokens": 500})
+    settings = extraction_settings(config, "train", device="cpu")
+    extract(settings)
+    folder = Path(settings.output_dirs["resid2"])
+    hashed = []
+    monkeypatch.setattr(activations_module, "sha256_file", lambda path: hashed.append(path.name) or sha256_file(path))
+    store = ActivationStore(folder)
+    assert hashed == [] and len(store.shards) >= 3
+    touched = folder / "shard-00001.h5"
+    status = touched.stat()
+    os.utime(touched, ns=(status.st_atime_ns, status.st_mtime_ns + 10**9))
+    ActivationStore(folder)
+    assert hashed == ["shard-00001.h5"]
+
+
 def test_damaged_shards_are_refused_by_name(tmp_path, tiny_model, tiny_corpus, monkeypatch) -> None:
     config = prepared(tmp_path, tiny_model, tiny_corpus, monkeypatch, **{
         "activations.train_tokens": 1500, "activations.shard_tokens": 500})
@@ -202,7 +222,9 @@ def test_damaged_shards_are_refused_by_name(tmp_path, tiny_model, tiny_corpus, m
 
     flipped = bytearray(original)
     flipped[len(flipped) // 2] ^= 0x01
+    written = victim.stat().st_mtime_ns
     victim.write_bytes(bytes(flipped))
+    os.utime(victim, ns=(written, written + 10**9))  # rewritten later (whatever the clock's resolution)
     with pytest.raises(UserError, match="shard-00001.h5") as caught:
         ActivationStore(folder)
     assert "sha256" in str(caught.value)
@@ -291,7 +313,9 @@ def test_killed_extraction_resumes_to_identical_shards(tmp_path, tiny_model, mon
 
 
 def folder_files(folder: Path) -> dict[str, bytes]:
-    return {path.name: path.read_bytes() for path in sorted(folder.iterdir()) if path.is_file()}
+    """The folder's files but ``HASHED`` (file times, not contents)."""
+    assert (folder / HASHED).is_file()
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir()) if path.is_file() and path.name != HASHED}
 
 
 @pytest.mark.parametrize("jobs, train_tokens", [(4, 9000), (3, 10**6), (25, 9000)])

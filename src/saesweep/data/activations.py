@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -48,6 +47,9 @@ from saesweep.core.devices import resolve_device
 from saesweep.core.job_settings import ExtractionSettings, to_json
 
 STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32}
+HASHED = "hashed.json"
+"""Beside a manifest: each shard's modification time (ns) when the manifest job hashed it;
+a shard still at that time (and size) is not hashed again when a job opens the folder."""
 REEXTRACT = "delete the folder and extract again"
 """What to do about a damaged or disagreeing shard or manifest."""
 # Settings keys that say how the extraction is split over jobs, not what it writes.
@@ -238,6 +240,7 @@ def write_manifest(folder: Path, n_shards: int, attributes: dict[str, Any], cont
     """Manifest of a site's folder: shards with sizes and sha256, and the statistics
     μ = Σa / N, m = Σ‖a‖² / N − ‖μ‖² (mean squared norm of a − μ), s = sqrt(m / d)."""
     shards, total, total_sum, total_squares = [], 0, None, 0.0
+    hashed: dict[str, int] = {}
     for index in range(n_shards):
         path = folder / shard_name(index)
         with h5py.File(path, "r") as shard:
@@ -247,7 +250,9 @@ def write_manifest(folder: Path, n_shards: int, attributes: dict[str, Any], cont
             width = shard["activations"].shape[1]
         total += tokens
         total_sum = shard_sum if total_sum is None else total_sum + shard_sum
-        shards.append({"file": path.name, "tokens": tokens, "bytes": path.stat().st_size, "sha256": sha256_file(path)})
+        status = path.stat()
+        shards.append({"file": path.name, "tokens": tokens, "bytes": status.st_size, "sha256": sha256_file(path)})
+        hashed[path.name] = status.st_mtime_ns
     mean = total_sum / total
     mean_squared_norm = total_squares / total - float(mean @ mean)
     manifest = {
@@ -260,6 +265,7 @@ def write_manifest(folder: Path, n_shards: int, attributes: dict[str, Any], cont
         "scale": math.sqrt(mean_squared_norm / width),
         "provenance": provenance(content),
     }
+    write_json(folder / HASHED, hashed)
     write_json(folder / "manifest.json", manifest)
     return manifest
 
@@ -272,20 +278,25 @@ class ShardInfo:
     tokens: int
     bytes: int
     sha256: str
+    mtime_ns: int | None
+    """The file's modification time when the manifest job hashed it (``HASHED``; None if unknown)."""
 
 
 class ActivationStore:
     """A site's extracted activations, checked against the manifest: on opening, each
-    shard's size and sha256 (``verify``); on every read, the shard's rows, width and dtype.
-    A shard that is missing, damaged or disagrees is a UserError naming the file."""
+    shard's size, and its sha256 unless the file is unchanged since the manifest hashed it
+    (``verify``); on every read, the shard's rows, width and dtype. A shard that is missing,
+    damaged or disagrees is a UserError naming the file."""
 
     def __init__(self, folder: str | Path, verify: bool = True) -> None:
         self.folder = Path(folder)
         path = self.folder / "manifest.json"
         self.manifest = read_json(path, "activation manifest")
+        hashed = read_json(self.folder / HASHED, "shard hash times") if (self.folder / HASHED).exists() else {}
         try:
             self.shards = [
-                ShardInfo(self.folder / s["file"], s["tokens"], s["bytes"], s["sha256"]) for s in self.manifest["shards"]
+                ShardInfo(self.folder / s["file"], s["tokens"], s["bytes"], s["sha256"], hashed.get(s["file"]))
+                for s in self.manifest["shards"]
             ]
             self.d: int = self.manifest["d"]
             self.tokens: int = self.manifest["tokens"]
@@ -301,11 +312,20 @@ class ActivationStore:
             self.verify()
 
     def verify(self) -> None:
-        """Compare every shard's size and sha256 with the manifest."""
+        """Compare every shard's size with the manifest, and its sha256 unless the file's
+        modification time is still the one recorded when the manifest hashed it: every job
+        of a sweep opens the folder, and hashing 10⁸ tokens of shards (143 GiB at GPT-2
+        small's width) takes minutes per job. A file rewritten or copied without its times
+        is hashed; damage that keeps both size and modification time is not caught here.
+        The times are in ``HASHED`` beside the manifest, not in it, so that the manifest
+        stays a function of the shards' contents."""
         for shard in self.shards:
             if not shard.path.exists():
                 raise UserError(f"activation shard {shard.path} is missing (listed in its manifest)")
-            size = os.path.getsize(shard.path)
+            status = shard.path.stat()
+            size = status.st_size
+            if size == shard.bytes and status.st_mtime_ns == shard.mtime_ns:
+                continue
             if size != shard.bytes:
                 raise UserError(f"activation shard {shard.path} has {size} bytes, its manifest says {shard.bytes}: truncated or changed; {REEXTRACT}")
             if sha256_file(shard.path) != shard.sha256:
