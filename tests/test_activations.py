@@ -120,7 +120,7 @@ def test_sites_equal_a_direct_forward(tmp_path, tiny_model, tiny_corpus, monkeyp
 
 
 def test_float16_default_and_the_forward_stops_at_the_deepest_site(tmp_path, tiny_model, tiny_corpus, monkeypatch) -> None:
-    raw_overrides = {"activations.sites": ["resid1", "mlp2"], "activations.train_tokens": 1000,
+    raw_overrides = {"activations.sites": ["resid1", "mlp2"], "activations.train_tokens": 1200,
                      "activations.shard_tokens": 400}
     monkeypatch.chdir(tmp_path)
     raw = tiny_config(tiny_model, tiny_corpus, **raw_overrides)

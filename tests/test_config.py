@@ -47,7 +47,7 @@ def test_shipped_configs_validate(path: Path) -> None:
 
 
 def test_defaults_are_filled_without_touching_given_values() -> None:
-    raw = base_config()
+    raw = base_config(**{"activations.train_tokens": 10000})  # the default budget's cells: ≤ 10 epochs
     del raw["activations"]["storage_dtype"]
     del raw["train"]
     raw_copy = copy.deepcopy(raw)
@@ -138,6 +138,19 @@ def test_missing_required_keys_are_named() -> None:
     del config["sweep"]
     assert "sweep" in error_of(config)
     assert "mapping" in error_of(["not", "a", "mapping"])
+
+
+def test_a_budget_that_cannot_be_meant_is_refused() -> None:
+    """The tiny config extracts 6000 tokens and its largest cell trains on 12000 (2 epochs)."""
+    assert validate_config(base_config())  # 2 epochs: within the default limit of 10
+    tiny = error_of(base_config(**{"activations.train_tokens": 10}))
+    assert "config key activations.train_tokens: 10 tokens are fewer than train.geometric_median_sample (512)" in tiny
+    cycled = error_of(base_config(**{"train.tokens.base": 66000}))  # 11 epochs
+    assert "cell topk-n64-k4-s0 trains on 66000 tokens, 11.0 epochs of the 6000 extracted" in cycled
+    assert "activations.max_epochs is 10" in cycled
+    assert validate_config(base_config(**{"train.tokens.base": 66000, "activations.max_epochs": 12}))
+    strict = error_of(base_config(**{"activations.on_exhausted": "error"}))
+    assert "2.0 epochs of the 6000 extracted, and activations.on_exhausted is error" in strict
 
 
 def test_load_config_errors_name_the_file(tmp_path: Path) -> None:

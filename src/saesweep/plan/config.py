@@ -99,11 +99,40 @@ def check_cross_keys(config: dict[str, Any]) -> None:
         )
     check_evaluation_sizes(config)
     sweep_cells(config)  # architectures, their parameters and every cell's feasibility
+    check_training_tokens(config)
     check_external(config)
     budget = config["train"]["tokens"]
     if budget["max"] is not None and budget["max"] < budget["min"]:
         raise UserError("config key train.tokens.max: smaller than train.tokens.min")
     check_distributed(config)
+
+
+def check_training_tokens(config: dict[str, Any]) -> None:
+    """A budget that can be meant: at least ``train.geometric_median_sample`` extracted tokens
+    (the sample b_pre starts from; the normalisation's μ and s come from fewer tokens still
+    less reliably), and no cell going through them more than ``activations.max_epochs`` times
+    (epochs = the cell's budget / activations.train_tokens; more than 1 is refused outright with
+    ``on_exhausted: error``). The extraction may give fewer tokens when the corpus ends: the
+    cells table's ``epochs`` column has the epochs each cell trained for."""
+    activations, train = config["activations"], config["train"]
+    extracted, sample = activations["train_tokens"], train["geometric_median_sample"]
+    if extracted < sample:
+        raise UserError(
+            f"config key activations.train_tokens: {extracted} tokens are fewer than train.geometric_median_sample "
+            f"({sample}), the sample the SAEs' initialisation is taken from and a floor for the normalisation's statistics"
+        )
+    limit = 1 if activations["on_exhausted"] == "error" else activations["max_epochs"]
+    largest = max(sweep_cells(config), key=lambda cell: token_budget(train, cell.n_latents, cell.k), default=None)
+    if largest is None:
+        return
+    budget = token_budget(train, largest.n_latents, largest.k)
+    if budget > limit * extracted:
+        key = "activations.on_exhausted is error" if limit == 1 else f"activations.max_epochs is {limit:g}"
+        raise UserError(
+            f"config key activations.train_tokens: cell {largest.name} trains on {budget} tokens, "
+            f"{budget / extracted:.1f} epochs of the {extracted} extracted, and {key}: extract more tokens, "
+            "lower train.tokens or raise the limit"
+        )
 
 
 def check_distributed(config: dict[str, Any]) -> None:
