@@ -36,7 +36,7 @@ from saesweep.sae.base import StepContext
 from saesweep.sae.registry import ARCHITECTURES, build_sae, resolve_params
 from saesweep.train.trainer import make_adam
 
-SELECTION_ARCHITECTURES = ("topk", "multitopk", "batchtopk")
+SELECTION_ARCHITECTURES = ("topk", "multitopk", "batchtopk", "matryoshka", "matryoshkatopk")
 
 
 @torch.no_grad()

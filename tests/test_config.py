@@ -223,12 +223,14 @@ def test_cell_names_round_trip() -> None:
 def test_cell_names_of_every_architecture_name_the_knob_and_only_non_defaults() -> None:
     grids = {"topk": {"k": [4, 16]}, "multitopk": {"k": [4], "multiple": [4, 8]},
              "batchtopk": {"k": [4]}, "relu": {"l1_coef": [0.1, 1e-05], "lr_factor": [1, 0.5]},
-             "jumprelu": {"l0_coef": [0.003]}, "gated": {"l1_coef": [0.25]}}
+             "jumprelu": {"l0_coef": [0.003]}, "gated": {"l1_coef": [0.25]},
+             "matryoshka": {"k": [4], "prefixes": [5, 3]}, "matryoshkatopk": {"k": [4], "inner_weight": [1, 0.5]}}
     cells = sweep_cells(validate_config(base_config(**{"sweep.k": None, "sweep.archs": grids})))
     names = [cell.name for cell in cells]
     assert {cell.arch for cell in cells} == set(ARCHITECTURES)
-    assert len(set(names)) == len(names) == 2 * (2 + 2 + 1 + 4 + 1 + 1)
+    assert len(set(names)) == len(names) == 2 * (2 + 2 + 1 + 4 + 1 + 1 + 2 + 2)
     assert "multitopk-n64-k4-s0" in names and "multitopk-n64-k4-m8-s0" in names
+    assert "matryoshka-n64-k4-p3-s0" in names and "matryoshkatopk-n256-k4-iw0.5-s0" in names
     assert "relu-n256-l1e-05-lr0.5-s0" in names and "relu-n64-l0.1-s0" in names
     for cell in cells:
         assert parse_cell(cell.name) == cell

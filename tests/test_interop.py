@@ -48,7 +48,7 @@ sparsify = pytest.importorskip("sparsify")
 pytestmark = pytest.mark.usefixtures("one_thread")
 NAMES = sorted(ARCHITECTURES)
 SAELENS_ARCH = {"topk": "topk", "multitopk": "topk", "batchtopk": "jumprelu", "relu": "standard",
-                "jumprelu": "jumprelu", "gated": "gated"}
+                "jumprelu": "jumprelu", "gated": "gated", "matryoshka": "jumprelu", "matryoshkatopk": "topk"}
 D, N, MEAN, SCALE = 32, 128, 4.0, 7.5
 
 

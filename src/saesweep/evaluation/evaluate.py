@@ -4,8 +4,8 @@ the analysis tokens (the last three below) in ``analysis``, streamed over chunks
 
 - reconstruction (normalised MSE, cosine, measured L0, dead fraction, firing histogram) on
   the first ``tokens`` held-out activations, and the k-transfer sweep: the same SAE
-  evaluated with k' = f·k active latents (architectures with ``k_override`` only: TopK and
-  Multi-TopK; for the others the metrics say why it does not apply);
+  evaluated with k' = f·k active latents (architectures with ``k_override`` only: TopK,
+  Multi-TopK and Matryoshka TopK; for the others the metrics say why it does not apply);
 - downstream, on ``downstream_windows`` held-out windows: the site's output a at every
   kept position (from ``skip_positions`` on) replaced by the SAE reconstruction â
   (ΔLM loss, CE recovered against zero ablation, KL score), and by â + (a − â) as a

@@ -46,7 +46,7 @@ class Cell:
 
     @property
     def k(self) -> int | None:
-        """The cell's k when its architecture has one (TopK, Multi-TopK, BatchTopK), else None."""
+        """The cell's k when its architecture has one (TopK, Multi-TopK, BatchTopK, the Matryoshkas), else None."""
         return self.parameters.get("k")
 
     @property

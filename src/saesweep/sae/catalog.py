@@ -141,8 +141,28 @@ JUMPRELU = Declaration(
     shardable=True,
 )
 GATED = Declaration("gated", (Parameter("l1_coef", "l", None, "λ, the weight of the gate's L1 penalty"),), shardable=True)
+# Matryoshka (Bussmann et al. 2025, arXiv 2503.17547): nested prefixes of the dictionary.
+PREFIXES = Parameter(
+    "prefixes", "p", 5,
+    "P, the number of nested prefixes; prefix j has the first ⌊n / 2^(P−j)⌋ latents (j = 1 … P), "
+    "so widths n/16, n/8, n/4, n/2, n by default: bartbussmann/matryoshka_sae's main.py, group "
+    "sizes [n/16, n/16, n/8, n/4, n/2]; 1 is the plain architecture",
+    integer=True, minimum=1, minimum_allowed=True,
+)
+INNER_WEIGHT = Parameter(
+    "inner_weight", "iw", 1.0,
+    "ρ: each prefix's loss weighs ρ times the next wider one's, weights normalised to sum 1 "
+    "(1: the mean over prefixes, as bartbussmann/matryoshka_sae; 0: the full width only)",
+    minimum_allowed=True,
+)
+MATRYOSHKA = Declaration(
+    "matryoshka", (*BATCHTOPK.parameters, PREFIXES, INNER_WEIGHT), uses_auxk=True,
+)
+MATRYOSHKATOPK = Declaration("matryoshkatopk", (K, PREFIXES, INNER_WEIGHT), uses_auxk=True)
 
-DECLARATIONS: dict[str, Declaration] = {d.name: d for d in (TOPK, MULTITOPK, BATCHTOPK, RELU, JUMPRELU, GATED)}
+DECLARATIONS: dict[str, Declaration] = {
+    d.name: d for d in (TOPK, MULTITOPK, BATCHTOPK, RELU, JUMPRELU, GATED, MATRYOSHKA, MATRYOSHKATOPK)
+}
 
 
 def declaration(name: str, key: str = "arch") -> Declaration:
@@ -154,11 +174,21 @@ def declaration(name: str, key: str = "arch") -> Declaration:
 
 
 def problem(n: int, params: dict[str, Any]) -> str | None:
-    """Why a cell with n latents and ``params`` cannot exist (k ≥ n), or None."""
+    """Why a cell with n latents and ``params`` cannot exist (k ≥ n, or Matryoshka prefixes
+    narrower than one latent), or None."""
     k = params.get("k")
     if k is not None and not 0 < k < n:
         return f"k={k} must be smaller than n_latents (got n_latents={n})"
+    prefixes = params.get("prefixes")
+    if prefixes is not None and n >> (int(prefixes) - 1) < 1:
+        return f"prefixes={prefixes} needs n_latents ≥ 2^(prefixes − 1) = {2 ** (int(prefixes) - 1)} (got n_latents={n})"
     return None
+
+
+def prefix_widths(n: int, prefixes: int) -> tuple[int, ...]:
+    """A Matryoshka SAE's nested prefix widths m_j = ⌊n / 2^(P−j)⌋, j = 1 … P (strictly
+    increasing when m_1 ≥ 1, since ⌊n / 2^a⌋ ≥ 2⌊n / 2^(a+1)⌋), the last being n."""
+    return tuple(n >> (prefixes - j) for j in range(1, prefixes + 1))
 
 
 def resolve_params(name: str, given: dict[str, Any], key: str, complete: bool = True) -> dict[str, Any]:

@@ -16,13 +16,15 @@ from saesweep.sae.catalog import declaration, resolve_params
 from saesweep.sae.batchtopk import BatchTopKSAE
 from saesweep.sae.gated import GatedSAE
 from saesweep.sae.jumprelu import JumpReLUSAE
+from saesweep.sae.matryoshka import MatryoshkaBatchTopKSAE, MatryoshkaTopKSAE
 from saesweep.sae.relu import ReLUSAE
 from saesweep.sae.topk import MultiTopKSAE, TopKSAE
 
 __all__ = ["ARCHITECTURES", "architecture", "build_sae", "resolve_params"]
 
 ARCHITECTURES: dict[str, type[SparseAutoencoder]] = {
-    cls.name: cls for cls in (TopKSAE, MultiTopKSAE, BatchTopKSAE, ReLUSAE, JumpReLUSAE, GatedSAE)
+    cls.name: cls
+    for cls in (TopKSAE, MultiTopKSAE, BatchTopKSAE, ReLUSAE, JumpReLUSAE, GatedSAE, MatryoshkaBatchTopKSAE, MatryoshkaTopKSAE)
 }
 """Registry name → class: the names of ``saesweep.sae.catalog.DECLARATIONS``, in its order."""
 
