@@ -111,7 +111,8 @@ def test_cancelled_pack_resumes_its_interrupted_cell_from_its_checkpoint(packed:
                                                                        tiny_corpus) -> None:
     cluster = slurm_cluster
     # longer budgets (24000 and 96000 tokens, a checkpoint every 3000) retrain both cells
-    config = tiny_config(tiny_model, tiny_corpus, **SWEEP, **{"train.tokens.base": 24000, "train.tokens.n_exponent": 1.0})
+    config = tiny_config(tiny_model, tiny_corpus, **SWEEP, **{  # cells long enough to be cancelled: 16 epochs
+        "train.tokens.base": 24000, "train.tokens.n_exponent": 1.0, "activations.max_epochs": 16})
     for folder in (packed.slurm_dir, packed.local_dir):
         write_config(folder / "config.yaml", config)
     cells = packed.slurm_dir / RUN / "cells" / SITE

@@ -384,7 +384,8 @@ def test_cancelled_training_job_resumes_from_its_checkpoint(sweeps: Sweeps, slur
     cluster = slurm_cluster
     # only BIG's budget grows (n_exponent: n64 = n_ref keeps 12000 tokens): 12000 · 4^1.5 = 96000
     # tokens, seconds of training with a checkpoint every 3000 tokens
-    config = tiny_config(tiny_model, tiny_corpus, **SWEEP, **{"train.tokens.n_exponent": 1.5})
+    config = tiny_config(tiny_model, tiny_corpus, **SWEEP, **{  # a cell long enough to be cancelled: 16 epochs
+        "train.tokens.n_exponent": 1.5, "activations.max_epochs": 16})
     budget = 96_000
     for folder in (sweeps.slurm_dir, sweeps.local_dir):
         write_config(folder / "config.yaml", config)
