@@ -221,11 +221,9 @@ def test_save_then_load_gives_identical_outputs(name: str, planted, trained_plan
         assert torch.equal(sae.encode(x).to_dense(), again.encode(x).to_dense())
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_terminated_run_resumes_to_the_same_weights(name: str, planted, monkeypatch, tmp_path) -> None:
-    activations, _ = planted
-    settings = planted_settings(name, activations, tokens=20_480, checkpoint_every_tokens=10**9)
-    train_cell(settings, tmp_path / "uninterrupted", threads=1)
+def train_stopped_and_resumed(settings: TrainSettings, folder: Path, monkeypatch) -> None:
+    """Train ``settings`` into ``folder``, stopped by SIGTERM at the 30th step (no outputs
+    then), and train it again: the rerun resumes from the checkpoint SIGTERM wrote."""
     step, calls = trainer.Trainer.step, []
 
     def step_then_terminate(self, x):
@@ -236,10 +234,18 @@ def test_terminated_run_resumes_to_the_same_weights(name: str, planted, monkeypa
 
     monkeypatch.setattr(trainer.Trainer, "step", step_then_terminate)
     with pytest.raises(Interrupted):
-        train_cell(settings, tmp_path / "resumed", threads=1)
-    assert not (tmp_path / "resumed" / "sae.safetensors").exists()
+        train_cell(settings, folder, threads=1)
+    assert not (folder / "sae.safetensors").exists()
     monkeypatch.setattr(trainer.Trainer, "step", step)
-    train_cell(settings, tmp_path / "resumed", threads=1)
+    train_cell(settings, folder, threads=1)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_terminated_run_resumes_to_the_same_weights(name: str, planted, monkeypatch, tmp_path) -> None:
+    activations, _ = planted
+    settings = planted_settings(name, activations, tokens=20_480, checkpoint_every_tokens=10**9)
+    train_cell(settings, tmp_path / "uninterrupted", threads=1)
+    train_stopped_and_resumed(settings, tmp_path / "resumed", monkeypatch)
     assert_same_training(tmp_path / "resumed", tmp_path / "uninterrupted")
 
 

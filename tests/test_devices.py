@@ -21,7 +21,6 @@ Two second devices:
 from __future__ import annotations
 
 import copy
-import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -33,7 +32,6 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 from conftest import CPU
-from saesweep.core.errors import Interrupted
 from saesweep.sae.base import SparseAutoencoder, StepContext
 from saesweep.evaluation.evaluate import evaluate_cell
 from saesweep.plan.cells import make_cell
@@ -41,10 +39,10 @@ from saesweep.plan.settings import activation_dir, eval_settings, train_settings
 from saesweep.sae.export import load_sae
 from saesweep.sae.registry import ARCHITECTURES, build_sae, resolve_params
 from saesweep.sae.topk_kernels import sparse_step
-from saesweep.train import distributed, trainer
+from saesweep.train import distributed
 from saesweep.train.distributed import Layout, ProcessGroups
 from saesweep.train.trainer import make_adam, train_cell
-from test_architectures import planted, planted_settings, tiny_run  # noqa: F401 (fixtures)
+from test_architectures import planted, planted_settings, tiny_run, train_stopped_and_resumed  # noqa: F401 (fixtures)
 
 DEVICES = ["fake-cuda", *(["cuda"] if torch.cuda.is_available() else [])]
 NAMES = sorted(ARCHITECTURES)
@@ -243,19 +241,7 @@ def test_a_cell_trained_on_a_gpu_resumes_from_its_checkpoint(planted, monkeypatc
     activations, _ = planted
     settings = planted_settings("topk", activations, tokens=20_480, device="cuda", autocast_bf16=True)
     train_cell(settings, tmp_path / "uninterrupted", threads=1)
-    step, calls = trainer.Trainer.step, []
-
-    def step_then_terminate(self, x):
-        calls.append(1)
-        if len(calls) == 30:
-            signal.raise_signal(signal.SIGTERM)
-        return step(self, x)
-
-    monkeypatch.setattr(trainer.Trainer, "step", step_then_terminate)
-    with pytest.raises(Interrupted):
-        train_cell(settings, tmp_path / "resumed", threads=1)
-    monkeypatch.setattr(trainer.Trainer, "step", step)
-    train_cell(settings, tmp_path / "resumed", threads=1)
+    train_stopped_and_resumed(settings, tmp_path / "resumed", monkeypatch)
     resumed, _ = load_sae(tmp_path / "resumed", CPU)
     uninterrupted, _ = load_sae(tmp_path / "uninterrupted", CPU)
     cosine = torch.nn.functional.cosine_similarity(resumed.W_dec, uninterrupted.W_dec, dim=1)

@@ -323,17 +323,20 @@ def test_wrong_d_in_names_the_config_and_both_widths(tiny_run, tmp_path, capsys)
     assert f"{tmp_path / 'wide' / 'cfg.json'}: d_in is 48" in line and "d = 32" in line
 
 
+def saved_by(package: str, folder: Path) -> Path:
+    """A 64-latent SAE of d = 32 saved in ``folder`` by ``package`` itself; its weights file."""
+    if package == "saelens":
+        saelens_sae("standard", torch.randn(64, 32)).save_model(folder)
+        return folder / "sae_weights.safetensors"
+    sparsify.SparseCoder(32, sparsify.SparseCoderConfig(num_latents=64, k=4)).save_to_disk(folder)
+    return folder / "sae.safetensors"
+
+
 @pytest.mark.parametrize("package", ["saelens", "sparsify"])
 def test_missing_weights_name_the_file(package, tiny_run, tmp_path, capsys) -> None:
     folder = tmp_path / package
-    if package == "saelens":
-        saelens_sae("standard", torch.randn(64, 32)).save_model(folder)
-        weights = folder / "sae_weights.safetensors"
-        entry = {"path": str(folder), "format": "saelens"}
-    else:
-        sparsify.SparseCoder(32, sparsify.SparseCoderConfig(num_latents=64, k=4)).save_to_disk(folder)
-        weights = folder / "sae.safetensors"
-        entry = {"path": str(folder), "format": "sparsify"}
+    weights = saved_by(package, folder)
+    entry = {"path": str(folder), "format": package}
     weights.unlink()
     line = import_error(tiny_run, entry, tmp_path, capsys)
     assert f"{weights} do not exist" in line
@@ -346,12 +349,7 @@ def test_missing_weights_name_the_file(package, tiny_run, tmp_path, capsys) -> N
 @pytest.mark.parametrize("package", ["saelens", "sparsify"])
 def test_truncated_weights_name_the_file(package, tiny_run, tmp_path, capsys) -> None:
     folder = tmp_path / package
-    if package == "saelens":
-        saelens_sae("standard", torch.randn(64, 32)).save_model(folder)
-        weights = folder / "sae_weights.safetensors"
-    else:
-        sparsify.SparseCoder(32, sparsify.SparseCoderConfig(num_latents=64, k=4)).save_to_disk(folder)
-        weights = folder / "sae.safetensors"
+    weights = saved_by(package, folder)
     weights.write_bytes(weights.read_bytes()[:-100])
     line = import_error(tiny_run, {"path": str(folder)}, tmp_path, capsys)
     assert f"{weights} cannot be read: truncated" in line

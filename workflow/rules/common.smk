@@ -4,7 +4,7 @@ import sys
 from pathlib import Path
 
 from saesweep.core.errors import UserError
-from saesweep.core.job_settings import to_json
+from saesweep.core.job_settings import DistributedSettings, to_json
 from saesweep.plan import budget
 from saesweep.plan import settings as job
 from saesweep.plan.cells import sweep_cells
@@ -117,7 +117,9 @@ def extract_mem_mb(wildcards):
 def train_threads(wildcards):
     """CPU threads of a training job: 2, or one per process of a distributed cell (the same
     for every cell: read from train.distributed, not from each cell's settings)."""
-    replicas, shards = budget.train_processes(config["train"]["distributed"])
+    replicas, shards = budget.train_processes(
+        DistributedSettings(**config["train"]["distributed"])
+    )
     return max(2, replicas * shards)
 
 

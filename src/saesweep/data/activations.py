@@ -336,9 +336,7 @@ class ActivationStore:
         rows, width and dtype must be the manifest's tokens, d and storage_dtype."""
         shard = self.shards[index]
         with self.open_shard(index) as handle:
-            values = handle.get("activations")
-            if not isinstance(values, h5py.Dataset):
-                raise UserError(f"activation shard {shard.path} has no activations dataset; {REEXTRACT}")
+            values = self.dataset(index, handle, "activations")
             if values.shape != (shard.tokens, self.d) or values.dtype != self.storage_dtype:
                 raise UserError(
                     f"activation shard {shard.path} holds activations of shape {values.shape} and dtype {values.dtype}; "
@@ -349,10 +347,7 @@ class ActivationStore:
     def read_windows(self, index: int) -> np.ndarray:
         """Token ids of shard ``index``'s windows (w, context)."""
         with self.open_shard(index) as handle:
-            windows = handle.get("windows")
-            if not isinstance(windows, h5py.Dataset):
-                raise UserError(f"activation shard {self.shards[index].path} has no windows dataset; {REEXTRACT}")
-            return self.whole(index, windows)
+            return self.whole(index, self.dataset(index, handle, "windows"))
 
     @contextlib.contextmanager
     def open_shard(self, index: int) -> Iterator[h5py.File]:
@@ -366,6 +361,13 @@ class ActivationStore:
             raise UserError(f"activation shard {path} cannot be read ({error}): truncated or corrupt; {REEXTRACT}") from None
         with handle:
             yield handle
+
+    def dataset(self, index: int, handle: h5py.File, name: str) -> h5py.Dataset:
+        """Dataset ``name`` of shard ``index``, open in ``handle``; an absent one is a UserError naming the file."""
+        dataset = handle.get(name)
+        if not isinstance(dataset, h5py.Dataset):
+            raise UserError(f"activation shard {self.shards[index].path} has no {name} dataset; {REEXTRACT}")
+        return dataset
 
     def whole(self, index: int, dataset: h5py.Dataset) -> np.ndarray:
         """Every value of a dataset of shard ``index``; a damaged chunk is a UserError naming the file."""

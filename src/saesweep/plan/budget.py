@@ -21,7 +21,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from saesweep.core.job_settings import TrainSettings, to_json
+from saesweep.core.job_settings import DistributedSettings, TrainSettings
 from saesweep.evaluation.token_tasks import TASKS
 from saesweep.plan.cells import parse_cell, sweep_cells
 from saesweep.plan.settings import train_settings
@@ -143,9 +143,9 @@ def cell_latents(cell: str) -> int:
     return parse_cell(cell).n_latents
 
 
-def train_processes(distributed: dict[str, Any]) -> tuple[int, int]:
-    """(D, S): the data-parallel replicas and latent shards of config key train.distributed."""
-    return distributed["data_parallel"], distributed["latent_shards"]
+def train_processes(distributed: DistributedSettings | None) -> tuple[int, int]:
+    """(D, S): a cell's data-parallel replicas and latent shards (1, 1 for one process)."""
+    return (1, 1) if distributed is None else (distributed.data_parallel, distributed.latent_shards)
 
 
 def train_mem_mb(settings: TrainSettings, d: int, shard_tokens: int) -> int:
@@ -153,7 +153,7 @@ def train_mem_mb(settings: TrainSettings, d: int, shard_tokens: int) -> int:
     parameters, gradients and Adam moments of W_enc and W_dec (4 · 2(n/S)d floats), its rows'
     pre-activations and selections (3 · (B/D) · (n/S) floats), 8 shards of float16 read ahead
     (8 · shard_tokens · d · 2 bytes), and ``BASE_MEM_MB``."""
-    replicas, shards = (1, 1) if settings.distributed is None else train_processes(to_json(settings.distributed))
+    replicas, shards = train_processes(settings.distributed)
     n, batch = settings.n_latents / shards, settings.batch_size / replicas
     floats = 4 * 2 * n * d + 3 * batch * n
     shard_bytes = 8 * shard_tokens * d * 2

@@ -21,7 +21,7 @@ import yaml
 
 from saesweep.core.errors import UserError
 from saesweep.core.sites import parse_site
-from saesweep.plan.cells import sweep_cells
+from saesweep.plan.cells import Cell, sweep_cells
 from saesweep.sae.catalog import declaration
 
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
@@ -98,16 +98,16 @@ def check_cross_keys(config: dict[str, Any]) -> None:
             f"position of a {activations['context']}-token window"
         )
     check_evaluation_sizes(config)
-    sweep_cells(config)  # architectures, their parameters and every cell's feasibility
-    check_training_tokens(config)
+    cells = sweep_cells(config)  # architectures, their parameters and every cell's feasibility
+    check_training_tokens(config, cells)
     check_external(config)
     budget = config["train"]["tokens"]
     if budget["max"] is not None and budget["max"] < budget["min"]:
         raise UserError("config key train.tokens.max: smaller than train.tokens.min")
-    check_distributed(config)
+    check_distributed(config, cells)
 
 
-def check_training_tokens(config: dict[str, Any]) -> None:
+def check_training_tokens(config: dict[str, Any], cells: list[Cell]) -> None:
     """A budget that can be meant: at least ``train.geometric_median_sample`` extracted tokens
     (the sample b_pre starts from; the normalisation's μ and s come from fewer tokens still
     less reliably), and no cell going through them more than ``activations.max_epochs`` times
@@ -122,7 +122,7 @@ def check_training_tokens(config: dict[str, Any]) -> None:
             f"({sample}), the sample the SAEs' initialisation is taken from and a floor for the normalisation's statistics"
         )
     limit = 1 if activations["on_exhausted"] == "error" else activations["max_epochs"]
-    largest = max(sweep_cells(config), key=lambda cell: token_budget(train, cell.n_latents, cell.k), default=None)
+    largest = max(cells, key=lambda cell: token_budget(train, cell.n_latents, cell.k), default=None)
     if largest is None:
         return
     budget = token_budget(train, largest.n_latents, largest.k)
@@ -135,7 +135,7 @@ def check_training_tokens(config: dict[str, Any]) -> None:
         )
 
 
-def check_distributed(config: dict[str, Any]) -> None:
+def check_distributed(config: dict[str, Any], cells: list[Cell]) -> None:
     """A distributed cell needs an architecture whose step runs across processes, n a
     multiple of the latent shards and a batch of at least one row per replica."""
     train = config["train"]
@@ -143,7 +143,7 @@ def check_distributed(config: dict[str, Any]) -> None:
     shards, replicas = distributed["latent_shards"], distributed["data_parallel"]
     if shards * replicas == 1:
         return
-    for cell in sweep_cells(config):
+    for cell in cells:
         if not declaration(cell.arch).shardable:
             raise UserError(
                 f"config key train.distributed: architecture {cell.arch} cannot be trained by several "

@@ -12,7 +12,7 @@ from typing import Any
 
 from saesweep.core.errors import UserError
 from saesweep.core.job_settings import (
-    EvalSettings, ExtractionSettings, ImportSettings, Settings, TrainSettings, construct,
+    EvalSettings, ExtractionSettings, ImportSettings, TrainSettings, construct,
 )
 from saesweep.core.sites import transformer_lens_hook
 from saesweep.plan.cells import parse_cell
@@ -50,17 +50,12 @@ def extraction_part_file(config: dict[str, Any], split: str, part: str) -> str:
     return f"{run_dir(config)}/activations/{split}-parts/part-{part}.json"
 
 
-def built(cls: type[Settings], settings: dict[str, Any]) -> Settings:
-    """``cls`` from the settings a builder resolved from the validated config."""
-    return construct(cls, settings)
-
-
 def extraction_settings(config: dict[str, Any], split: str, device: str = "auto") -> ExtractionSettings:
     """What ``saesweep extract`` needs for one split (train or eval). ``part_files``: the
     record of each part job, as many as config key activations.extract_jobs for training
     tokens; held-out tokens are few and take one part."""
     activations = config["activations"]
-    return built(ExtractionSettings, {
+    return construct(ExtractionSettings, {
         "split": split,
         "model": config["model"],
         "sites": activations["sites"],
@@ -86,7 +81,7 @@ def train_settings(config: dict[str, Any], site: str, cell_name: str) -> TrainSe
     parameters (AuxK's among them, where the architecture uses it) and n."""
     cell = parse_cell(cell_name)
     train = config["train"]
-    return built(TrainSettings, {
+    return construct(TrainSettings, {
         "site": site,
         "arch": cell.arch,
         "params": cell.parameters,
@@ -135,7 +130,7 @@ def evaluation_device(config: dict[str, Any]) -> str:
 
 def eval_settings(config: dict[str, Any], site: str, cell_name: str) -> EvalSettings:
     """What ``saesweep evaluate`` needs for one cell."""
-    return built(EvalSettings, {
+    return construct(EvalSettings, {
         **evaluation_sizes(config),
         "site": site,
         "cell": cell_name,
@@ -164,7 +159,7 @@ def external_source(entry: dict[str, Any]) -> dict[str, str]:
 def import_settings(config: dict[str, Any], site: str, name: str) -> ImportSettings:
     """What ``saesweep import`` needs for one external SAE (the held-out activations give d)."""
     entry = external_entry(config, site, name)
-    return built(ImportSettings, {
+    return construct(ImportSettings, {
         "name": name,
         "site": site,
         "source": external_source(entry),
@@ -177,7 +172,7 @@ def import_settings(config: dict[str, Any], site: str, name: str) -> ImportSetti
 def external_eval_settings(config: dict[str, Any], site: str, name: str) -> EvalSettings:
     """What ``saesweep evaluate`` needs for one external SAE: a cell's settings with the
     external's name as its setting and seed 0 for the evaluation's samples."""
-    return built(EvalSettings, {
+    return construct(EvalSettings, {
         **evaluation_sizes(config),
         "site": site,
         "cell": name,

@@ -391,7 +391,7 @@ def train_cell(settings: TrainSettings, folder: Path, threads: int | None = None
     CPU threads (None: torch's default): in this process, as one rank of a distributed cell
     started by torchrun or srun, or by starting the cell's ranks here (``train.distributed``)."""
     Path(folder).mkdir(parents=True, exist_ok=True)
-    if settings.distributed is None or Layout.of(settings.distributed).world == 1:
+    if Layout.of(settings.distributed).world == 1:
         torch.set_num_threads(threads or torch.get_num_threads())
         Trainer(settings, folder).run()
         return
