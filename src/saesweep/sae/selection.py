@@ -33,6 +33,15 @@ class Wide:
     weight: float
 
 
+def selection_step(
+    mse_loss: torch.Tensor, aux_loss: torch.Tensor, aux_coef: float, wide: Wide | None, wide_loss: torch.Tensor,
+    indices: torch.Tensor, latents: torch.Tensor,
+) -> SelectionStep:
+    """The step's report with its total loss L = L_mse + α · L_aux (+ w · L_mse(k_w) with Multi-TopK's ``wide``)."""
+    loss = mse_loss + aux_coef * aux_loss + (wide.weight * wide_loss if wide is not None else 0)
+    return SelectionStep(loss, mse_loss, aux_loss, wide_loss, indices, latents)
+
+
 def sparse_decode(W_dec: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """Σ_j values[b, j] · W_dec[indices[b, j]] for each row b: shape (B, d), without b_pre."""
     return nn.functional.embedding_bag(

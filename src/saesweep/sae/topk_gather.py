@@ -28,7 +28,7 @@ import torch
 
 from saesweep.sae.base import auxk_normaliser
 from saesweep.sae.collectives import Collectives
-from saesweep.sae.selection import SelectionStep, Wide, sparse_decode, write_gradients
+from saesweep.sae.selection import SelectionStep, Wide, selection_step, sparse_decode, write_gradients
 
 _BLOCK_ROWS = 4096
 """Rows of the batch encoded at once. At B = 4096, n = 131,072 the (rows, n) fp32 block is
@@ -97,8 +97,7 @@ def gather_step(
         _add_selection_grads(grads, W_dec, centred, aux_indices, aux_values, grad_aux)
 
     write_gradients(sae, grads, grad_main, comm)
-    loss = mse_loss + aux_coef * aux_loss + (wide.weight * wide_loss if wide is not None else 0)
-    return SelectionStep(loss, mse_loss, aux_loss, wide_loss, indices, latents)
+    return selection_step(mse_loss, aux_loss, aux_coef, wide, wide_loss, indices, latents)
 
 
 def _select(

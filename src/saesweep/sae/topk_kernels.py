@@ -31,7 +31,7 @@ from torch import nn
 
 from saesweep.sae.base import StepContext, auxk_loss, auxk_normaliser, batch_variance
 from saesweep.sae.collectives import LOCAL, Collectives
-from saesweep.sae.selection import SelectionStep, Wide, sparse_decode, write_gradients
+from saesweep.sae.selection import SelectionStep, Wide, selection_step, sparse_decode, write_gradients
 from saesweep.sae.topk_gather import gather_step
 
 __all__ = ["PRODUCTS", "SelectionStep", "Wide", "dense_reference_step", "sparse_decode", "sparse_step"]
@@ -227,8 +227,7 @@ def _sparse_step(
             grad.index_add_(0, dead, dead_grad)
 
     write_gradients(sae, grads, grad_main, comm)
-    loss = mse_loss + aux_coef * aux_loss + (wide.weight * wide_loss if wide is not None else 0)
-    return SelectionStep(loss, mse_loss, aux_loss, wide_loss, indices, latents)
+    return selection_step(mse_loss, aux_loss, aux_coef, wide, wide_loss, indices, latents)
 
 
 def _select(
