@@ -12,6 +12,8 @@ import pytest
 import torch
 import yaml
 
+from browser import browser_page  # noqa: F401  (pages in a headless Chromium: tests/browser.py)
+
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

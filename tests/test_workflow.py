@@ -131,7 +131,7 @@ def test_report_has_every_figure_the_fit_table_and_the_run_config(sweep: Path) -
     page = (sweep / "report.html").read_text()
     comparison = pd.read_csv(sweep / "results/tiny/scaling/architectures.csv")
     assert set(comparison["arch"]) <= {"topk", "relu"} and set(comparison["metric"]) <= {"nmse", "delta_lm_loss"}
-    for name in ("fits.html", "run_config.html", "architectures.html", "k_transfer.png", "sparsity_frontier.png",
+    for name in ("fits.html", "run_config.html", "architectures.html", "explorer.html", "k_transfer.png", "sparsity_frontier.png",
                  "interpretability.png", "nmse_joint.png", "compute_frontier.png"):
         assert f"filename={name}" in page, name
 
@@ -186,7 +186,7 @@ def test_every_shipped_config_dry_runs(path: Path, tmp_path: Path) -> None:
     (tmp_path / "config").mkdir()
     (tmp_path / "config" / "config.yaml").write_text((REPO / "config" / "config.yaml").read_text())
     result = snakemake(tmp_path, "-n")
-    assert "aggregate" in result.stdout and "evaluate_cell" in result.stdout
+    assert "aggregate" in result.stdout and "evaluate_cell" in result.stdout and "explorer" in result.stdout
     planned = set(re.findall(r"cells/[^/\s]+/([^/\s]+)/metrics\.json", result.stdout))
     assert planned == {cell.name for cell in sweep_cells(load_config(path))}
 

@@ -150,6 +150,13 @@ def stage_report_tables(args: argparse.Namespace) -> None:
     write_run_config(json.loads(args.config_json), Path(args.config_yaml), Path(args.config_html))
 
 
+def stage_explorer(args: argparse.Namespace) -> None:
+    from saesweep.analysis.explorer import write_explorer
+
+    size = write_explorer(Path(args.cells), Path(args.logs), Path(args.fits), Path(args.architectures), Path(args.out))
+    print(f"{args.out}: {size / 1e6:.2f} MB", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="saesweep", description=__doc__.splitlines()[0])
     stages = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
@@ -225,6 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--config-json", required=True, help="the validated config, as JSON")
     for name in ("fits-csv", "fits-html", "config-yaml", "config-html"):
         sub.add_argument(f"--{name}", required=True)
+    sub = stage("explorer", stage_explorer, "write the results explorer: one self-contained HTML page of the sweep")
+    sub.add_argument("--cells", required=True)
+    sub.add_argument("--logs", required=True, help="the training logs of the cells")
+    sub.add_argument("--fits", required=True)
+    sub.add_argument("--architectures", required=True, help="the architectures at matched L0 (architectures.csv)")
+    sub.add_argument("--out", required=True, help="the HTML file to write")
     return parser
 
 

@@ -48,3 +48,25 @@ rule compare_architectures:
         "../../envs/saesweep.yaml"
     shell:
         "saesweep compare --cells {input:q} --csv {output.csv:q} --html {output.html:q} > {log} 2>&1"
+
+
+rule explorer:
+    input:
+        cells=rules.aggregate.output.table,
+        logs=rules.aggregate.output.logs,
+        fits=rules.fit_laws.output,
+        architectures=rules.compare_architectures.output.csv,
+    output:
+        report(
+            f"{RUN}/report/explorer.html",
+            caption="../report/explorer.rst",
+            category="Explorer",
+        ),
+    log:
+        f"{RUN}/logs/explorer.log",
+    localrule: True
+    conda:
+        "../../envs/saesweep.yaml"
+    shell:
+        "saesweep explorer --cells {input.cells:q} --logs {input.logs:q} --fits {input.fits:q} "
+        "--architectures {input.architectures:q} --out {output:q} > {log} 2>&1"

@@ -43,7 +43,7 @@ def read_json(path: str | Path, what: str) -> Any:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise UserError(f"{what} {path} does not exist") from None
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise UserError(f"{what} {path} is not valid JSON ({error})") from None
 
 
