@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from plotly.offline import get_plotlyjs
 
 from saesweep.analysis.aggregate import aggregate
 from saesweep.analysis.compare import write_comparison
-from saesweep.analysis.explorer import write_explorer
+from saesweep.analysis.explorer import SIZE_BOUND, write_explorer
 from saesweep.analysis.explorer_data import explorer_data
 from saesweep.analysis.scaling import fit_scaling_laws
 from saesweep.cli import main
@@ -108,6 +109,7 @@ def choose(page, **values: str) -> None:
 def test_the_page_is_one_file_that_needs_no_network(built: tuple[Path, dict], browser_page) -> None:
     html = built[0].read_text()
     assert "<script src" not in html and "<link" not in html  # every script inline
+    assert html.count(get_plotlyjs()) == 1 and built[0].stat().st_size < SIZE_BOUND
     page = browser_page.open(built[0])
     assert page.evaluate("typeof Plotly") == "object"
     assert len(points(page)) > 0
@@ -131,7 +133,15 @@ def test_selectors_change_the_plotted_data(built: tuple[Path, dict], browser_pag
     logs = pd.read_parquet(built[1]["train_logs.parquet"])
     last = logs[(logs.arch == "topk") & (logs.curve == "k32")].groupby("n_latents").flops.max()
     assert points(page)["topk k32"][0] == pytest.approx(last.tolist(), rel=1e-5)
-    choose(page, x="k")  # ReLU has no k: its cells leave the plot; lines over k are per n
+    choose(page, x="tokens", arch="topk", curve="k32", n="512", metric="nmse")  # its held-out curve during training
+    during = {t["name"]: t for t in plotted(page) if t["mode"] == "lines"}
+    held = logs[(logs.arch == "topk") & (logs.curve == "k32") & (logs.n_latents == 512)]
+    assert list(during) == ["topk-n512-k32-s0 during training"]
+    assert during["topk-n512-k32-s0 during training"]["x"] == held.tokens.tolist()
+    assert during["topk-n512-k32-s0 during training"]["y"] == pytest.approx(held.heldout_nmse.tolist(), rel=1e-5)
+    page.uncheck("#curves")
+    assert [t for t in plotted(page) if t["mode"] == "lines"] == []
+    choose(page, n="all", arch="all", curve="all", x="k")  # ReLU has no k: its cells leave the plot; lines over k are per n
     assert set(points(page)) == {f"topk n={n}" for n in SIZES}
     page.uncheck("#logy")
     assert page.evaluate("document.getElementById('plot').layout.yaxis.type") == "linear"

@@ -11,7 +11,7 @@
   const DASH = { "ok": "solid", "not resolved": "dash", "contradicted": "dot" };
   const $ = (id) => document.getElementById(id);
   const SELECTS = ["site", "arch", "n", "curve", "metric", "x", "law"];
-  const CHECKS = ["logx", "logy"];
+  const CHECKS = ["logx", "logy", "curves"];
   const table = { col: -1, desc: false };
 
   function unique(values) {
@@ -75,6 +75,17 @@
         marker: { color: colour(key), size: 8 },
       });
     }
+    const curves = D.curves;
+    if (s.curves === "1" && s.metric === D.curve_metric && curves.x[s.x]) {
+      const chosen = new Set(selected(s));
+      curves.cell.forEach((i, j) => {
+        if (!chosen.has(i)) return;
+        const key = lineOf(s, C.arch[i], C.curve[i], C.n[i]);
+        data.push({ type: "scatter", mode: "lines", name: `${C.name[i]} during training`, legendgroup: key, showlegend: false,
+          x: curves.x[s.x][j], y: curves.y[j], line: { color: colour(key), width: 1 }, opacity: 0.6,
+          hovertemplate: `${C.name[i]}: held-out ${s.metric} during training<br>${s.x} = %{x}<br>%{y}<extra></extra>` });
+      });
+    }
     if (!data.length) notes.push(`No cell of this selection has a value of ${s.metric} on the axis ${s.x}.`);
     if ((s.x === "n" || s.x === "k") && s.law !== "none") {
       for (const law of D.laws) {
@@ -99,10 +110,10 @@
     return { data, notes };
   }
 
-  // The y range spans the points and the laws' lines, not the bands: a band that is unbounded
+  // The y range spans the points and lines, not the laws' bands: a band that is unbounded
   // or nearly so (a law not resolved) runs off the plot instead of flattening the points.
   function yRange(data, log) {
-    const ys = data.filter((t) => !t.fill && t.showlegend !== false).flatMap((t) => t.y)
+    const ys = data.filter((t) => t.hoverinfo !== "skip").flatMap((t) => t.y)
       .filter((y) => y !== null && (log !== "1" || y > 0)).map((y) => (log === "1" ? Math.log10(y) : y));
     if (!ys.length) return undefined;
     const lo = Math.min(...ys), hi = Math.max(...ys), pad = 0.08 * (hi - lo || Math.abs(hi) || 1);

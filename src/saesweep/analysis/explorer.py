@@ -36,12 +36,16 @@ CONTROLS = (
     ("metric", "metric"), ("x", "x-axis"), ("law", "fitted law"),
 )
 """(element id, label) of each selector; ``explorer.js`` fills their options."""
+CHECKS = (("logx", "log x"), ("logy", "log y"), ("curves", "training curves (nmse over tokens, FLOPs, seconds)"))
+"""(element id, label) of each check box, all checked at first."""
+SIZE_BOUND = 5_500_000
+"""Bytes the page stays under on the default sweep (README): plotly.js is 4.8 MB of it."""
 
 
 def page(data: dict) -> str:
     """The explorer's HTML for ``explorer_data``'s ``data``."""
     selects = "".join(f"<label>{label} <select id='{key}'></select></label>" for key, label in CONTROLS)
-    checks = "".join(f"<label><input type='checkbox' id='{key}' checked> log {axis}</label>" for key, axis in (("logx", "x"), ("logy", "y")))
+    checks = "".join(f"<label><input type='checkbox' id='{key}' checked> {text}</label>" for key, text in CHECKS)
     script = files("saesweep.analysis").joinpath("explorer.js").read_text(encoding="utf-8")
     title = f"Results explorer · run {data['run']}"
     return (
@@ -49,7 +53,7 @@ def page(data: dict) -> str:
         f"<style>{STYLE}</style><script>{get_plotlyjs()}</script></head><body>"
         f"<h2>{html.escape(title)}</h2><div id='controls'>{selects}{checks}</div><div id='plot'></div>"
         "<p>Points are cells (hover: name, settings hash, commit; error bars: the metric's standard error "
-        "where evaluated). Over n and k the fitted laws are drawn with their 95% bands: solid when ok, dashed "
+        "where evaluated); thin lines, the held-out nmse of each cell during training. Over n and k the fitted laws are drawn with their 95% bands: solid when ok, dashed "
         "when not resolved, dotted without band when contradicted; the notes below give the reason of every "
         "law that is not ok.</p><ul id='notes'></ul>"
         "<p>This view: <code id='view'></code> (add it to this page's address to share it).</p>"

@@ -20,6 +20,8 @@ written.
   one of each pure/with-floor pair the figures draw (``law_plots._law_to_draw``), or the pure
   law where neither was fitted (so that its reason is shown). A law not fitted at all
   (``skipped``) has no line, only its reason.
+- Training curves: each cell's held-out NMSE during training (the logs' ``heldout_nmse``)
+  over tokens and, where logged, FLOPs and wall-clock; drawn with the cells' ``nmse``.
 - Table: architectures.csv as it is (any columns, one list per row).
 """
 
@@ -49,6 +51,10 @@ AXES = {
 }
 """x-axis key → its label; ``flops`` and ``train_seconds`` come from the training logs."""
 LOGGED_AXES = ("flops", "train_seconds")
+CURVE_AXES = ("tokens", *LOGGED_AXES)
+"""The axes over which the training curves (held-out NMSE during training) can be drawn."""
+CURVE_METRIC = "nmse"
+"""The metric of the cells whose plot the training curves (the logs' ``heldout_nmse``) join."""
 NOT_METRICS = {"n_latents", "seed", "d", "k", "sparsity", "tokens", "steps", "epochs"}
 DIGITS = 6
 """Significant digits kept for every number in the page (its size, not its precision, is the point)."""
@@ -112,6 +118,26 @@ def logged_axes(cells: pd.DataFrame, logs: pd.DataFrame) -> dict[str, list]:
     last = logs.sort_values("tokens").groupby(keys)[present].last().reset_index()
     joined = cells[keys].merge(last, on=keys, how="left")
     return {c: column(joined[c]) for c in present}
+
+
+def training_curves(cells: pd.DataFrame, logs: pd.DataFrame, axes: list[str]) -> dict:
+    """Each cell's held-out NMSE during training (the logs' ``heldout_nmse`` rows): the cell's
+    row index in ``cells``, and per curve its values on each of ``axes`` (those the logs have)
+    and of ``CURVE_METRIC``."""
+    keys = ["site", "arch", "setting", "n_latents", "seed"]
+    shown = [a for a in axes if a in logs.columns]
+    if "heldout_nmse" not in logs.columns or not shown:
+        return {"cell": [], "x": {a: [] for a in shown}, "y": []}
+    rows = logs[logs["heldout_nmse"].notna()].sort_values("tokens")
+    index = {key: i for i, key in enumerate(cells[keys].itertuples(index=False, name=None))}
+    out: dict = {"cell": [], "x": {a: [] for a in shown}, "y": []}
+    for key, curve in rows.groupby(keys, sort=False):
+        if key in index:
+            out["cell"].append(index[key])
+            out["y"].append(column(curve["heldout_nmse"]))
+            for a in shown:
+                out["x"][a].append(column(curve[a]))
+    return out
 
 
 def law_record(site: str, arch: str, metric: str, x: str, at: str, form: str, entry: dict, drawn: bool) -> dict:
@@ -180,6 +206,8 @@ def explorer_data(cells_path: Path, logs_path: Path, fits_path: Path, table_path
             "se": {m: column(cells[f"{m}_se"]) for m in metrics if f"{m}_se" in cells},
         },
         "laws": law_records(fits),
+        "curves": training_curves(cells, logs, list(CURVE_AXES)),
+        "curve_metric": CURVE_METRIC,
         "table": {"columns": [str(c) for c in table.columns], "rows": [column(row) for row in table.itertuples(index=False)]},
     }
 
