@@ -100,7 +100,7 @@
         const c = colour(key);
         if (law.status !== "contradicted") {
           data.push({ type: "scatter", mode: "lines", x: law.grid, y: law.lo, line: { width: 0 }, legendgroup: key, showlegend: false, hoverinfo: "skip" });
-          data.push({ type: "scatter", mode: "lines", x: law.grid, y: law.hi, line: { width: 0 }, fill: "tonexty", fillcolor: c + "33", legendgroup: key, showlegend: false, hoverinfo: "skip", name: `${label} 95% band` });
+          data.push({ type: "scatter", mode: "lines", x: law.grid, y: law.hi, line: { width: 0 }, fill: "tonexty", fillcolor: c + (law.status === "ok" ? "33" : "1a"), legendgroup: key, showlegend: false, hoverinfo: "skip", name: `${label} 95% band` });
         }
         const params = Object.entries(law.params).map(([p, v]) => `${p} = ${v}`).join(", ");
         data.push({ type: "scatter", mode: "lines", name: label, legendgroup: key, x: law.grid, y: law.line,

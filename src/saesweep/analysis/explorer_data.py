@@ -174,33 +174,42 @@ def law_records(fits: dict) -> list[dict]:
     return records
 
 
+def optional(cells: pd.DataFrame, name: str) -> list:
+    """A column of the cells table, ``short``-ened; all None where the table lacks it."""
+    return column(cells[name]) if name in cells.columns else [None] * len(cells)
+
+
+def read_cells(path: Path) -> pd.DataFrame:
+    """The cells table with its ``curve`` column (``aggregate.with_curves``), checked for the
+    columns the page needs."""
+    cells = read_table(path, "cells table")
+    missing = [c for c in ("site", "arch", "setting", "n_latents", "seed") if c not in cells.columns]
+    if "curve" not in cells.columns and "k" not in cells.columns:
+        missing.append("curve")
+    if missing:
+        raise UserError(f"cells table {path} lacks the column(s) {missing}")
+    return with_curves(cells).reset_index(drop=True)
+
+
 def explorer_data(cells_path: Path, logs_path: Path, fits_path: Path, table_path: Path) -> dict:
     """Everything the page shows (see the module docstring), as JSON-ready lists."""
-    cells = with_curves(read_table(cells_path, "cells table"))
+    cells = read_cells(cells_path)
     logs = read_table(logs_path, "training logs")
     fits = read_json(fits_path, "fits file")
     table = read_table(table_path, "architecture comparison", pd.read_csv)
     if not isinstance(fits, dict) or "groups" not in fits:
         raise UserError(f"fits file {fits_path} has no 'groups': not a fits.json of saesweep fit")
-    missing = [c for c in ("site", "arch", "setting", "curve", "n_latents", "seed") if c not in cells.columns]
-    if missing:
-        raise UserError(f"cells table {cells_path} lacks the column(s) {missing}")
-    cells = cells.reset_index(drop=True)
     metrics = metric_columns(cells, list(fits.get("metrics", [])))
-    hashes = cells["train_settings_hash"].fillna(cells["eval_settings_hash"]) if "train_settings_hash" in cells else cells.get("eval_settings_hash")
-    x = {"n": column(cells["n_latents"]), "k": column(cells["k"] if "k" in cells else [None] * len(cells))}
-    x.update(l0=column(cells["l0"] if "l0" in cells else [None] * len(cells)), tokens=column(cells.get("tokens", [None] * len(cells))))
+    hashes = [train or evaluation for train, evaluation in zip(optional(cells, "train_settings_hash"), optional(cells, "eval_settings_hash"))]
+    x = {"n": optional(cells, "n_latents"), "k": optional(cells, "k"), "l0": optional(cells, "l0"), "tokens": optional(cells, "tokens")}
     x.update(logged_axes(cells, logs))
     return {
-        "run": short(cells["run"].iloc[0]) if "run" in cells and len(cells) else "",
+        "run": optional(cells, "run")[0] if len(cells) else "",
         "axes": {key: label for key, label in AXES.items() if key in x and any(v is not None for v in x[key])},
         "metrics": metrics,
-        "fitted": [m for m in fits.get("metrics", []) if m in metrics],
         "cells": {
             "name": cell_names(cells), "site": column(cells["site"]), "arch": column(cells["arch"]),
-            "curve": column(cells["curve"]), "n": column(cells["n_latents"]),
-            "hash": column(hashes if hashes is not None else [None] * len(cells)),
-            "commit": column(cells.get("git_commit", [None] * len(cells))),
+            "curve": column(cells["curve"]), "n": column(cells["n_latents"]), "hash": hashes, "commit": optional(cells, "git_commit"),
             "x": x,
             "y": {m: column(cells[m]) for m in metrics},
             "se": {m: column(cells[f"{m}_se"]) for m in metrics if f"{m}_se" in cells},
