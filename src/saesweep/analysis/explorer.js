@@ -7,16 +7,16 @@
   const D = JSON.parse(document.getElementById("explorer-data").textContent);
   const C = D.cells;
   const ALL = "all";
-  const PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"];
-  const DASH = { "ok": "solid", "not resolved": "dash", "contradicted": "dot" };
   const $ = (id) => document.getElementById(id);
+  const unique = (values) => [...new Set(values.filter((v) => v !== null))];
+  const PALETTE = D.palette;
+  const SYMBOLS = ["circle", "square", "diamond", "triangle-up", "cross", "x", "star", "triangle-down", "pentagon", "hexagram"];
+  const ARCHS = unique(C.arch).sort();  // each architecture's marker symbol: its place here
+  const DASH = { "ok": "solid", "not resolved": "dash", "contradicted": "dot" };
   const SELECTS = ["site", "arch", "n", "curve", "metric", "x", "law"];
   const CHECKS = ["logx", "logy", "curves"];
   const table = { col: -1, desc: false };
 
-  function unique(values) {
-    return [...new Set(values.filter((v) => v !== null))];
-  }
   function fill(id, values, labels, withAll) {
     const select = $(id);
     const all = withAll ? [[ALL, "all"]] : [];
@@ -72,7 +72,7 @@
         customdata: idx.map((i) => [C.name[i], C.hash[i], C.commit[i]]),
         hovertemplate: "<b>%{customdata[0]}</b><br>settings hash %{customdata[1]}<br>commit %{customdata[2]}" +
           `<br>${s.x} = %{x}<br>${s.metric} = %{y}<extra></extra>`,
-        marker: { color: colour(key), size: 8 },
+        marker: { color: colour(key), size: 8, symbol: SYMBOLS[ARCHS.indexOf(C.arch[idx[0]]) % SYMBOLS.length] },
       });
     }
     const curves = D.curves;
@@ -157,7 +157,7 @@
   }
 
   fill("site", unique(C.site));
-  fill("arch", unique(C.arch).sort(), null, true);
+  fill("arch", ARCHS, null, true);
   fill("n", unique(C.n).sort((a, b) => a - b), null, true);
   fill("curve", unique(C.curve).sort(), null, true);
   fill("metric", D.metrics);

@@ -2,7 +2,7 @@
 
 The page holds three scripts inline and loads nothing: plotly.js (the minified bundle of the
 installed ``plotly`` package), the sweep's data as JSON (``analysis.explorer_data``) and
-``explorer.js``, about a hundred and fifty lines that fill the selectors (site, architecture, n,
+``explorer.js``, under two hundred lines that fill the selectors (site, architecture, n,
 sparsity setting, metric, x-axis, which law; log axes), build the traces and hand them to
 ``Plotly.react``, keep the view in the URL fragment and sort the matched-L0 table.
 
@@ -19,6 +19,7 @@ import html
 from importlib.resources import files
 from pathlib import Path
 
+from plotly.colors import qualitative
 from plotly.offline import get_plotlyjs, get_plotlyjs_version
 
 from saesweep.analysis.explorer_data import explorer_data, to_script_json
@@ -38,6 +39,8 @@ CONTROLS = (
 """(element id, label) of each selector; ``explorer.js`` fills their options."""
 CHECKS = (("logx", "log x"), ("logy", "log y"), ("curves", "training curves (nmse over tokens, FLOPs, seconds)"))
 """(element id, label) of each check box, all checked at first."""
+PALETTE = qualitative.D3 + qualitative.Dark24
+"""Colours of the plotted lines (34 before one repeats), in order of their names; a law takes its line's."""
 SIZE_BOUND = 5_500_000
 """Bytes the page stays under on the default sweep (README): plotly.js is 4.8 MB of it."""
 
@@ -60,7 +63,7 @@ def page(data: dict) -> str:
         "<h3>Architectures at matched L0</h3><p>Click a column's name to sort.</p>"
         "<div id='table'><table id='matched'><thead><tr></tr></thead><tbody></tbody></table></div>"
         f"<p><small>Drawn with plotly.js {html.escape(get_plotlyjs_version())} (inline).</small></p>"
-        f"<script type='application/json' id='explorer-data'>{to_script_json(data)}</script>"
+        f"<script type='application/json' id='explorer-data'>{to_script_json({**data, 'palette': PALETTE})}</script>"
         f"<script>{script}</script></body></html>\n"
     )
 
