@@ -70,6 +70,7 @@ def final_targets():
         f"{RUN}/report/run_config.html",
         f"{RUN}/scaling/architectures.csv",
         f"{RUN}/report/architectures.html",
+        *feature_browsers(),  # features.smk
         *[
             f"{RUN}/scaling/figures/{name}.{ext}"
             for name in FIGURES
