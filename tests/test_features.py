@@ -188,9 +188,10 @@ def test_config_checks_name_the_features_key(tiny_model: Path, tiny_corpus: Path
             validate_config(tiny_config(tiny_model, tiny_corpus, **overrides))
 
 
-def dry_run(workdir: Path, *targets: str) -> str:
+def snakemake(workdir: Path, *args: str) -> str:
+    """Run the repository's workflow in ``workdir`` with its config.yaml; its standard output."""
     command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-               "--configfile", str(workdir / "config.yaml"), "--cores", "2", "-n", *targets]
+               "--configfile", str(workdir / "config.yaml"), "--cores", "2", *args]
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -199,14 +200,15 @@ def dry_run(workdir: Path, *targets: str) -> str:
 
 def test_the_sweep_builds_the_chosen_browsers_and_any_other_on_demand(tmp_path: Path, tiny_model: Path, tiny_corpus: Path) -> None:
     """features.cells: the sweep plans exactly those cells' browsers; asking for another cell's
-    features/index.html plans that one alone."""
+    features/index.html builds that one alone (its cell trained, nothing of the sweep after it)."""
     write_config(tmp_path / "config.yaml", tiny_config(tiny_model, tiny_corpus, **{"features.cells": ["topk-n256-k4-s0"]}))
-    planned = set(re.findall(r"cells/resid2/([^/\s]+)/features/index\.html", dry_run(tmp_path)))
+    planned = set(re.findall(r"cells/resid2/([^/\s]+)/features/index\.html", snakemake(tmp_path, "-n")))
     assert planned == {"topk-n256-k4-s0"}
     target = "results/tiny/cells/resid2/topk-n64-k16-s0/features/index.html"
-    out = dry_run(tmp_path, target)
-    assert set(re.findall(r"cells/resid2/([^/\s]+)/features/index\.html", out)) == {"topk-n64-k16-s0"}
-    assert "aggregate" not in out
+    snakemake(tmp_path, target)
+    built = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.glob("results/tiny/cells/*/*/features/index.html"))
+    assert built == [target] and not (tmp_path / "results/tiny/scaling").exists()
+    assert '<section id="latent-' in (tmp_path / target).read_text()
 
 
 # --- in a real browser ---------------------------------------------------------------------

@@ -27,7 +27,13 @@ rule feature_browser:
         cfg=rules.train_cell.output.cfg,
         activations=f"{RUN}/activations/{{site}}-eval/manifest.json",
     output:
-        f"{RUN}/cells/{{site}}/{{cell}}/features/index.html",
+        report(
+            f"{RUN}/cells/{{site}}/{{cell}}/features/index.html",
+            caption="../report/feature_browser.rst",
+            category="Feature browsers",
+            subcategory="{site}",
+            labels={"cell": "{cell}"},
+        ),
     log:
         f"{RUN}/logs/feature_browser/{{site}}/{{cell}}.log",
     benchmark:
@@ -43,12 +49,3 @@ rule feature_browser:
     shell:
         "saesweep features --settings {input.settings:q} --cell {params.folder:q} "
         "--out {output:q} > {log} 2>&1"
-
-
-def feature_browsers():
-    """The feature browser of every cell of features.cells, on every site."""
-    return [
-        f"{job.cell_dir(config, site, cell)}/features/index.html"
-        for site in SITES
-        for cell in job.feature_cells(config)
-    ]

@@ -131,17 +131,18 @@ def logits_html(entries: list[tuple[int, float]], texts: dict[int, str]) -> str:
     return "<br>".join(f'<span class="k">{token_html(texts[t])}</span> {number(e)}' for t, e in entries)
 
 
-def band_html(band: Band, peak: float, texts: dict[int, str]) -> str:
-    """A quantile band's heading and its contexts."""
+def band_html(band: Band, peak: float, texts: dict[int, str], first: bool) -> str:
+    """A quantile band's heading (the ``first`` band includes its lower edge) and its contexts."""
     contexts = "".join(context_html(c, peak, texts) for c in band.contexts)
-    return f"<h3>Random, {number(band.low)} &lt; z ≤ {number(band.high)} ({band.size} tokens)</h3>{contexts}"
+    below = "≤" if first else "&lt;"
+    return f"<h3>Random, {number(band.low)} {below} z ≤ {number(band.high)} ({band.size} tokens)</h3>{contexts}"
 
 
 def latent_section(card: LatentCard, browser: Browser) -> str:
     """One latent's section, anchored ``#latent-{j}``."""
     texts, peak = browser.token_text, card.max_value
     top = "".join(context_html(c, peak, texts) for c in card.top)
-    bands = "".join(band_html(b, peak, texts) for b in card.bands)
+    bands = "".join(band_html(b, peak, texts, i == 0) for i, b in enumerate(card.bands))
     return (
         f'<section id="latent-{card.latent}" class="latent"><h2>Latent {card.latent}</h2>'
         f'<p>Fires on {card.count} of {browser.tokens} tokens: density {number(card.density)} '
