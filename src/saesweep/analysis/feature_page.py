@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import html
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 from saesweep.core.files import atomic_path
@@ -86,7 +87,7 @@ def context_html(context: Context, peak: float, texts: dict[int, str]) -> str:
     )
 
 
-def histogram_svg(edges: list[float], counts: list[int], label: str, marks: list[float] = ()) -> str:
+def histogram_svg(edges: list[float], counts: list[int], label: str, marks: Sequence[float] = ()) -> str:
     """Bars of ``counts`` over ``edges`` (240 × 70 px), with the edges' ends and ``label``
     written under them and a tick at each of ``marks``."""
     width, height, bins = 240.0, 50.0, len(counts)

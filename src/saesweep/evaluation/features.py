@@ -34,9 +34,9 @@ Per chosen latent:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -47,12 +47,10 @@ from saesweep.core.sites import parse_site
 from saesweep.data.activations import ActivationStore
 from saesweep.data.lm import load_lm, unembedding
 from saesweep.evaluation.analysis import ColumnGather, code_chunks, count_firing
+from saesweep.evaluation.evaluate import DEVICE_KEY
 from saesweep.evaluation.explain import explainability
 from saesweep.sae.base import SparseAutoencoder
 from saesweep.sae.export import load_sae
-
-# Where a feature browser job's device setting comes from (``plan.settings.feature_settings``).
-DEVICE_KEY = "config key evaluate.device (train.device when it is null)"
 
 LOGIT_NOTES = {
     "resid": (
@@ -104,6 +102,7 @@ class Band:
     size: int
     """Firing tokens in the band."""
     contexts: list[Context]
+    """Up to band_contexts of its tokens, drawn at random, in increasing order."""
 
 
 @dataclass(frozen=True)
@@ -121,7 +120,9 @@ class LatentCard:
     mean_value: float
     """The mean of z_j over the tokens it fires on."""
     top: list[Context]
+    """The contexts of its largest values, largest first."""
     bands: list[Band]
+    """Random contexts from each quantile band of its firing values, lowest band first."""
     histogram_edges: list[float]
     """histogram_bins + 1 equal-width edges over [0, max z_j]."""
     histogram_counts: list[int]
@@ -143,8 +144,11 @@ class Browser:
     """A cell's feature browser: the chosen latents and what the index says of the cell."""
 
     site: str
+    """The cell's site."""
     cell: str
+    """The cell's name."""
     n_latents: int
+    """n, the SAE's latents."""
     tokens: int
     """T, held-out tokens read."""
     windows: int
@@ -248,7 +252,7 @@ def logit_effects(unembed: torch.Tensor, gamma: torch.Tensor, directions: torch.
 @torch.no_grad()
 def build_browser(
     sae: SparseAutoencoder, activations: torch.Tensor, windows: torch.Tensor, settings: FeatureSettings,
-    unembed: tuple[torch.Tensor, torch.Tensor], token_text: Any,
+    unembed: tuple[torch.Tensor, torch.Tensor], token_text: Callable[[list[int]], list[str]],
 ) -> Browser:
     """The browser of ``sae`` on raw ``activations`` (T, d), the kept positions of token
     ``windows`` (W, C'), T = W · C', by the steps of the module docstring. ``unembed`` is
