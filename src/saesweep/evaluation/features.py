@@ -193,12 +193,10 @@ def top_tokens(values: torch.Tensor, count: int) -> torch.Tensor:
 
 def quantile_bands(values: torch.Tensor, bands: int, per_band: int, generator: torch.Generator) -> list[tuple[float, float, torch.Tensor, int]]:
     """(q_b, q_{b+1}, sampled rows in increasing order, band size) for b = 0 … bands − 1 over
-    the firing values of ``values`` (T,) as the module docstring defines them; empty bands
-    (equal quantiles) are kept with no rows."""
+    the firing values of a live latent's ``values`` (T,) as the module docstring defines them;
+    empty bands (equal quantiles) are kept with no rows."""
     rows = values.gt(0).nonzero().squeeze(1)
     firing = values[rows]
-    if len(rows) == 0:
-        return []
     levels = torch.linspace(0, 1, bands + 1, device=values.device, dtype=torch.float64)
     edges = torch.quantile(firing.double(), levels).float()
     out = []
@@ -223,9 +221,10 @@ def context_of(values: torch.Tensor, windows: torch.Tensor, row: int, before: in
 
 
 def value_histogram(values: torch.Tensor, bins: int) -> tuple[list[float], list[int]]:
-    """Counts of the firing values of ``values`` over ``bins`` equal bins of [0, max]."""
+    """Counts of the firing values of a live latent's ``values`` over ``bins`` equal bins of
+    [0, max]."""
     firing = values[values > 0].float()
-    top = firing.max().item() if len(firing) else 1.0
+    top = firing.max().item()
     counts = torch.histc(firing, bins=bins, min=0.0, max=top)
     return [top * i / bins for i in range(bins + 1)], [int(c) for c in counts.tolist()]
 
