@@ -84,6 +84,16 @@ def stage_evaluate(args: argparse.Namespace) -> None:
     evaluate_cell(read_settings(args.settings, EvalSettings), Path(args.cell), Path(args.out))
 
 
+def stage_features(args: argparse.Namespace) -> None:
+    from saesweep.analysis.feature_page import write_page
+    from saesweep.core.job_settings import FeatureSettings, read_settings
+    from saesweep.evaluation.features import browse_cell
+
+    browser = browse_cell(read_settings(args.settings, FeatureSettings), Path(args.cell))
+    size = write_page(browser, Path(args.out))
+    print(f"{args.out}: {len(browser.latents)} latents, {size} bytes", file=sys.stderr)
+
+
 def stage_export(args: argparse.Namespace) -> None:
     from saesweep.plan.config import load_config
     from saesweep.interop.stages import export_cells
@@ -193,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--settings", required=True)
     sub.add_argument("--cell", required=True, help="the cell's (or imported SAE's) folder")
     sub.add_argument("--out", required=True, help="metrics.json to write")
+    sub = stage("features", stage_features, "write one trained cell's feature browser (an HTML page) from held-out tokens")
+    sub.add_argument("--settings", required=True)
+    sub.add_argument("--cell", required=True, help="the cell's folder")
+    sub.add_argument("--out", required=True, help="the page to write (features/index.html)")
     sub = stage("export", stage_export, "write trained cells as SAELens or sparsify folders")
     sub.add_argument("--config", required=True, help="the run's config file (model, hook, context, data)")
     sub.add_argument("--format", required=True, choices=["saelens", "sparsify"])

@@ -71,11 +71,21 @@ def final_targets():
         f"{RUN}/scaling/architectures.csv",
         f"{RUN}/report/architectures.html",
         f"{RUN}/report/explorer.html",
+        *feature_browsers(),
         *[
             f"{RUN}/scaling/figures/{name}.{ext}"
             for name in FIGURES
             for ext in ("png", "svg")
         ],
+    ]
+
+
+def feature_browsers():
+    """The feature browser of every cell of features.cells, on every site."""
+    return [
+        f"{job.cell_dir(config, site, cell)}/features/index.html"
+        for site in SITES
+        for cell in job.feature_cells(config)
     ]
 
 

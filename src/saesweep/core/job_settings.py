@@ -199,6 +199,46 @@ class EvalSettings:
 
 
 @dataclass(frozen=True)
+class FeatureSettings:
+    """What ``saesweep features`` needs for one cell's feature browser (``plan.settings.feature_settings``)."""
+
+    latents: int
+    """Latents shown: the most frequent, then a spread over the frequency range of the others."""
+    most_frequent: int
+    """How many of them are the most frequent live latents."""
+    windows: int
+    """Held-out windows read (their kept positions are the browser's tokens)."""
+    top_contexts: int
+    """Contexts of the largest activations per latent."""
+    quantile_bands: int
+    """Quantile bands of a latent's firing values that random contexts are drawn from."""
+    band_contexts: int
+    """Random contexts per band."""
+    context_before: int
+    """Tokens shown before a context's token."""
+    context_after: int
+    """Tokens shown after it."""
+    logit_tokens: int
+    """Tokens listed as most promoted and as most suppressed by a decoder direction."""
+    histogram_bins: int
+    """Bins of a latent's activation histogram and of the index's density histogram."""
+    batch_size: int
+    """Tokens encoded at once."""
+    site: str
+    """The SAE's site."""
+    cell: str
+    """The cell's name."""
+    seed: int
+    """The seed of the random contexts."""
+    model: ModelSettings
+    """The LM (tokenizer and unembedding)."""
+    eval_activations: str
+    """The held-out shard folder."""
+    device: str
+    """``auto``, ``cpu`` or ``cuda``: where the SAE, the codes and the unembedding live."""
+
+
+@dataclass(frozen=True)
 class ImportSettings:
     """What ``saesweep import`` needs for one external SAE (``plan.settings.import_settings``)."""
 

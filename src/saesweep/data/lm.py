@@ -23,6 +23,7 @@ from saesweep.core.job_settings import ModelSettings
 BLOCK_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers")
 ATTENTION_NAMES = ("self_attn", "attn", "attention")
 MLP_NAMES = ("mlp",)
+FINAL_NORM_PATHS = ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm", "model.decoder.final_layer_norm")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -123,3 +124,16 @@ def spliced(lm: nn.Module, site: str, replace: Callable[[torch.Tensor], torch.Te
 def model_depth(lm: nn.Module) -> int:
     """Number of decoder blocks."""
     return len(decoder_blocks(lm))
+
+
+def unembedding(lm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W_U (V, d), γ (d,)): the LM's unembedding and the scale of its final norm (found at one
+    of ``FINAL_NORM_PATHS``), on the LM's device in its dtype. logits = W_U (γ ⊙ n(h) + β)
+    for the last residual stream h and the norm's normalisation n (β = 0 for an RMSNorm)."""
+    for path in FINAL_NORM_PATHS:
+        module: Any = lm
+        for attribute in path.split("."):
+            module = getattr(module, attribute, None)
+        if isinstance(module, nn.Module) and getattr(module, "weight", None) is not None:
+            return lm.get_output_embeddings().weight, module.weight
+    raise UserError(f"cannot find the final norm of {type(lm).__name__} (looked at {', '.join(FINAL_NORM_PATHS)})")

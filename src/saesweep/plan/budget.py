@@ -24,7 +24,7 @@ from typing import Any
 from saesweep.core.job_settings import DistributedSettings, TrainSettings
 from saesweep.evaluation.token_tasks import TASKS
 from saesweep.plan.cells import parse_cell, sweep_cells
-from saesweep.plan.settings import train_settings
+from saesweep.plan.settings import feature_cells, train_settings
 
 DEFAULT_WIDTH = 4096
 """d assumed when neither ``model.hidden_size`` nor the model folder's config.json gives it."""
@@ -227,6 +227,7 @@ def jobs_per_rule(config: dict[str, Any]) -> dict[str, int]:
         "external_settings": 2 * external,
         "import_external": external,
         "evaluate_external": external,
+        **dict.fromkeys(("feature_settings", "feature_browser"), len(config["activations"]["sites"]) * len(feature_cells(config))),
     }
     jobs.update({rule: 1 for rule in SWEEP_RULES})
     return {rule: count for rule, count in jobs.items() if count}

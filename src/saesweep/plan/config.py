@@ -105,6 +105,7 @@ def check_cross_keys(config: dict[str, Any]) -> None:
     if budget["max"] is not None and budget["max"] < budget["min"]:
         raise UserError("config key train.tokens.max: smaller than train.tokens.min")
     check_distributed(config, cells)
+    check_features(config, cells)
 
 
 def check_training_tokens(config: dict[str, Any], cells: list[Cell]) -> None:
@@ -179,6 +180,27 @@ def check_evaluation_sizes(config: dict[str, Any]) -> None:
         raise UserError(
             f"config key evaluate.ablation_windows: {evaluate['ablation_windows']} is more than "
             f"evaluate.analysis_windows ({evaluate['analysis_windows']}), among which the ablated latents are sampled"
+        )
+
+
+def check_features(config: dict[str, Any], cells: list[Cell]) -> None:
+    """The feature browser's cells are cells of the sweep, its latents include its most
+    frequent ones, and its windows fit in the held-out split."""
+    features, activations = config["features"], config["activations"]
+    if features["cells"] != "all":
+        names = {cell.name for cell in cells}
+        unknown = [name for name in features["cells"] if name not in names]
+        if unknown:
+            raise UserError(f"config key features.cells: {unknown[0]!r} is not a cell of the sweep (e.g. {min(names)})")
+    if features["most_frequent"] > features["latents"]:
+        raise UserError(
+            f"config key features.most_frequent: {features['most_frequent']} is more than features.latents ({features['latents']})"
+        )
+    kept = activations["context"] - activations["skip_positions"]
+    if features["windows"] * kept > activations["eval_tokens"]:
+        raise UserError(
+            f"config key features.windows: {features['windows']} windows of {kept} kept tokens are more than "
+            f"activations.eval_tokens ({activations['eval_tokens']})"
         )
 
 

@@ -12,10 +12,10 @@ from typing import Any
 
 from saesweep.core.errors import UserError
 from saesweep.core.job_settings import (
-    EvalSettings, ExtractionSettings, ImportSettings, TrainSettings, construct,
+    EvalSettings, ExtractionSettings, FeatureSettings, ImportSettings, TrainSettings, construct,
 )
 from saesweep.core.sites import transformer_lens_hook
-from saesweep.plan.cells import parse_cell
+from saesweep.plan.cells import parse_cell, sweep_cells
 from saesweep.plan.config import dead_window, learning_rate, token_budget
 
 
@@ -140,6 +140,28 @@ def eval_settings(config: dict[str, Any], site: str, cell_name: str) -> EvalSett
         "eval_activations": activation_dir(config, site, "eval"),
         "device": evaluation_device(config),
     })
+
+
+def feature_settings(config: dict[str, Any], site: str, cell_name: str) -> FeatureSettings:
+    """What ``saesweep features`` needs for one cell's feature browser (config key ``features``
+    but its ``cells``; the evaluation's chunk and device)."""
+    return construct(FeatureSettings, {
+        **{key: value for key, value in config["features"].items() if key != "cells"},
+        "batch_size": config["evaluate"]["batch_size"],
+        "site": site,
+        "cell": cell_name,
+        "seed": parse_cell(cell_name).seed,
+        "model": config["model"],
+        "eval_activations": activation_dir(config, site, "eval"),
+        "device": evaluation_device(config),
+    })
+
+
+def feature_cells(config: dict[str, Any]) -> list[str]:
+    """The cells whose feature browser the sweep builds (config key features.cells: ``all`` or
+    a list of names); any other cell's is built on demand."""
+    chosen = config["features"]["cells"]
+    return [cell.name for cell in sweep_cells(config)] if chosen == "all" else list(chosen)
 
 
 def external_entry(config: dict[str, Any], site: str, name: str) -> dict[str, Any]:
