@@ -7,7 +7,10 @@ cell averaged; per (site, arch, curve) with at least 3 distinct n,
 
     T_conv(n) = a · n^β          (Gao et al. 2024 report β ≈ 0.6 for GPT-2 small),
 
-which is what the default token rule ``train.tokens.n_exponent`` assumes. Cells the cap ended
+which is what the default token rule ``train.tokens.n_exponent`` assumes. A stop lies on the
+held-out grid (points a factor 2^(1/W) apart), so each T_conv is known to that factor only;
+the interval below does not include this rounding (with few sizes it can be the larger
+uncertainty: over a factor 4 of n, one grid step at each end moves β by ±1/(2W)). Cells the cap ended
 (``converged`` false) are left out and counted (``n_capped``): they would have taken more
 tokens than their cap, so leaving them out biases β downwards when they are the largest n.
 
