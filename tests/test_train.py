@@ -25,7 +25,8 @@ from saesweep.sae.export import load_sae
 from saesweep.core.files import read_json, write_json
 from saesweep.core.job_settings import TrainSettings, to_json
 from saesweep.plan.settings import activation_dir, corpus_dir, extraction_settings, train_settings
-from saesweep.train.trainer import CHECKPOINT, TrainingDiverged, train_cell
+from saesweep.train.convergence import stop_index
+from saesweep.train.trainer import CHECKPOINT, TrainingDiverged, heldout_points, train_cell
 
 
 
@@ -290,3 +291,52 @@ def test_a_checkpoint_of_another_width_is_ignored(extracted, tmp_path, capsys) -
                        "(W_enc has shape (64, 48), not (64, 32)): made from other activations"]
     train_cell(settings, tmp_path / "clean")
     assert_same_training(tmp_path / "cell", tmp_path / "clean")
+
+
+def converge_settings(extracted, **budget) -> TrainSettings:
+    """The tiny LONG cell with ``train.budget`` converge (cap 30000 tokens, 2 held-out points per
+    doubling over 7 doublings)."""
+    overrides = {f"train.budget.{key}": value for key, value in budget.items()}
+    return cell_settings(extracted, LONG_CELL, **LONG, **{"train.budget.mode": "converge", "train.heldout.points": 8},
+                         **overrides)
+
+
+def measured_points(settings: TrainSettings) -> list[int]:
+    """The tokens of the held-out points: after the first step (of ``batch_size`` tokens, the
+    last one cut at the budget) at or past each of ``heldout_points``."""
+    batch = settings.batch_size
+    return sorted({min(-(-point // batch) * batch, settings.tokens) for point in heldout_points(settings)})
+
+
+def test_convergence_ends_a_cell_at_the_point_its_criterion_names(extracted, tmp_path) -> None:
+    settings = converge_settings(extracted, eps=0.1)
+    train_cell(settings, tmp_path / "cell", threads=1)
+    log = read_log(tmp_path / "cell")
+    curve = log[log.heldout_nmse.notna()]
+    # the held-out points: the first step at or past each of the grid's 2 points per doubling
+    expected = measured_points(settings)
+    assert curve.tokens.tolist() == expected[: len(curve)] and len(expected) > len(curve)
+    index, done = stop_index(curve.tokens.tolist(), curve.heldout_nmse.tolist(), settings.convergence, settings.tokens)
+    # it ended at the criterion's first point, not after it, and well before the cap
+    assert done and index == len(curve) - 1 and log.tokens.iloc[-1] == curve.tokens.iloc[-1] < settings.tokens / 2
+    training = load_sae(tmp_path / "cell", CPU)[1]["training"]
+    assert training["budget"] == "converge" and training["converged"] is True
+    assert training["tokens_to_converge"] == training["tokens"] == curve.tokens.iloc[-1]
+    # a mid-run point under a constant rate is a run of its own: a fixed budget of the tokens the
+    # converged cell took ends with the same weights
+    shorter = cell_settings(extracted, LONG_CELL, **{**LONG, "train.tokens.base": int(curve.tokens.iloc[-1])})
+    assert shorter.convergence is None and shorter.decay == "none"
+    train_cell(shorter, tmp_path / "fixed", threads=1)
+    converged_sae, fixed_sae = load_sae(tmp_path / "cell", CPU)[0], load_sae(tmp_path / "fixed", CPU)[0]
+    assert all(torch.equal(a, b) for a, b in zip(converged_sae.state_dict().values(), fixed_sae.state_dict().values()))
+    assert load_sae(tmp_path / "fixed", CPU)[1]["training"]["converged"] is None
+
+
+def test_the_cap_ends_a_cell_that_has_not_converged(extracted, tmp_path) -> None:
+    settings = converge_settings(extracted, min_tokens=10**9)  # the criterion can never hold
+    train_cell(settings, tmp_path / "cell", threads=1)
+    log = read_log(tmp_path / "cell")
+    assert log.tokens.iloc[-1] == settings.tokens
+    assert log[log.heldout_nmse.notna()].tokens.tolist() == measured_points(settings)
+    training = load_sae(tmp_path / "cell", CPU)[1]["training"]
+    assert (training["converged"], training["tokens_to_converge"], training["tokens"]) == (False, None, settings.tokens)

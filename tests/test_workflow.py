@@ -117,7 +117,8 @@ def test_fits_and_figures_exist_with_content(sweep: Path) -> None:
         assert edge.compute.is_monotonic_increasing and edge.loss.is_monotonic_decreasing
         assert group["laws"]["power"]["status"] in ("ok", "not resolved", "contradicted", "skipped")
     for name in ("nmse_vs_n", "delta_lm_loss_vs_n", "training_curves", "frontier", "k_transfer",
-                 "k_transfer_delta_lm_loss", "sparsity_frontier", "interpretability", "compute_frontier"):
+                 "k_transfer_delta_lm_loss", "sparsity_frontier", "interpretability", "compute_frontier",
+                 "convergence"):
         assert (sweep / f"results/tiny/scaling/figures/{name}.png").stat().st_size > 10_000
         assert (sweep / f"results/tiny/scaling/figures/{name}.svg").exists()
 
@@ -126,7 +127,7 @@ def test_report_has_every_figure_the_fit_table_and_the_run_config(sweep: Path) -
     run_config = yaml.safe_load((sweep / "results/tiny/run_config.yaml").read_text())
     assert run_config["config"]["sweep"]["k"] == [4, 16] and run_config["provenance"]["config_hash"]
     fit_rows = pd.read_csv(sweep / "results/tiny/scaling/fits.csv")
-    assert set(fit_rows["metric"]) == {"nmse", "delta_lm_loss", "heldout_nmse"} and "power_n" in set(fit_rows["law"])
+    assert set(fit_rows["metric"]) == {"nmse", "delta_lm_loss", "heldout_nmse", "n_opt"} and "power_n" in set(fit_rows["law"])
     snakemake(sweep, "--report", "report.html")
     page = (sweep / "report.html").read_text()
     comparison = pd.read_csv(sweep / "results/tiny/scaling/architectures.csv")

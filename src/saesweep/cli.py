@@ -128,6 +128,7 @@ def stage_fit(args: argparse.Namespace) -> None:
 
     from saesweep.core.files import write_json
     from saesweep.analysis.compute import fit_compute_frontiers
+    from saesweep.analysis.convergence_fits import fit_convergence
     from saesweep.analysis.scaling import fit_scaling_laws
 
     cells = pd.read_parquet(args.cells)
@@ -135,7 +136,9 @@ def stage_fit(args: argparse.Namespace) -> None:
     if missing:
         raise UserError(f"config key scaling.metrics: {missing} are not columns of {args.cells}")
     fits = fit_scaling_laws(cells, args.metrics, bootstrap=args.bootstrap, seed=args.seed)
-    fits["compute_frontier"] = fit_compute_frontiers(pd.read_parquet(args.logs), args.bootstrap, args.seed)
+    logs = pd.read_parquet(args.logs)
+    fits["compute_frontier"] = fit_compute_frontiers(logs, args.bootstrap, args.seed)
+    fits["convergence"] = fit_convergence(cells, logs, args.bootstrap, args.seed)
     write_json(args.out, fits)
 
 

@@ -41,6 +41,7 @@ FIGURES = (
             "compute_frontier",
             "training_curves",
             "dead_latents",
+            "convergence",
         )
     }
     | {

@@ -23,6 +23,9 @@ TRAINING_COLUMNS = {
     "train_final_dead_fraction": "final_dead_fraction",
     "train_final_nmse": "final_nmse",
     "epochs": "epochs",
+    "train_budget": "budget",
+    "converged": "converged",
+    "tokens_to_converge": "tokens_to_converge",
 }
 """Column → key of ``cfg.json``'s ``training`` block."""
 

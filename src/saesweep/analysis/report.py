@@ -14,6 +14,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from saesweep.analysis.convergence_fits import report_rows as convergence_rows
 from saesweep.core.files import atomic_path
 from saesweep.core.provenance import provenance
 
@@ -101,7 +102,8 @@ def fit_table(fits: dict) -> pd.DataFrame:
     """One row per law of a ``fit_scaling_laws`` result: L(n) at each k, L(k) at each n (pure
     power law and law with floor, each with the pair's leave-one-out comparison) and the joint L(n, k),
     per (site, arch) group and metric; a metric that could not be fitted at all is one row with
-    its reason; then the laws in C of each compute frontier (``compute``), if any."""
+    its reason; then the laws in C of each compute frontier (``compute``), if any, and the
+    laws of the training budget (``convergence_fits``: tokens to convergence, n_opt(C))."""
     rows = []
     for group in fits["groups"]:
         site, arch = group["site"], group["arch"]
@@ -120,6 +122,7 @@ def fit_table(fits: dict) -> pd.DataFrame:
         for form in ("power", "floor"):
             at = f"{group['curve']}: frontier in C"
             rows.append(_law_row(group["site"], group["arch"], "heldout_nmse", at, laws[form], _comparison(laws, form)))
+    rows += convergence_rows(fits)
     return pd.DataFrame(rows, columns=FIT_COLUMNS).astype({"cells": "Int64", "LOO error": float})
 
 

@@ -97,6 +97,19 @@ class HeldoutSettings:
 
 
 @dataclass(frozen=True)
+class ConvergenceSettings:
+    """Ending a cell at convergence (config key ``train.budget``, mode converge; formula in
+    ``train.convergence``): the budget T becomes a cap."""
+
+    eps: float
+    """ε: converged when the held-out loss fell by less than this fraction over a doubling of tokens."""
+    window: int
+    """W, held-out points per doubling of tokens: the criterion compares the loss W points back."""
+    min_tokens: int
+    """No stop before this many tokens."""
+
+
+@dataclass(frozen=True)
 class DistributedSettings:
     """A cell trained by D·S processes (config key ``train.distributed``)."""
 
@@ -156,6 +169,8 @@ class TrainSettings:
     """Whether the encoder product runs in bfloat16 under autocast."""
     distributed: DistributedSettings | None = None
     """Processes of a distributed cell; absent for one process."""
+    convergence: ConvergenceSettings | None = None
+    """The convergence stop (``train.budget.mode: converge``); absent for a fixed budget."""
 
 
 @dataclass(frozen=True)

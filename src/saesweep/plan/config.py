@@ -106,6 +106,7 @@ def check_cross_keys(config: dict[str, Any]) -> None:
         raise UserError("config key train.tokens.max: smaller than train.tokens.min")
     check_distributed(config, cells)
     check_features(config, cells)
+    check_convergence(config)
 
 
 def check_training_tokens(config: dict[str, Any], cells: list[Cell]) -> None:
@@ -133,6 +134,25 @@ def check_training_tokens(config: dict[str, Any], cells: list[Cell]) -> None:
             f"config key activations.train_tokens: cell {largest.name} trains on {budget} tokens, "
             f"{budget / extracted:.1f} epochs of the {extracted} extracted, and {key}: extract more tokens, "
             "lower train.tokens or raise the limit"
+        )
+
+
+def check_convergence(config: dict[str, Any]) -> None:
+    """``train.budget.mode: converge`` needs a learning rate defined for a run of unknown length
+    (``train.lr.decay: none``) and a held-out curve spanning at least one doubling
+    (``train.heldout.points`` ≥ 2), which the criterion compares (``train.convergence``)."""
+    train = config["train"]
+    if train["budget"]["mode"] != "converge":
+        return
+    if train["lr"]["decay"] != "none":
+        raise UserError(
+            f"config key train.lr.decay: {train['lr']['decay']} needs the run's end, which train.budget.mode "
+            "converge does not know in advance; set train.lr.decay: none"
+        )
+    if train["heldout"]["points"] < 2:
+        raise UserError(
+            "config key train.heldout.points: train.budget.mode converge compares held-out points a "
+            "doubling of tokens apart; set at least 2"
         )
 
 

@@ -106,6 +106,7 @@ def train_settings(config: dict[str, Any], site: str, cell_name: str) -> TrainSe
         "device": train["device"],
         "autocast_bf16": train["autocast_bf16"],
         **distributed_settings(train),
+        **convergence_settings(train),
     })
 
 
@@ -116,6 +117,15 @@ def distributed_settings(train: dict[str, Any]) -> dict[str, Any]:
     if distributed["data_parallel"] * distributed["latent_shards"] == 1:
         return {}
     return {"distributed": {key: distributed[key] for key in ("data_parallel", "latent_shards", "timeout_s")}}
+
+
+def convergence_settings(train: dict[str, Any]) -> dict[str, Any]:
+    """``{"convergence": …}`` (ε, window, minimum) when ``train.budget.mode`` is converge;
+    nothing for a fixed budget, so its cells keep their settings (and results) as they were."""
+    budget = train["budget"]
+    if budget["mode"] == "fixed":
+        return {}
+    return {"convergence": {key: budget[key] for key in ("eps", "window", "min_tokens")}}
 
 
 def evaluation_sizes(config: dict[str, Any]) -> dict[str, Any]:

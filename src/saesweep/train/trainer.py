@@ -18,6 +18,9 @@ the fraction of latents that never fire on those tokens (``heldout_measures``). 
 before the learning-rate decay are not what a run with that budget would reach (its decay
 would come earlier), so they lie above it.
 
+With ``train.budget`` converge, T is a cap, the curve has W points per doubling and the run
+ends at the first point where the held-out loss has converged (``train.convergence``).
+
 Checkpoints (weights, Adam state, counters, tokens seen, log, RNG state) are written
 atomically every ``checkpoint_every_tokens`` and on SIGTERM; a rerun resumes from the
 last one and, on CPU, ends with the same weights as an uninterrupted run.
@@ -54,6 +57,7 @@ from saesweep.core.progress import Progress
 from saesweep.core.provenance import provenance
 from saesweep.sae.base import StepContext
 from saesweep.sae.registry import build_sae
+from saesweep.train import convergence
 from saesweep.train.checkpoints import CHECKPOINT, fits, read_checkpoint
 from saesweep.train.distributed import (
     EXIT_INTERRUPTED, EXIT_USER_ERROR, Layout, Placement, ProcessGroups, init_process_groups,
@@ -84,9 +88,9 @@ def lr_at(settings: TrainSettings, tokens: int) -> float:
 
 
 def heldout_points(settings: TrainSettings) -> list[int]:
-    """The token counts T·2^(−j), j = points − 1 … 0, of the held-out curve (increasing, distinct)."""
-    budget, points = settings.tokens, settings.heldout.points
-    return sorted({max(1, math.ceil(budget / 2**j)) for j in range(points)})
+    """The token counts T·2^(−j), j = points − 1 … 0, of the held-out curve (increasing, distinct);
+    with ``train.budget`` converge, W per doubling (``convergence.heldout_grid``)."""
+    return convergence.heldout_grid(settings.tokens, settings.heldout.points, settings.convergence)
 
 
 def make_adam(parameters: Any, lr: float, eps: float, betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Adam:
@@ -250,6 +254,12 @@ class Trainer:
             "window_expected_firings": self.settings.dead.window_tokens * rate,
         }
 
+    def converged(self) -> bool:
+        """Whether the held-out curve so far meets ``train.budget``'s criterion
+        (``train.convergence``); distributed: rank 0's decision (it alone measures the curve), shared."""
+        done = convergence.converged(*convergence.curve(self.log_rows), self.settings.convergence)
+        return self.groups.any_true(done) if self.groups else done
+
     def step(self, x: torch.Tensor) -> dict[str, float]:
         """One optimisation step on batch x (this replica's rows of the global batch when
         distributed); returns the step's loss parts."""
@@ -327,6 +337,9 @@ class Trainer:
                     window_tokens, window_start = 0, time.perf_counter()
                     if self.tokens_seen >= next_log:
                         next_log += settings.log_every_tokens
+                    # train.budget converge: end at the first held-out point meeting the criterion
+                    if heldout_due and settings.convergence and self.converged():
+                        break
                 if self.leader:
                     progress.update(self.tokens_seen)
                 if self.tokens_seen >= next_checkpoint:
@@ -375,6 +388,7 @@ class Trainer:
                 "final_dead_fraction": dead_fraction,
                 "final_nmse": log["nmse"].iloc[-1] if len(log) else float("nan"),
                 "epochs": self.tokens_seen / self.store.tokens,
+                **convergence.outcome(self.log_rows, settings.convergence, settings.tokens),
             },
             "settings": to_json(settings),
             "provenance": provenance(to_json(settings)),
