@@ -377,7 +377,7 @@ class Trainer:
                 "epochs": self.tokens_seen / self.store.tokens,
             },
             "settings": to_json(settings),
-            "provenance": provenance(to_json(settings)),
+            "provenance": provenance(to_json(settings), self.device, Layout.of(settings.distributed).world),
         }
         save_sae(sae, self.folder, cfg)
         if self.groups:
