@@ -263,3 +263,123 @@ def test_a_broken_external_sae_fails_with_one_line_naming_the_file(sweep: Path, 
     log = (workdir / "results/tiny/logs/import_external/resid2/broken.log").read_text().strip().splitlines()
     assert len(log) == 1 and "missing weights file" in log[0] and "broken has neither sae_weights.safetensors" in log[0]
     assert not (workdir / "results/tiny/external/resid2/broken/cfg.json").exists()
+
+
+def saesweep(*args: str) -> subprocess.CompletedProcess:
+    """The package's command line, as the rules call it."""
+    return subprocess.run([str(Path(sys.executable).parent / "saesweep"), *args], capture_output=True, text=True)
+
+
+def copy_of_run(sweep: Path, folder: Path, **changes) -> Path:
+    """A second run folder holding the tiny sweep's scaling tables as another run named
+    ``tiny2`` would have written them, with ``changes`` (column → value) applied to every cell."""
+    source = sweep / "results/tiny/scaling"
+    (folder / "scaling").mkdir(parents=True)
+    cells = pd.read_parquet(source / "cells.parquet").assign(run="tiny2", **changes)
+    cells.to_parquet(folder / "scaling/cells.parquet")
+    pd.read_parquet(source / "train_logs.parquet").assign(run="tiny2").to_parquet(folder / "scaling/train_logs.parquet")
+    return folder
+
+
+def test_cells_carry_their_hardware_and_one_protocol_hash_per_site(sweep: Path) -> None:
+    import torch
+
+    cells = pd.read_parquet(sweep / "results/tiny/scaling/cells.parquet")
+    for stage in ("train", "eval"):
+        assert (cells[f"{stage}_gpu"] == "none").all() and (cells[f"{stage}_gpu_count"] == 0).all()
+        assert (cells[f"{stage}_torch_version"] == torch.__version__).all()
+        assert cells[f"{stage}_cpu"].str.len().gt(0).all() and (cells[f"{stage}_cpu_cores"] >= 1).all()
+    assert (cells["train_processes"] == 1).all()
+    # every cell's evaluation settings differ (its name, seed), its protocol does not
+    assert cells["eval_settings_hash"].nunique() == len(cells) and cells["eval_protocol_hash"].nunique() == 1
+
+
+def test_merge_keeps_one_row_per_repeated_cell_and_the_analyses_run_on_it(sweep: Path, tmp_path: Path) -> None:
+    first = sweep / "results/tiny"
+    cells = pd.read_parquet(first / "scaling/cells.parquet")
+    # the second run repeated every cell (another machine: its NMSE differs) and ran seed 1 of the smallest n
+    second = copy_of_run(sweep, tmp_path / "tiny2", nmse=cells["nmse"] * 1.5)
+    smallest = cells["n_latents"].min()
+    extra = pd.read_parquet(second / "scaling/cells.parquet").query("n_latents == @smallest").assign(seed=1)
+    pd.concat([pd.read_parquet(second / "scaling/cells.parquet"), extra]).to_parquet(second / "scaling/cells.parquet")
+    logs = pd.read_parquet(second / "scaling/train_logs.parquet")
+    extra_logs = logs[logs.n_latents == smallest].assign(seed=1)
+    pd.concat([logs, extra_logs]).to_parquet(second / "scaling/train_logs.parquet")
+
+    merged = tmp_path / "merged"
+    result = saesweep("merge", "--out", str(merged), str(first), str(second))
+    assert result.returncode == 0, result.stderr
+    table = pd.read_parquet(merged / "scaling/cells.parquet")
+    assert len(table) == len(cells) + len(extra)
+    repeated = table[table.seed == 0].set_index(["arch", "setting", "n_latents"]).sort_index()
+    # the first run named wins a repeated cell: its NMSE, not the second run's
+    assert np.allclose(repeated["nmse"], cells.set_index(["arch", "setting", "n_latents"]).sort_index()["nmse"])
+    assert len(extra) and set(table[table.seed == 1]["run"]) == {"tiny2"}
+    summary = json.loads((merged / "merge.json").read_text())
+    assert len(summary["dropped_repeats"]) == len(cells) and summary["kept_apart"] == []
+    # each kept cell has its own training log once: the first run's for a repeated cell
+    merged_logs = pd.read_parquet(merged / "scaling/train_logs.parquet")
+    per_cell = merged_logs.groupby(["arch", "setting", "n_latents", "seed"]).size()
+    original = pd.read_parquet(first / "scaling/train_logs.parquet").groupby(["arch", "setting", "n_latents"]).size()
+    assert len(per_cell) == len(table) and (per_cell.xs(0, level="seed") == original).all()
+    # and the second order of precedence keeps the second run's values
+    assert saesweep("merge", "--out", str(tmp_path / "reverse"), str(second), str(first)).returncode == 0
+    reverse = pd.read_parquet(tmp_path / "reverse/scaling/cells.parquet")
+    assert np.allclose(reverse[reverse.seed == 0].sort_values(["arch", "setting", "n_latents"])["nmse"],
+                       repeated["nmse"].to_numpy() * 1.5)
+
+    scaling = merged / "scaling"
+    for command in (
+        ["fit", "--cells", str(scaling / "cells.parquet"), "--logs", str(scaling / "train_logs.parquet"),
+         "--metrics", "nmse", "delta_lm_loss", "--bootstrap", "20", "--out", str(scaling / "fits.json")],
+        ["compare", "--cells", str(scaling / "cells.parquet"), "--csv", str(scaling / "architectures.csv"),
+         "--html", str(merged / "report/architectures.html")],
+        ["plot", "--cells", str(scaling / "cells.parquet"), "--logs", str(scaling / "train_logs.parquet"),
+         "--fits", str(scaling / "fits.json"), "--metrics", "nmse", "delta_lm_loss", "--title", "merged",
+         "--out-dir", str(scaling / "figures")],
+    ):
+        done = saesweep(*command)
+        assert done.returncode == 0, done.stderr
+    fits = json.loads((scaling / "fits.json").read_text())
+    topk = next(group for group in fits["groups"] if group["arch"] == "topk")
+    assert topk["site"] == cells["site"].iloc[0] and (scaling / "figures/nmse_vs_n.png").stat().st_size > 10_000
+
+
+def test_merge_refuses_another_corpus_naming_the_key(sweep: Path, tmp_path: Path) -> None:
+    second = copy_of_run(sweep, tmp_path / "tiny2", corpus_fingerprint="another-corpus")
+    result = saesweep("merge", "--out", str(tmp_path / "merged"), str(sweep / "results/tiny"), str(second))
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "corpus_fingerprint" in lines[0] and "another-corpus" in lines[0]
+    assert not (tmp_path / "merged").exists()
+
+
+def test_merge_keeps_runs_of_two_models_apart_when_asked(sweep: Path, tmp_path: Path) -> None:
+    second = copy_of_run(sweep, tmp_path / "tiny2", model="another-model")
+    first = sweep / "results/tiny"
+    refused = saesweep("merge", "--out", str(tmp_path / "refused"), str(first), str(second))
+    assert refused.returncode != 0 and "model is 'another-model'" in refused.stderr
+    result = saesweep("merge", "--keep-apart", "--out", str(tmp_path / "merged"), str(first), str(second))
+    assert result.returncode == 0, result.stderr
+    table = pd.read_parquet(tmp_path / "merged/scaling/cells.parquet")
+    cells = pd.read_parquet(first / "scaling/cells.parquet")
+    site = cells["site"].iloc[0]
+    assert table.groupby("site").size().to_dict() == {site: len(cells), f"{site}@tiny2": len(cells)}
+    assert set(table[table.site == f"{site}@tiny2"]["model"]) == {"another-model"}
+    logs = pd.read_parquet(tmp_path / "merged/scaling/train_logs.parquet")
+    assert set(logs["site"]) == {site, f"{site}@tiny2"}
+    assert len(logs) == 2 * len(pd.read_parquet(first / "scaling/train_logs.parquet"))
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt"])
+def test_merge_of_a_bad_table_names_the_file(sweep: Path, tmp_path: Path, damage: str) -> None:
+    second = copy_of_run(sweep, tmp_path / "tiny2")
+    bad = second / "scaling/train_logs.parquet"
+    if damage == "missing":
+        bad.unlink()
+    else:
+        bad.write_bytes(bad.read_bytes()[:100])
+    result = saesweep("merge", "--out", str(tmp_path / "merged"), str(sweep / "results/tiny"), str(second))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1 and str(bad) in lines[0]
+    assert not (tmp_path / "merged").exists()

@@ -117,10 +117,12 @@ def stage_aggregate(args: argparse.Namespace) -> None:
 
 
 def stage_merge(args: argparse.Namespace) -> None:
-    from saesweep.analysis.aggregate import merge_tables
+    from saesweep.analysis.merge import write_merge
 
-    merged = merge_tables([Path(p) for p in args.tables], Path(args.out))
-    print(f"{args.out}: {len(merged)} cells from {merged['run'].nunique()} run(s)")
+    summary = write_merge([Path(p) for p in args.runs], Path(args.out), args.keep_apart)
+    print(f"{args.out}: {summary.cells} cells from {len(summary.sources)} runs; "
+          f"{len(summary.dropped_repeats)} repeated cells dropped (the first run named wins); "
+          f"{len(summary.kept_apart)} site(s) kept apart")
 
 
 def stage_fit(args: argparse.Namespace) -> None:
@@ -223,9 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--out", required=True)
     sub.add_argument("--logs", required=True)
     sub.add_argument("metrics", nargs="+")
-    sub = stage("merge", stage_merge, "merge the cells tables of several runs")
-    sub.add_argument("--out", required=True)
-    sub.add_argument("tables", nargs="+")
+    sub = stage("merge", stage_merge, "merge several runs' cells tables and training logs into one run folder")
+    sub.add_argument("--out", required=True, help="the merged run folder (its scaling/ tables are written)")
+    sub.add_argument("--keep-apart", action="store_true",
+                     help="keep a run that is not comparable at a site as the site {site}@{run} instead of stopping")
+    sub.add_argument("runs", nargs="+", help="run folders (results/<run>), the first named winning a repeated cell")
     sub = stage("fit", stage_fit, "fit scaling laws and the compute frontier with bootstrap intervals")
     sub.add_argument("--cells", required=True)
     sub.add_argument("--logs", required=True, help="the training logs (held-out curves) of the cells")

@@ -34,9 +34,11 @@ def cell_row(cell_folder: Path, metrics_path: Path) -> dict[str, Any]:
     """The scalar metrics of ``metrics.json`` (nested dicts flattened with ``_``, lists
     left out), the training facts of ``cfg.json`` and the provenance; ``curve`` is the cell's
     setting without its architecture (``k32``, ``l0.3``: the cells of one line over n) and
-    ``sparsity`` the value of its architecture's sparsity knob. An external SAE (``interop.stages``)
-    has its name as setting and curve, the source as ``external_source``, and no training
-    facts, sparsity knob (unless it reported k) or seed."""
+    ``sparsity`` the value of its architecture's sparsity knob; ``eval_protocol_hash`` says
+    which evaluations are comparable (``evaluation.comparability``) and ``train_*`` / ``eval_*``
+    hardware columns what each job ran on (``core.provenance.hardware``). An external SAE
+    (``interop.stages``) has its name as setting and curve, the source as ``external_source``,
+    and no training facts, training hardware, sparsity knob (unless it reported k) or seed."""
     metrics = read_json(metrics_path, "cell metrics")
     cfg = read_json(cell_folder / "cfg.json", "SAE config")
     row: dict[str, Any] = {}
@@ -63,7 +65,10 @@ def cell_row(cell_folder: Path, metrics_path: Path) -> dict[str, Any]:
         "git_commit": cfg["provenance"]["git_commit"],
         "train_settings_hash": None if external else cfg["provenance"]["settings_hash"],
         "eval_settings_hash": metrics["provenance"]["settings_hash"],
+        "eval_protocol_hash": metrics["provenance"].get("protocol_hash"),
     })
+    for stage, block in (("train", cfg["provenance"]), ("eval", metrics["provenance"])):
+        row.update({f"{stage}_{key}": value for key, value in block.get("hardware", {}).items()})
     if external:
         row["external_source"] = json.dumps(external["source"], sort_keys=True)
     return row
@@ -79,7 +84,7 @@ def aggregate(run: str, metrics_paths: list[Path], table: Path, logs: Path) -> p
         if "external_source" in row:
             continue  # an external SAE was not trained here: no training log
         log = pd.read_parquet(folder / "train_log.parquet")
-        log_frames.append(log.assign(**{key: row[key] for key in (*KEY_COLUMNS, "curve", "sparsity", "d")}))
+        log_frames.append(log.assign(**{key: row[key] for key in ("run", *KEY_COLUMNS, "curve", "sparsity", "d")}))
     if not rows:
         raise UserError("no cell to aggregate")
     cells = pd.DataFrame(rows).sort_values(KEY_COLUMNS, ignore_index=True)
@@ -105,16 +110,3 @@ def write_table(frame: pd.DataFrame, path: Path) -> None:
     """A parquet file, atomically."""
     with atomic_path(path) as temporary:
         frame.to_parquet(temporary, index=False)
-
-
-def merge_tables(paths: list[Path], output: Path) -> pd.DataFrame:
-    """Several runs' cells tables as one, with their ``run`` column telling them apart."""
-    frames = []
-    for path in paths:
-        try:
-            frames.append(pd.read_parquet(path))
-        except (OSError, ValueError) as error:
-            raise UserError(f"cells table {path} cannot be read ({error})") from None
-    merged = pd.concat(frames, ignore_index=True)
-    write_table(merged, output)
-    return merged

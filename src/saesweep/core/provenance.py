@@ -1,13 +1,18 @@
-"""Provenance that travels with every artifact: package version, git commit, settings hash."""
+"""Provenance that travels with every artifact: package version, git commit, settings hash,
+and, for the jobs whose speed is reported (training, evaluation), the hardware they ran on."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import platform
 import subprocess
 from functools import cache
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from saesweep import __version__
 
@@ -40,10 +45,42 @@ def git_commit() -> str:
     return commit + ("-dirty" if dirty else "")
 
 
-def provenance(settings: dict[str, Any]) -> dict[str, str]:
-    """The provenance block stored in every artifact made from ``settings``."""
+@cache
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; the platform's processor string elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def hardware(device: torch.device, processes: int = 1) -> dict[str, Any]:
+    """What a job ran on, so that its speed columns can be read: the CPU model and the CPU cores
+    it could use, the job's number of processes (the ranks of a distributed cell), the GPU's
+    name (``none`` on the CPU) and count (one per process on CUDA), and the torch and CUDA
+    versions (``none`` for a CPU build)."""
     return {
+        "cpu": cpu_model(),
+        "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "processes": processes,
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "none",
+        "gpu_count": processes if device.type == "cuda" else 0,
+        "torch_version": torch.__version__,
+        "cuda_version": torch.version.cuda or "none",
+    }
+
+
+def provenance(settings: dict[str, Any], device: torch.device | None = None, processes: int = 1) -> dict[str, Any]:
+    """The provenance block stored in every artifact made from ``settings``; with the job's
+    ``device`` (and its number of ``processes``), also its ``hardware``."""
+    block: dict[str, Any] = {
         "package_version": __version__,
         "git_commit": git_commit(),
         "settings_hash": settings_hash(settings),
     }
+    if device is not None:
+        block["hardware"] = hardware(device, processes)
+    return block

@@ -33,6 +33,7 @@ from saesweep.core.devices import resolve_device
 from saesweep.core.job_settings import EvalSettings, to_json
 from saesweep.data.activations import ActivationStore
 from saesweep.evaluation.analysis import analysis_metrics
+from saesweep.evaluation.comparability import protocol_hash
 from saesweep.sae.export import load_sae
 from saesweep.core.files import write_json
 from saesweep.data.lm import load_lm
@@ -223,7 +224,8 @@ def evaluate_cell(settings: EvalSettings, cell_folder: Path, output: Path) -> di
         "n_latents": sae.n, **cfg["params"], "seed": cfg["seed"],
         "setting": settings.setting, "sparsity_parameter": sae.knob().name,
         "not_applicable": not_applicable, "k_transfer": ks, "eval_tokens": len(activations), "downstream_tokens": int(downstream.mask.sum()),
-        "eval_wall_time_s": time.perf_counter() - started, "provenance": provenance(to_json(settings)),
+        "eval_wall_time_s": time.perf_counter() - started,
+        "provenance": {**provenance(to_json(settings), device), "protocol_hash": protocol_hash(settings, store.manifest)},
     })
     write_json(output, metrics)
     return metrics

@@ -391,7 +391,7 @@ class Trainer:
                 **convergence.outcome(self.log_rows, settings.convergence, settings.tokens),
             },
             "settings": to_json(settings),
-            "provenance": provenance(to_json(settings)),
+            "provenance": provenance(to_json(settings), self.device, Layout.of(settings.distributed).world),
         }
         save_sae(sae, self.folder, cfg)
         if self.groups:
