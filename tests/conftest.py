@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +14,11 @@ import pytest
 import torch
 import yaml
 
-from browser import browser_page  # noqa: F401  (pages in a headless Chromium: tests/browser.py)
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+pytest_plugins = ["browser"]  # the browser_page fixture: pages in a headless Chromium (tests/browser.py)
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")  # the device of the tests that run on this machine's processor
@@ -151,3 +154,14 @@ def assert_same_training(a: Path, b: Path) -> None:
     pd.testing.assert_frame_equal(read_log(a).drop(columns=TIMING_COLUMNS), read_log(b).drop(columns=TIMING_COLUMNS))
     tokens = [json.loads((folder / "cfg.json").read_text())["training"]["tokens"] for folder in (a, b)]
     assert tokens[0] == tokens[1]
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the repository's workflow in ``workdir`` with the config written there."""
+    command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+               "--configfile", str(workdir / "config.yaml"), "--cores", "2", *args]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
+    return result

@@ -4,17 +4,14 @@ bound, its config and DAG, and the page in a real browser (Chromium through Play
 from __future__ import annotations
 
 import html
-import os
 import re
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import CPU, REPO, make_text, tiny_config, write_config
+from conftest import CPU, make_text, snakemake, tiny_config, write_config
 from saesweep.analysis.feature_page import render, size_bound, token_html, write_page
 from saesweep.cli import main as cli_main
 from saesweep.core.errors import UserError
@@ -188,21 +185,11 @@ def test_config_checks_name_the_features_key(tiny_model: Path, tiny_corpus: Path
             validate_config(tiny_config(tiny_model, tiny_corpus, **overrides))
 
 
-def snakemake(workdir: Path, *args: str) -> str:
-    """Run the repository's workflow in ``workdir`` with its config.yaml; its standard output."""
-    command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-               "--configfile", str(workdir / "config.yaml"), "--cores", "2", *args]
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout
-
-
 def test_the_sweep_builds_the_chosen_browsers_and_any_other_on_demand(tmp_path: Path, tiny_model: Path, tiny_corpus: Path) -> None:
     """features.cells: the sweep plans exactly those cells' browsers; asking for another cell's
     features/index.html builds that one alone (its cell trained, nothing of the sweep after it)."""
     write_config(tmp_path / "config.yaml", tiny_config(tiny_model, tiny_corpus, **{"features.cells": ["topk-n256-k4-s0"]}))
-    planned = set(re.findall(r"cells/resid2/([^/\s]+)/features/index\.html", snakemake(tmp_path, "-n")))
+    planned = set(re.findall(r"cells/resid2/([^/\s]+)/features/index\.html", snakemake(tmp_path, "-n").stdout))
     assert planned == {"topk-n256-k4-s0"}
     target = "results/tiny/cells/resid2/topk-n64-k16-s0/features/index.html"
     snakemake(tmp_path, target)
@@ -213,33 +200,8 @@ def test_the_sweep_builds_the_chosen_browsers_and_any_other_on_demand(tmp_path: 
 
 # --- in a real browser ---------------------------------------------------------------------
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 
-
-class OpenPage:
-    """A page open in headless Chromium, with the console errors and page errors it raised."""
-
-    def __init__(self, path: Path, width: int = 1100, height: int = 900) -> None:
-        playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-        if not Path(CHROMIUM).exists():
-            pytest.skip(f"no Chromium at {CHROMIUM}")
-        self._manager = playwright.sync_playwright()
-        self._playwright = self._manager.__enter__()
-        self._browser = self._playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        self.page = self._browser.new_page(viewport={"width": width, "height": height})
-        self.errors: list[str] = []
-        self.page.on("console", lambda message: self.errors.append(message.text) if message.type == "error" else None)
-        self.page.on("pageerror", lambda error: self.errors.append(str(error)))
-        self.page.goto(path.resolve().as_uri())
-
-    def close(self) -> None:
-        self._browser.close()
-        self._manager.__exit__(None, None, None)
-
-
-def test_page_in_a_browser_shows_each_latents_contexts_and_sorts(lm_and_tokens, tiny_model: Path, tmp_path: Path) -> None:
+def test_page_in_a_browser_shows_each_latents_contexts_and_sorts(lm_and_tokens, tiny_model: Path, tmp_path: Path, browser_page) -> None:
     """In Chromium: no console or page errors; a latent's section shows its top contexts, whose
     values (``data-z``) are the codes computed here and whose text is their tokens'; clicking
     the precision header sorts the index by precision. Screenshots go to $SAESWEEP_SCREENSHOTS
@@ -249,31 +211,26 @@ def test_page_in_a_browser_shows_each_latents_contexts_and_sorts(lm_and_tokens, 
     width = windows.shape[1]
     path = tmp_path / "features" / "index.html"
     write_page(browser, path)
-    shots = Path(os.environ.get("SAESWEEP_SCREENSHOTS", tmp_path))
-    opened = OpenPage(path)
-    try:
-        page = opened.page
-        card = browser.latents[-1]
-        page.goto(f"{path.resolve().as_uri()}#latent-{card.latent}")
-        section = page.locator(f"#latent-{card.latent}")
-        assert section.is_visible()
-        top = section.locator(".top .ctx")
-        assert top.count() == len(card.top)
-        expected = torch.sort(codes[:, card.latent], descending=True, stable=True)
-        for i in range(top.count()):
-            row = int(top.nth(i).get_attribute("data-window")) * width + int(top.nth(i).get_attribute("data-position"))
-            assert row == expected.indices[i].item()
-            assert float(top.nth(i).get_attribute("data-z")) == pytest.approx(expected.values[i].item(), rel=1e-4)
-            hit = top.nth(i).locator(".hit")
-            assert hit.inner_text() == html.unescape(token_html(tokenizer.decode([windows.flatten()[row].item()])))
-        page.screenshot(path=str(shots / "feature-browser-latent.png"))
-        page.goto(path.resolve().as_uri())
-        page.click("#index th[data-key=precision]")
-        shown = [float(x) for x in page.locator("#index tbody tr").evaluate_all("rows => rows.map(r => r.dataset.precision)")]
-        assert shown == sorted(shown, reverse=True) and len(shown) == len(browser.latents)
-        page.screenshot(path=str(shots / "feature-browser-index.png"))
-        assert opened.errors == []
-    finally:
-        opened.close()
-    for name in ("feature-browser-latent.png", "feature-browser-index.png"):
-        assert 0 < (shots / name).stat().st_size < 200_000
+    page = browser_page.open(path)
+    card = browser.latents[-1]
+    page.goto(f"{path.resolve().as_uri()}#latent-{card.latent}")
+    section = page.locator(f"#latent-{card.latent}")
+    assert section.is_visible()
+    top = section.locator(".top .ctx")
+    assert top.count() == len(card.top)
+    expected = torch.sort(codes[:, card.latent], descending=True, stable=True)
+    for i in range(top.count()):
+        row = int(top.nth(i).get_attribute("data-window")) * width + int(top.nth(i).get_attribute("data-position"))
+        assert row == expected.indices[i].item()
+        assert float(top.nth(i).get_attribute("data-z")) == pytest.approx(expected.values[i].item(), rel=1e-4)
+        hit = top.nth(i).locator(".hit")
+        assert hit.inner_text() == html.unescape(token_html(tokenizer.decode([windows.flatten()[row].item()])))
+    latent_shot = browser_page.screenshot("feature-browser-latent")
+    page.goto(path.resolve().as_uri())
+    page.click("#index th[data-key=precision]")
+    shown = [float(x) for x in page.locator("#index tbody tr").evaluate_all("rows => rows.map(r => r.dataset.precision)")]
+    assert shown == sorted(shown, reverse=True) and len(shown) == len(browser.latents)
+    index_shot = browser_page.screenshot("feature-browser-index")
+    assert browser_page.errors == []
+    for shot in (latent_shot, index_shot):
+        assert 0 < shot.stat().st_size < 200_000

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import os
 import re
 import subprocess
@@ -16,24 +15,12 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from conftest import REPO, tiny_config, write_config
+from conftest import REPO, snakemake, tiny_config, write_config
 from saesweep.analysis.laws import predict
 from saesweep.plan.cells import sweep_cells
 from saesweep.plan.config import load_config
 
 pytestmark = pytest.mark.workflow
-SNAKEMAKE = [sys.executable, "-m", "snakemake"]
-
-
-def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """Run the repository's workflow in ``workdir`` with the config written there."""
-    command = [*SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-               "--configfile", str(workdir / "config.yaml"), "--cores", "2", *args]
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
-    if check and result.returncode != 0:
-        raise AssertionError(f"snakemake failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
-    return result
 
 
 @pytest.fixture(scope="module")

@@ -57,7 +57,7 @@ EVALUATE_RUNTIME_MIN = 30
 ADAM_STATE_SLOTS = 2
 """Adam keeps two moments of every parameter (exp_avg, exp_avg_sq)."""
 
-SWEEP_RULES = ("aggregate", "fit_laws", "plot_figures", "report_tables", "compare_architectures", "all")
+SWEEP_RULES = ("aggregate", "fit_laws", "plot_figures", "report_tables", "compare_architectures", "explorer", "all")
 """The rules with one job per run, after the cells."""
 
 
