@@ -65,6 +65,7 @@ def test_loss_falls_and_outputs_are_complete(extracted, tmp_path) -> None:
     log = read_log(tmp_path / "cell")
     # 12000 tokens hold 46 whole batches of 256: the last 224 tokens are dropped
     assert log.tokens.iloc[-1] == 11776 and log.tokens.is_monotonic_increasing
+    assert (log.tokens == 256 * log.step).all()  # every logged step is a whole batch
     assert log.nmse.tail(5).mean() < 0.75 * log.nmse.iloc[0], log.nmse.tolist()
     assert (tmp_path / "cell" / "sae.safetensors").exists() and not (tmp_path / "cell" / CHECKPOINT).exists()
     sae, cfg = load_sae(tmp_path / "cell", CPU)
@@ -99,9 +100,9 @@ def test_loss_falls_and_outputs_are_complete(extracted, tmp_path) -> None:
     assert final.window_expected_firings == pytest.approx(settings.dead.window_tokens * rate)
     assert log.heldout_dead_fraction.notna().sum() == len(curve)
     assert final.heldout_l0 == pytest.approx(rate * 64)
-    # compute and time: the first row is one step of TopK without dead latents (E + 8·d·B·k),
+    # compute and time: the first row is one step of TopK without dead latents (E + P + 8·d·B·k),
     # every later step adds at least as much; train_seconds leaves out the held-out evaluations
-    assert log.flops.iloc[0] == 2 * 256 * 32 * 64 + 8 * 32 * 256 * 4
+    assert log.flops.iloc[0] == 2 * 256 * 32 * 64 + 2 * 64 * 32 + 8 * 32 * 256 * 4
     assert (log.flops.diff().iloc[1:] >= log.step.diff().iloc[1:] * log.flops.iloc[0]).all()
     assert log.train_seconds.is_monotonic_increasing and cfg["training"]["flops"] == log.flops.iloc[-1]
     assert 0 < cfg["training"]["train_seconds"] < cfg["training"]["wall_time_s"]

@@ -107,16 +107,18 @@ def test_fits_and_figures_exist_with_content(sweep: Path) -> None:
         # the law a·n^(−b) contains every constant (b = 0): it fits at least as well as one
         constant = np.abs(log_observed - np.median(log_observed)).sum()
         assert np.abs(log_fitted - log_observed).sum() <= constant + 1e-6
-    # every cell's held-out curve has its six points; each curve over three sizes has a frontier
+    # every cell's held-out curve has its eight points, with compute and training time; each
+    # curve over three sizes has a frontier
     logs = pd.read_parquet(sweep / "results/tiny/scaling/train_logs.parquet")
-    assert (logs[logs.heldout_nmse.notna()].groupby(["arch", "setting", "n_latents"]).size() == 6).all()
+    assert (logs[logs.heldout_nmse.notna()].groupby(["arch", "setting", "n_latents"]).size() == 8).all()
+    assert logs.flops.gt(0).all() and logs.train_seconds.gt(0).all() and logs.heldout_l0.notna().sum() == 8 * len(cells)
     frontiers = {(g["arch"], g["curve"]): g for g in fits["compute_frontier"]["groups"]}
     assert set(frontiers) == {("topk", "k4"), ("topk", "k16"), ("relu", "l0.1"), ("relu", "l1")}
     for group in frontiers.values():
         edge = pd.DataFrame(group["frontier"])
         assert edge.compute.is_monotonic_increasing and edge.loss.is_monotonic_decreasing
         assert group["laws"]["power"]["status"] in ("ok", "not resolved", "contradicted", "skipped")
-    for name in ("nmse_vs_n", "delta_lm_loss_vs_n", "training_curves", "frontier", "k_transfer",
+    for name in ("nmse_vs_n", "delta_lm_loss_vs_n", "training_curves", "training_curves_l0", "frontier", "k_transfer",
                  "k_transfer_delta_lm_loss", "sparsity_frontier", "interpretability", "compute_frontier"):
         assert (sweep / f"results/tiny/scaling/figures/{name}.png").stat().st_size > 10_000
         assert (sweep / f"results/tiny/scaling/figures/{name}.svg").exists()

@@ -319,11 +319,17 @@ class Trainer:
 
     def count_flops(self, batch_tokens: int, out: StepOutput, context: StepContext) -> None:
         """Add the step's FLOPs (``sae.flops``) with its support and AuxK's k_a = min(k_aux,
-        dead latents), k_a counted on the device (no host synchronisation)."""
-        aux = 0 if context.dead_mask is None else context.dead_mask.sum().clamp(max=context.k_aux)
+        dead latents), counted on the device (no host synchronisation); distributed: the
+        support summed over every process, the dead latents over the shards."""
+        dead, entries = None if context.dead_mask is None else context.dead_mask.sum(), out.entries
+        if self.groups:
+            dead = None if dead is None else self.groups.shard_sum(dead)
+            if entries is not None:
+                entries = self.groups.data_sum(self.groups.shard_sum(torch.tensor(entries, device=self.device)))
+        aux = 0 if dead is None else dead.clamp(max=context.k_aux)
         settings = self.settings
         self.flops += step_flops(settings.arch, batch_tokens, self.store.d, settings.n_latents, self.sae.params,
-                                 out.entries, aux)
+                                 entries, aux)
 
     def untimed(self, work: Callable[[], T]) -> T:
         """``work()`` (a held-out evaluation, a checkpoint write), its wall-clock kept out of
