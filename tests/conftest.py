@@ -129,7 +129,7 @@ def write_config(path: Path, config: dict[str, Any]) -> Path:
     return path
 
 
-TIMING_COLUMNS = ["tokens_per_s"]  # wall-clock: the only part of a training log that may differ between runs
+TIMING_COLUMNS = ["tokens_per_s", "train_seconds"]  # wall-clock: the only part of a training log that may differ between runs
 
 
 def read_log(folder: Path):

@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from saesweep.analysis.compute import compute_points, fit_compute_frontiers, frontier
+from saesweep.analysis.compute import FLOPS, compute_points, fit_compute_frontiers, frontier
+from saesweep.sae.flops import step_flops
 
 
 def planted_logs(noise: float = 0.0) -> pd.DataFrame:
@@ -19,9 +20,11 @@ def planted_logs(noise: float = 0.0) -> pd.DataFrame:
         for tokens in np.geomspace(1_000, 2_048_000, 23).round().astype(int):
             loss = (n ** -0.6 + (tokens / 64) ** -0.6) * np.exp(noise * rng.standard_normal())
             rows.append({"site": "resid1", "arch": "topk", "curve": "k8", "n_latents": n, "seed": 0,
-                         "tokens": tokens, "d": 32, "heldout_nmse": loss, "nmse": loss})
+                         "tokens": tokens, "d": 32, "heldout_nmse": loss, "nmse": loss,
+                         # dense steps (C ∝ n·t, as the planted law needs): one step of all tokens
+                         "flops": step_flops("matryoshka", int(tokens), 32, n, {})})
     rows.append({"site": "resid1", "arch": "topk", "curve": "k8", "n_latents": 64, "seed": 0,
-                 "tokens": 10, "d": 32, "heldout_nmse": np.nan, "nmse": 1.0})  # a log row without the curve
+                 "tokens": 10, "d": 32, "heldout_nmse": np.nan, "nmse": 1.0, "flops": 1})  # a log row without the curve
     return pd.DataFrame(rows)
 
 
@@ -29,7 +32,8 @@ def test_points_carry_the_stated_compute() -> None:
     points = compute_points(planted_logs())
     assert len(points) == 6 * 23 and points["loss"].notna().all()
     row = points.iloc[0]
-    assert row["compute"] == 6 * 2 * row["n_latents"] * 32 * row["tokens"]
+    assert row["compute"] == 12 * row["tokens"] * 32 * row["n_latents"]
+    assert compute_points(planted_logs().drop(columns="flops")).empty  # a log from before FLOPs were counted
 
 
 def test_frontier_is_the_lower_envelope() -> None:
@@ -53,7 +57,7 @@ def test_planted_frontier_law_gives_back_its_exponent() -> None:
     assert power["status"] == "ok" and power["x"] == "C"
     low, high = power["ci95"]["b"]
     assert low < 0.3 < high and high - low < 0.1
-    assert fits["flops"] == "6 * (2 * n_latents * d) * tokens"
+    assert fits["flops"] == FLOPS
 
 
 def test_groups_with_few_sizes_get_no_frontier() -> None:

@@ -99,6 +99,7 @@ def test_defaults_are_filled_without_touching_given_values() -> None:
         ({"train.tokens.min": 5000, "train.tokens.max": 100}, "train.tokens.max"),
         ({"scaling.metrics": ["nmse", "not_a_column"]}, "scaling.metrics[1]"),
         ({"evaluate.tokens": 3000}, "evaluate.tokens"),  # more than activations.eval_tokens
+        ({"train.heldout.tokens": 3000}, "train.heldout.tokens"),  # more than activations.eval_tokens
         ({"evaluate.downstream_windows": 100}, "evaluate.downstream_windows"),
         ({"evaluate.ablation_windows": 40}, "evaluate.ablation_windows"),
     ],

@@ -94,3 +94,14 @@ def test_extraction_settings_name_their_split() -> None:
     assert isinstance(extraction_settings(config, "eval"), ExtractionSettings)
     assert extraction_settings(config, "eval").split == "eval"
     assert isinstance(eval_settings(config, "resid8", sweep_cells(config)[0].name), EvalSettings)
+
+
+def test_the_heldout_curve_measures_evaluate_tokens_unless_it_has_its_own() -> None:
+    from conftest import tiny_config
+    from saesweep.plan.config import validate_config
+
+    def heldout_tokens(**overrides) -> int:
+        config = validate_config(tiny_config("model", "corpus", **overrides))
+        return train_settings(config, "resid2", sweep_cells(config)[0].name).heldout.tokens
+
+    assert heldout_tokens() == 2000 and heldout_tokens(**{"train.heldout.tokens": 500}) == 500

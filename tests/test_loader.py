@@ -66,7 +66,7 @@ def test_same_seed_same_batches_other_seed_other_order(store) -> None:
     store, _ = store
     first = batches(store, seed=5, budget=2 * TOTAL)
     second = batches(store, seed=5, budget=2 * TOTAL)
-    assert len(first) == len(second) == -(-2 * TOTAL // B)
+    assert len(first) == len(second) == 2 * TOTAL // B
     assert all(torch.equal(a, b) for a, b in zip(first, second))
     other = batches(store, seed=6, budget=2 * TOTAL)
     ids, other_ids = all_ids(first, store), all_ids(other, store)
@@ -78,9 +78,8 @@ def test_each_token_exactly_once_per_epoch(store) -> None:
     store, rows = store
     budget = 2 * TOTAL + TOTAL // 2
     stream = batches(store, seed=1, budget=budget)
-    assert all(len(b) == B for b in stream[:-1]) and 0 < len(stream[-1]) <= B
     ids = all_ids(stream, store)
-    assert len(ids) == budget
+    assert len(ids) == budget // B * B
     for epoch in range(2):
         np.testing.assert_array_equal(np.sort(ids[epoch * TOTAL : (epoch + 1) * TOTAL]), np.arange(TOTAL))
     tail = ids[2 * TOTAL :]
@@ -115,9 +114,27 @@ def test_budget_beyond_the_tokens(store) -> None:
     with pytest.raises(UserError, match="on_exhausted"):
         BatchStream(store, B, 0, TOTAL + 1, device=torch.device("cpu"), on_exhausted="error")
     exact = batches(store, budget=TOTAL, on_exhausted="error")
-    assert sum(len(b) for b in exact) == TOTAL
+    assert sum(len(b) for b in exact) == TOTAL // B * B
     for budget in (TOTAL + 1, 3 * TOTAL - 5, 100):
-        assert sum(len(b) for b in batches(store, budget=budget, on_exhausted="cycle")) == budget
+        assert sum(len(b) for b in batches(store, budget=budget, on_exhausted="cycle")) == budget // B * B
+
+
+@pytest.mark.parametrize("budget", [B, 5 * B, 5 * B + 1, 5 * B + B - 1, TOTAL, 2 * TOTAL + 77])
+@pytest.mark.parametrize("start_batches", [0, 3])
+def test_every_batch_is_whole_and_the_remainder_is_dropped(store, budget, start_batches) -> None:
+    """No batch is smaller than the batch size (a partial last batch is dropped), and the
+    stream ends at the last whole batch within the budget, ``end``."""
+    store, _ = store
+    start = min(start_batches * B, budget // B * B)
+    stream = BatchStream(store, B, 0, budget, device=torch.device("cpu"), start=start)
+    sizes = [len(batch) for batch in stream]
+    assert set(sizes) <= {B} and stream.end == budget // B * B == start + sum(sizes)
+
+
+def test_a_budget_without_a_whole_batch_is_refused(store) -> None:
+    store, _ = store
+    with pytest.raises(UserError, match="no whole batch of 64.*train.batch_size"):
+        BatchStream(store, B, 0, B - 1, device=torch.device("cpu"))
 
 
 def test_normalisation(tmp_path: Path) -> None:
@@ -125,7 +142,7 @@ def test_normalisation(tmp_path: Path) -> None:
     mean, scale = rows.mean(axis=0), np.sqrt(np.square(rows - rows.mean(axis=0)).sum(axis=1).mean() / D)
     np.testing.assert_allclose(store.mean.numpy(), mean, rtol=1e-6)
     assert store.scale == pytest.approx(scale, rel=1e-9)
-    stream = batches(store, seed=2, budget=TOTAL, batch_size=100)
+    stream = batches(store, seed=2, budget=TOTAL, batch_size=173)  # 10 whole batches: the epoch
     x = torch.cat(stream)
     assert x.dtype == torch.float32
     ids = np.concatenate([np.rint(b[:, 0].double().numpy() * scale + mean[0]).astype(int) for b in stream])

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from saesweep.analysis import law_plots, plots
+from saesweep.analysis import curve_plots, law_plots, plots
 from saesweep.analysis.plots import INTERPRETABILITY
 from saesweep.analysis.aggregate import with_curves
 from saesweep.analysis.scaling import fit_scaling_laws
@@ -105,16 +105,47 @@ def test_dead_fraction_and_frontier(cells: pd.DataFrame, tmp_path: Path) -> None
     )
 
 
-def test_training_curves(cells: pd.DataFrame, tmp_path: Path) -> None:
-    steps = pd.DataFrame({"tokens": np.linspace(1e5, 1e7, 10).astype(int)})
-    logs = cells[["site", "arch", "curve", "sparsity", "n_latents", "k", "seed", "nmse"]].merge(steps, how="cross")
-    logs = logs.assign(nmse=logs["nmse"] * (1 + 1e6 / logs["tokens"]), loss=1.0, dead_fraction=0.0, lr=1e-4)
-    check_written(
-        plots.plot_training_curves(logs, tmp_path / "train", TITLE),
-        "training tokens",
-        "normalised MSE (log scale)",
-        "k8",
+def convergence_logs(cells: pd.DataFrame) -> pd.DataFrame:
+    """Held-out rows at 8 token counts for TopK (the fixture's cells) and for ReLU at two
+    penalties, two seeds each: FLOPs and seconds grow with tokens and differ by seed."""
+    relu = cells[cells["k"] == 8].assign(arch="relu", curve="l0.1", sparsity=0.1)
+    relu = pd.concat([relu, relu.assign(curve="l1", sparsity=1.0)])
+    steps = pd.DataFrame({"tokens": np.geomspace(1e4, 1e7, 8).astype(int)})
+    logs = pd.concat([cells, relu])[["site", "arch", "curve", "sparsity", "n_latents", "seed", "nmse"]].merge(steps, how="cross")
+    return logs.assign(
+        heldout_nmse=logs["nmse"] * (1 + 1e5 / logs["tokens"]) * (1 + 0.05 * logs["seed"]),
+        heldout_l0=20 + 1e5 / logs["tokens"],
+        flops=logs["tokens"] * logs["n_latents"] * 1e3,
+        train_seconds=logs["tokens"] / 1e4 * (1 + logs["seed"]),
     )
+
+
+def test_convergence_curves(cells: pd.DataFrame, tmp_path: Path) -> None:
+    """Per (site, n) every architecture in one panel, against tokens, FLOPs and training
+    seconds; the L0 figure draws the penalty architectures only."""
+    logs = convergence_logs(cells)
+    text = check_written(
+        curve_plots.plot_training_curves(logs, tmp_path / "train", TITLE),
+        "training tokens (log scale)", "training FLOPs", "training wall-clock", "resid.6 · n = 512",
+        "topk k8", "relu l0.1", "held-out normalised MSE (log scale)", "band min–max",
+    )
+    assert text.count("resid.9 · n = 8192") == 3  # one panel per x-axis
+    l0 = check_written(
+        curve_plots.plot_training_curves(logs, tmp_path / "l0", TITLE, "heldout_l0", penalty_only=True),
+        "held-out L0", "relu l1",
+    )
+    assert "topk" not in l0, l0[l0.find("topk") - 300:]  # ReLU only
+    empty = curve_plots.plot_training_curves(logs[logs["arch"] == "topk"], tmp_path / "none", TITLE, "heldout_l0", penalty_only=True)
+    assert "no penalty architecture" in svg_text(empty[1])
+
+
+def test_seed_bands_are_median_and_range() -> None:
+    logs = pd.DataFrame({"site": "resid1", "n_latents": 64, "arch": "topk", "curve": "k4", "tokens": 100,
+                         "seed": [0, 1, 2], "heldout_nmse": [0.3, 0.1, 0.2], "flops": [10, 30, 20],
+                         "train_seconds": [1.0, 5.0, 2.0]})
+    (band,) = curve_plots.seed_bands(logs, "heldout_nmse").to_dict("records")
+    assert (band["heldout_nmse"], band["low"], band["high"], band["seeds"]) == (0.2, 0.1, 0.3, 3)
+    assert (band["flops"], band["train_seconds"]) == (20, 2.0)
 
 
 def test_dead_latents(cells: pd.DataFrame, tmp_path: Path) -> None:

@@ -54,7 +54,7 @@ SWEEP = {"sweep.n_latents": [64, 256], "sweep.k": [4], "scaling.metrics": ["nmse
 LOCAL_RULES = {"all", "cell_settings", "extraction_settings", "report_tables", "compare_architectures"}
 GPU_RULES = {"train_cell", "evaluate_cell"}
 # columns of cells.parquet that may differ between two runs of the same config
-VOLATILE_COLUMNS = {"eval_wall_time_s", "train_wall_time_s", "train_tokens_per_s", "git_commit", "package_version"}
+VOLATILE_COLUMNS = {"eval_wall_time_s", "train_wall_time_s", "train_seconds", "train_tokens_per_s", "git_commit", "package_version"}
 
 
 def rule_of(job: dict[str, str]) -> str:
@@ -279,7 +279,7 @@ def assert_same_weights(a: Path, b: Path) -> None:
 
 
 def assert_same_train_log(a: Path, b: Path) -> None:
-    la, lb = (pd.read_parquet(f / "train_log.parquet").drop(columns="tokens_per_s") for f in (a, b))
+    la, lb = (pd.read_parquet(f / "train_log.parquet").drop(columns=["tokens_per_s", "train_seconds"]) for f in (a, b))
     pd.testing.assert_frame_equal(la, lb, check_exact=True)
 
 

@@ -64,12 +64,14 @@ def test_loss_falls_and_outputs_are_complete(extracted, tmp_path) -> None:
     assert settings.tokens == 12000
     train_cell(settings, tmp_path / "cell", threads=1)
     log = read_log(tmp_path / "cell")
-    assert log.tokens.iloc[-1] == 12000 and log.tokens.is_monotonic_increasing
+    # 12000 tokens hold 46 whole batches of 256: the last 224 tokens are dropped
+    assert log.tokens.iloc[-1] == 11776 and log.tokens.is_monotonic_increasing
+    assert (log.tokens == 256 * log.step).all()  # every logged step is a whole batch
     assert log.nmse.tail(5).mean() < 0.75 * log.nmse.iloc[0], log.nmse.tolist()
     assert (tmp_path / "cell" / "sae.safetensors").exists() and not (tmp_path / "cell" / CHECKPOINT).exists()
     sae, cfg = load_sae(tmp_path / "cell", CPU)
     assert (cfg["arch"], cfg["d"], cfg["n_latents"], cfg["params"]["k"]) == ("topk", 32, 64, 4)
-    assert cfg["training"]["tokens"] == 12000 and cfg["training"]["steps"] == -(-12000 // 256)
+    assert cfg["training"]["tokens"] == 11776 and cfg["training"]["steps"] == 12000 // 256
     store = ActivationStore(settings.activations)
     assert torch.equal(sae.act_mean, store.mean) and sae.act_scale.item() == pytest.approx(store.scale)
     assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(64), atol=1e-5)
@@ -79,9 +81,9 @@ def test_loss_falls_and_outputs_are_complete(extracted, tmp_path) -> None:
     with torch.no_grad():
         nmse = (x - sae(x)).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
     assert nmse < 0.75 and nmse == pytest.approx(log.nmse.tail(5).mean(), abs=0.15)
-    # the held-out curve: one value after the first step at or past each of 12000 · 2^-j
+    # the held-out curve: one value after step ⌈46^(j/7)⌉, j = 0 … 7
     curve = log[log.heldout_nmse.notna()]
-    assert curve.tokens.tolist() == [512, 768, 1536, 3072, 6144, 12000]
+    assert curve.tokens.tolist() == [256 * s for s in (1, 2, 3, 6, 9, 16, 27, 46)]
     assert curve.heldout_nmse.iloc[-1] < 0.75 * curve.heldout_nmse.iloc[0]
     heldout = sae.normalise(ActivationStore(settings.heldout.activations).head(settings.heldout.tokens, CPU))
     with torch.no_grad():
@@ -98,6 +100,13 @@ def test_loss_falls_and_outputs_are_complete(extracted, tmp_path) -> None:
     assert final.heldout_expected_firings == pytest.approx(len(heldout) * rate)
     assert final.window_expected_firings == pytest.approx(settings.dead.window_tokens * rate)
     assert log.heldout_dead_fraction.notna().sum() == len(curve)
+    assert final.heldout_l0 == pytest.approx(rate * 64)
+    # compute and time: the first row is one step of TopK without dead latents (E + P + 8·d·B·k),
+    # every later step adds at least as much; train_seconds leaves out the held-out evaluations
+    assert log.flops.iloc[0] == 2 * 256 * 32 * 64 + 2 * 64 * 32 + 8 * 32 * 256 * 4
+    assert (log.flops.diff().iloc[1:] >= log.step.diff().iloc[1:] * log.flops.iloc[0]).all()
+    assert log.train_seconds.is_monotonic_increasing and cfg["training"]["flops"] == log.flops.iloc[-1]
+    assert 0 < cfg["training"]["train_seconds"] < cfg["training"]["wall_time_s"]
 
 
 def test_nan_loss_stops_without_outputs(extracted, tmp_path) -> None:

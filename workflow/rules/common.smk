@@ -40,6 +40,7 @@ FIGURES = (
             "interpretability",
             "compute_frontier",
             "training_curves",
+            "training_curves_l0",
             "dead_latents",
             "convergence",
         )

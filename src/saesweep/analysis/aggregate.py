@@ -19,6 +19,8 @@ TRAINING_COLUMNS = {
     "tokens": "tokens",
     "steps": "steps",
     "train_wall_time_s": "wall_time_s",
+    "train_seconds": "train_seconds",
+    "train_flops": "flops",
     "train_tokens_per_s": "tokens_per_s",
     "train_final_dead_fraction": "final_dead_fraction",
     "train_final_nmse": "final_nmse",

@@ -4,12 +4,11 @@ compute, the best over dictionary sizes.
 Points: every row of the training logs with a held-out normalised MSE (the trainer's
 held-out curve) is a point (C, L) of its cell, with the training compute
 
-    C = 6 · (2·n·d) · tokens                   (FLOPs: 6 per parameter per token, the dense
-                                                convention, for the 2·n·d weights of W_enc, W_dec)
+    C = the log's ``flops``: Σ over the steps so far of each step's FLOPs (``sae.flops``:
+        the architecture's step as it runs, e.g. TopK's dense encoder and sparse decode)
 
-— what a dense step costs; the sparse TopK step does less (about a third of it goes to the
-encoder product), the same factor for every n, so the frontier's shape and exponent do not
-depend on the convention. Frontier: per (site, arch, curve), the points that no point at
+Logs written before the trainer counted FLOPs have no ``flops`` column and give no points.
+Frontier: per (site, arch, curve), the points that no point at
 smaller or equal C beats, i.e. with L below the L of every point of lower C (the lower
 envelope of the (C, L) cloud). Law: ``scaling.fit_pair`` fits L(C) = a·C^(−b) and
 L(C) = a·C^(−b) + c to the frontier points, with 95% intervals, and compares them by leave-one-out prediction error.
@@ -27,7 +26,7 @@ import pandas as pd
 
 from saesweep.analysis.scaling import fit_pair
 
-FLOPS = "6 * (2 * n_latents * d) * tokens"
+FLOPS = "Σ over steps of each step's FLOPs, sae/flops.py"
 GROUP = ["site", "arch", "curve"]
 MIN_SIZES = 3  # a frontier over fewer dictionary sizes says little about the best n
 
@@ -35,12 +34,12 @@ MIN_SIZES = 3  # a frontier over fewer dictionary sizes says little about the be
 def compute_points(logs: pd.DataFrame) -> pd.DataFrame:
     """(site, arch, curve, n_latents, seed, tokens, compute, loss) for every held-out point
     of the training logs (the concatenated ``train_logs.parquet``)."""
-    if "heldout_nmse" not in logs.columns:
+    if "heldout_nmse" not in logs.columns or "flops" not in logs.columns:
         return pd.DataFrame(columns=[*GROUP, "n_latents", "seed", "tokens", "compute", "loss"])
     rows = logs[logs["heldout_nmse"].notna()]
     return pd.DataFrame({
         **{column: rows[column] for column in [*GROUP, "n_latents", "seed", "tokens"]},
-        "compute": 6.0 * 2 * rows["n_latents"] * rows["d"] * rows["tokens"],
+        "compute": rows["flops"].astype(float),
         "loss": rows["heldout_nmse"],
     }).reset_index(drop=True)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from saesweep.analysis import convergence_plots, law_plots, plots
+from saesweep.analysis import convergence_plots, curve_plots, law_plots, plots
 from saesweep.analysis.aggregate import with_curves
 
 
@@ -16,7 +16,8 @@ def draw_all(cells_path: Path, logs_path: Path, fits_path: Path, folder: Path, t
     metric, and ``dead_fraction``, ``frontier``, ``sparsity_frontier`` and
     ``sparsity_frontier_delta_lm_loss`` (architectures against measured L0), ``k_transfer``
     and ``k_transfer_delta_lm_loss``, ``interpretability``, ``compute_frontier``,
-    ``training_curves``, ``dead_latents`` and ``convergence`` (PNG and SVG)."""
+    ``training_curves`` and ``training_curves_l0`` (convergence curves on shared axes),
+    ``dead_latents`` and ``convergence`` (tokens to convergence and n_opt(C); PNG and SVG)."""
     cells = with_curves(pd.read_parquet(cells_path))
     logs = with_curves(pd.read_parquet(logs_path))
     fits = json.loads(Path(fits_path).read_text())
@@ -34,7 +35,8 @@ def draw_all(cells_path: Path, logs_path: Path, fits_path: Path, folder: Path, t
     written += plots.plot_k_transfer(cells, folder / "k_transfer_delta_lm_loss", title, "delta_lm_loss")
     written += plots.plot_interpretability(cells, folder / "interpretability", title)
     written += law_plots.plot_compute_frontier(logs, fits, folder / "compute_frontier", title)
-    written += plots.plot_training_curves(logs, folder / "training_curves", title)
+    written += curve_plots.plot_training_curves(logs, folder / "training_curves", title)
+    written += curve_plots.plot_training_curves(logs, folder / "training_curves_l0", title, "heldout_l0", penalty_only=True)
     written += plots.plot_dead_latents(logs, folder / "dead_latents", title)
     written += convergence_plots.plot_convergence(cells, fits, folder / "convergence", title)
     return written

@@ -1,7 +1,7 @@
 """Figures of a sweep that draw no law: dead latents (against n, and during training against
 tokens per latent), interpretability against n with its intervals, the ΔLM-loss / NMSE
-frontier, Multi-TopK curves, the sparsity frontier and training curves (figures with laws:
-``analysis.law_plots``).
+frontier, Multi-TopK curves and the sparsity frontier (figures with laws:
+``analysis.law_plots``; convergence curves: ``analysis.curve_plots``).
 
 Every function draws one panel per (site, arch) group, titles the figure with ``title``,
 writes ``<stem>.png`` and ``<stem>.svg`` and returns both paths (``analysis.plot_common``).
@@ -250,26 +250,6 @@ def plot_frontier(cells: pd.DataFrame, stem: str | Path, title: str) -> list[Pat
         ax.grid(True, which="both", alpha=0.25)
         if len(shown) < len(rows):
             pc.note(ax, f"{len(rows) - len(shown)} cell(s) with non-positive or missing NMSE not shown")
-    return pc.save(fig, stem)
-
-
-def plot_training_curves(train_logs: pd.DataFrame, stem: str | Path, title: str) -> list[Path]:
-    """Normalised MSE against training tokens for every cell (colour: n, line style: curve)."""
-    groups = pc.groups(train_logs)
-    fig, axes = pc.figure(groups, title)
-    for ax, (site, arch) in zip(axes, groups):
-        rows = pc.rows(train_logs, site, arch)
-        rows = rows[rows["nmse"] > 0]
-        norm = pc.n_norm(train_logs)
-        cmap = mpl.colormaps["viridis"]
-        ks = pc.curves(rows)
-        for (n, k, _seed), s in rows.sort_values("tokens").groupby(["n_latents", "curve", "seed"]):
-            ax.plot(s["tokens"], s["nmse"], color=cmap(norm(n)), ls=LINESTYLES[ks.index(k) % len(LINESTYLES)], lw=1)
-        _n_colour_k_style_key(fig, ax, norm, ks, "{}")
-        ax.set_yscale("log")
-        ax.set_xlabel(pc.label("tokens"))
-        ax.set_ylabel(pc.label("nmse", log=True))
-        ax.grid(True, which="both", alpha=0.25)
     return pc.save(fig, stem)
 
 

@@ -89,9 +89,10 @@ class HeldoutSettings:
     """The held-out curve logged during training."""
 
     points: int
-    """Log-spaced token counts T·2^−j at which held-out measures are logged (0: none)."""
+    """Log-spaced steps at which held-out measures are logged (0: none; ``train.trainer``)."""
     tokens: int | None = None
-    """Held-out tokens measured at each point (absent when ``points`` is 0)."""
+    """Held-out tokens measured at each point (``train.heldout.tokens``, else
+    ``evaluate.tokens``; absent when ``points`` is 0)."""
     activations: str | None = None
     """The held-out shard folder (absent when ``points`` is 0)."""
 

@@ -7,6 +7,11 @@ are cut from the concatenation of the shuffled groups. The stream therefore depe
 only on the seed and the manifest, and a resumed run that starts at token offset t sees
 exactly the batches an uninterrupted run sees from t on. A background thread reads and
 shuffles the next group while the current one is consumed.
+
+Every batch is whole: a budget T that is not a multiple of the batch size B ends at
+``end`` = start + ⌊(T − start) / B⌋·B, and the last T − end tokens are dropped (not folded
+into the last step, which would make one step, and its memory, up to twice as large). So
+no step, and no logged point, comes from a smaller batch than the others.
 """
 
 from __future__ import annotations
@@ -28,10 +33,17 @@ def seeded_generator(*parts: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(list(parts)))
 
 
+def whole_batches_end(start: int, budget: int, batch_size: int) -> int:
+    """The token count after the last whole batch of ``batch_size`` from ``start`` within
+    ``budget``: start + ⌊(budget − start) / B⌋·B (``start`` when none fits)."""
+    return start + max(0, budget - start) // batch_size * batch_size
+
+
 class BatchStream:
-    """Batches of ``batch_size`` normalised activations (float32, on ``device``) from
-    token offset ``start`` up to ``budget`` tokens; past the extracted tokens it starts
-    a new epoch (``on_exhausted="cycle"``) or refuses to start (``"error"``)."""
+    """Batches of exactly ``batch_size`` normalised activations (float32, on ``device``)
+    from token offset ``start`` up to ``end``, the last whole batch within ``budget`` tokens
+    (the rest is dropped); past the extracted tokens it starts a new epoch
+    (``on_exhausted="cycle"``) or refuses to start (``"error"``)."""
 
     def __init__(
         self,
@@ -52,6 +64,12 @@ class BatchStream:
             )
         self.store, self.batch_size, self.seed = store, batch_size, seed
         self.budget, self.start, self.device = budget, start, device
+        self.end = whole_batches_end(start, budget, batch_size)
+        if self.end <= start < budget:
+            raise UserError(
+                f"{budget - start} training tokens from token {start} hold no whole batch of {batch_size}: "
+                "raise train.tokens or lower train.batch_size"
+            )
         self.group_shards = group_shards
         self.mean = store.mean.to(device)
         self.scale = store.scale
@@ -73,18 +91,18 @@ class BatchStream:
         return rows[seeded_generator(self.seed, epoch, group_index).permutation(len(rows))]
 
     def chunks(self) -> Iterator[np.ndarray]:
-        """Shuffled rows from token offset ``start`` to ``budget``, one group at a time."""
+        """Shuffled rows from token offset ``start`` to ``end``, one group at a time."""
         position = 0
         epoch = 0
-        while position < self.budget:
+        while position < self.end:
             for group_index, shards in enumerate(self.epoch_groups(epoch)):
                 size = sum(self.store.shards[i].tokens for i in shards)
                 end = position + size
-                if end > self.start and position < self.budget:
+                if end > self.start and position < self.end:
                     rows = self.group_rows(epoch, group_index, shards)
-                    yield rows[max(0, self.start - position) : self.budget - position]
+                    yield rows[max(0, self.start - position) : self.end - position]
                 position = end
-                if position >= self.budget:
+                if position >= self.end:
                     return
             epoch += 1
 
@@ -124,7 +142,7 @@ class BatchStream:
             raise failure[0]
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        """Normalised batches x = (a − μ) / s; the last one may be shorter."""
+        """Normalised batches x = (a − μ) / s, each of ``batch_size`` rows."""
         carry = np.empty((0, self.store.d), dtype=np.float32)
         for chunk in self.prefetched_chunks():
             if len(carry):
@@ -133,8 +151,6 @@ class BatchStream:
             for offset in range(0, whole, self.batch_size):
                 yield self.to_batch(chunk[offset : offset + self.batch_size])
             carry = chunk[whole:]
-        if len(carry):
-            yield self.to_batch(carry)
 
     def to_batch(self, rows: np.ndarray) -> torch.Tensor:
         """Storage rows → normalised float32 tensor on the device (pinned when CUDA)."""

@@ -189,6 +189,9 @@ def check_evaluation_sizes(config: dict[str, Any]) -> None:
     held_out = activations["eval_tokens"]
     if evaluate["tokens"] > held_out:
         raise UserError(f"config key evaluate.tokens: {evaluate['tokens']} is more than activations.eval_tokens ({held_out})")
+    curve = config["train"]["heldout"]["tokens"]
+    if curve is not None and curve > held_out:
+        raise UserError(f"config key train.heldout.tokens: {curve} is more than activations.eval_tokens ({held_out})")
     kept = activations["context"] - activations["skip_positions"]
     for key in ("downstream_windows", "analysis_windows"):
         if evaluate[key] * kept > held_out:

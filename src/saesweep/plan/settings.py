@@ -101,7 +101,8 @@ def train_settings(config: dict[str, Any], site: str, cell_name: str) -> TrainSe
         "checkpoint_every_tokens": train["checkpoint_every_tokens"],
         "log_every_tokens": train["log_every_tokens"],
         "heldout": {
-            **train["heldout"], "tokens": config["evaluate"]["tokens"], "activations": activation_dir(config, site, "eval"),
+            **train["heldout"], "tokens": train["heldout"]["tokens"] or config["evaluate"]["tokens"],
+            "activations": activation_dir(config, site, "eval"),
         },
         "device": train["device"],
         "autocast_bf16": train["autocast_bf16"],

@@ -75,6 +75,11 @@ class StepOutput:
     parts: dict[str, torch.Tensor]
     fired: torch.Tensor
     """Indices of latents that fired on some token of the batch (repeats allowed)."""
+    entries: int | None = None
+    """R, the (token, latent) entries the products of the step's main support ran over, where
+    the architecture's codes decide it (``support_kernels``: the support, or all B·n entries
+    where it ran densely); None where its parameters do (k per token). The step's FLOP count
+    (``sae.flops``) uses it."""
 
 
 class SparseAutoencoder(nn.Module):

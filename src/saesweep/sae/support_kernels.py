@@ -295,4 +295,6 @@ def support_step(sae: SparseAutoencoder, x: torch.Tensor, context: StepContext) 
         loss, parts, support, codes = sae.support_loss(batch, context)
         loss.backward()
     fired = support.cols[codes.detach() > context.fire_threshold]
-    return StepOutput(loss.detach(), {name: part.detach() for name, part in parts.items()}, fired)
+    # the entries its products ran over: all B·n where the support ran densely
+    entries = support.shape[0] * support.shape[1] if support.dense else support.rows.numel()
+    return StepOutput(loss.detach(), {name: part.detach() for name, part in parts.items()}, fired, entries)

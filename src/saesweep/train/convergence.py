@@ -8,8 +8,7 @@ P − 1 doublings before T (P = ``train.heldout.points``),
 
     t_j = ⌈T · 2^(−j/W)⌉,   j = W·(P − 1) … 0,
 
-taken, as every held-out point, after the first step at or past t_j. A fixed budget uses the
-same grid with W = 1 (``heldout_grid``).
+taken, as every held-out point, after the first step at or past t_j (``heldout_grid``).
 
 Criterion at the i-th point (tokens t_i, held-out normalised MSE L_i), i ≥ W:
 
@@ -41,10 +40,10 @@ LOSS = "heldout_nmse"
 """The column of the training log the criterion reads."""
 
 
-def heldout_grid(cap: int, points: int, rule: ConvergenceSettings | None) -> list[int]:
+def heldout_grid(cap: int, points: int, rule: ConvergenceSettings) -> list[int]:
     """The token counts t_j = ⌈T·2^(−j/W)⌉, j = W·(P − 1) … 0, of the held-out curve
-    (increasing, distinct; W = 1 without ``rule``, i.e. for a fixed budget)."""
-    per_doubling = rule.window if rule else 1
+    (increasing, distinct)."""
+    per_doubling = rule.window
     if points == 0:
         return []
     return sorted({max(1, math.ceil(cap / 2 ** (j / per_doubling))) for j in range(per_doubling * (points - 1) + 1)})

@@ -10,16 +10,25 @@ W and decay over the last fraction f of a budget T:
 A latent is dead when it has not fired (value > threshold) in the last ``window`` tokens
 (``dead_fraction`` in the log; AuxK acts on these latents).
 
+Every batch is whole (``data.loader``): a budget T that is not a multiple of the batch size
+B trains to T_end = ⌊T / B⌋·B tokens and drops the rest.
+
 The held-out curve: after the first step at or past each of the token counts
-T·2^(−j), j = points − 1 … 0 (log-spaced, the last at the budget T), the normalised MSE on
-the first ``heldout.tokens`` held-out activations (as the evaluation defines it) is logged
-as ``heldout_nmse``, so that a sweep gives L(n, tokens) for the compute frontier, beside
-the fraction of latents that never fire on those tokens (``heldout_measures``). Points
+B·S^(j/(P−1)), j = 0 … P − 1, S = T_end / B steps, P = ``heldout.points`` (log-spaced from
+the first step to the last, rounded up to whole steps), the normalised MSE on the first
+``heldout.tokens`` held-out activations (as the evaluation defines it) is logged as
+``heldout_nmse``, so that a sweep gives L(n, tokens) for the compute frontier, beside the
+L0 and the fraction of latents that never fire on those tokens (``heldout_measures``). Points
 before the learning-rate decay are not what a run with that budget would reach (its decay
 would come earlier), so they lie above it.
 
 With ``train.budget`` converge, T is a cap, the curve has W points per doubling and the run
 ends at the first point where the held-out loss has converged (``train.convergence``).
+
+Compute and time: every log row carries ``flops``, the cumulative FLOPs of the steps so far
+(``sae.flops``: each architecture's step as it runs), and ``train_seconds``, the wall-clock
+of training alone: the steps and the loading of their batches, without the held-out
+evaluations and the checkpoint writes.
 
 Checkpoints (weights, Adam state, counters, tokens seen, log, RNG state) are written
 atomically every ``checkpoint_every_tokens`` and on SIGTERM; a rerun resumes from the
@@ -39,7 +48,8 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import pandas as pd
 import torch
@@ -51,11 +61,12 @@ from saesweep.core.errors import Interrupted, UserError
 from saesweep.sae.base import SparseAutoencoder
 from saesweep.sae.export import save_sae
 from saesweep.core.files import atomic_path
-from saesweep.data.loader import BatchStream
+from saesweep.data.loader import BatchStream, whole_batches_end
+from saesweep.sae.flops import step_flops
 from saesweep.evaluation.metrics import ReconstructionAccumulator
 from saesweep.core.progress import Progress
 from saesweep.core.provenance import provenance
-from saesweep.sae.base import StepContext
+from saesweep.sae.base import StepContext, StepOutput
 from saesweep.sae.registry import build_sae
 from saesweep.train import convergence
 from saesweep.train.checkpoints import CHECKPOINT, fits, read_checkpoint
@@ -64,6 +75,8 @@ from saesweep.train.distributed import (
     placement_from_environment, spawn,
 )
 
+
+T = TypeVar("T")
 
 # Where a training job's device setting comes from, for the message when it cannot be had.
 DEVICE_KEY = "config key train.device"
@@ -88,9 +101,17 @@ def lr_at(settings: TrainSettings, tokens: int) -> float:
 
 
 def heldout_points(settings: TrainSettings) -> list[int]:
-    """The token counts T·2^(−j), j = points − 1 … 0, of the held-out curve (increasing, distinct);
-    with ``train.budget`` converge, W per doubling (``convergence.heldout_grid``)."""
-    return convergence.heldout_grid(settings.tokens, settings.heldout.points, settings.convergence)
+    """The token counts of the held-out curve (increasing, distinct). A fixed budget:
+    B·⌈S^(j/(P−1))⌉, j = 0 … P − 1, log-evenly spaced whole steps (fewer than P when S < P),
+    S = T_end / B whole steps; P = 1: T_end alone. ``train.budget`` converge: W points per
+    doubling of the cap (``convergence.heldout_grid``)."""
+    batch, points = settings.batch_size, settings.heldout.points
+    if settings.convergence:
+        return convergence.heldout_grid(settings.tokens, points, settings.convergence)
+    steps = whole_batches_end(0, settings.tokens, batch) // batch
+    if points <= 1:
+        return [steps * batch] if points else []
+    return sorted({batch * min(steps, math.ceil(steps ** (j / (points - 1)) - 1e-9)) for j in range(points)})
 
 
 def make_adam(parameters: Any, lr: float, eps: float, betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Adam:
@@ -123,6 +144,8 @@ class Trainer:
         self.steps = 0
         self.log_rows: list[dict[str, float]] = []
         self.elapsed = 0.0
+        self.flops = torch.zeros((), dtype=torch.long, device=self.device)
+        self.untimed_seconds = 0.0
         self.hash = provenance(to_json(settings))["settings_hash"]
         heldout = settings.heldout
         self.curve = bool(heldout.points)
@@ -167,6 +190,8 @@ class Trainer:
             "log_rows": self.log_rows,
             "elapsed": self.elapsed,
             "rng": torch.get_rng_state(),
+            "flops": int(self.flops),
+            "untimed_seconds": self.untimed_seconds,
         }
 
     def checkpoint_state(self) -> dict[str, Any]:
@@ -194,7 +219,7 @@ class Trainer:
                 return False
             # on the CPU: the RNG state must stay there (set_rng_state refuses a CUDA tensor);
             # load_state_dict copies the rest onto the SAE's device
-            state = read_checkpoint(path, CPU, ("settings_hash", "sae"))
+            state = read_checkpoint(path, CPU, ("settings_hash", "sae", "flops"))
             if state["settings_hash"] != self.hash:
                 print(f"ignoring checkpoint {path}: made from other settings", file=sys.stderr)
                 return False
@@ -206,6 +231,8 @@ class Trainer:
         self.tokens_seen, self.steps = state["tokens_seen"], state["steps"]
         self.log_rows, self.elapsed = state["log_rows"], state["elapsed"]
         torch.set_rng_state(state["rng"])
+        self.flops.fill_(state["flops"])
+        self.untimed_seconds = state["untimed_seconds"]
         print(f"resuming from {path} at {self.tokens_seen} tokens", file=sys.stderr)
         return True
 
@@ -249,6 +276,7 @@ class Trainer:
         rate = result["l0"] / sae.n
         return {
             "heldout_nmse": result["normalised_mse"],
+            "heldout_l0": result["l0"],
             "heldout_dead_fraction": result["dead_fraction"],
             "heldout_expected_firings": len(self.heldout) * rate,
             "window_expected_firings": self.settings.dead.window_tokens * rate,
@@ -299,8 +327,32 @@ class Trainer:
             self.tokens_since_fired[out.fired] = 0
         self.tokens_seen += batch_tokens
         self.steps += 1
+        self.count_flops(batch_tokens, out, context)
         parts = {("nmse" if name == "mse" else name): value.item() for name, value in out.parts.items()}
         return {"loss": out.loss.item(), **parts, "lr": lr}
+
+    def count_flops(self, batch_tokens: int, out: StepOutput, context: StepContext) -> None:
+        """Add the step's FLOPs (``sae.flops``) with its support and AuxK's k_a = min(k_aux,
+        dead latents), counted on the device (no host synchronisation); distributed: the
+        support summed over every process, the dead latents over the shards."""
+        dead, entries = None if context.dead_mask is None else context.dead_mask.sum(), out.entries
+        if self.groups:
+            dead = None if dead is None else self.groups.shard_sum(dead)
+            if entries is not None:
+                entries = self.groups.data_sum(self.groups.shard_sum(torch.tensor(entries, device=self.device)))
+        aux = 0 if dead is None else dead.clamp(max=context.k_aux)
+        settings = self.settings
+        self.flops += step_flops(settings.arch, batch_tokens, self.store.d, settings.n_latents, self.sae.params,
+                                 entries, aux)
+
+    def untimed(self, work: Callable[[], T]) -> T:
+        """``work()`` (a held-out evaluation, a checkpoint write), its wall-clock kept out of
+        ``train_seconds``."""
+        started = time.perf_counter()
+        try:
+            return work()
+        finally:
+            self.untimed_seconds += time.perf_counter() - started
 
     def run(self) -> None:
         """Train to the budget, logging and checkpointing; then write the outputs."""
@@ -324,14 +376,15 @@ class Trainer:
                 window_tokens += len(batch)
                 self.elapsed = time.perf_counter() - started
                 heldout_due = bool(pending) and self.tokens_seen >= pending[0]
-                if heldout_due or self.tokens_seen >= next_log or self.tokens_seen >= settings.tokens:
+                if heldout_due or self.tokens_seen >= next_log or self.tokens_seen >= stream.end:
                     row = {
                         "tokens": self.tokens_seen, "step": self.steps, **parts,
                         "dead_fraction": self.dead_fraction(),
                         "tokens_per_s": window_tokens / max(time.perf_counter() - window_start, 1e-9),
+                        "flops": int(self.flops), "train_seconds": self.elapsed - self.untimed_seconds,
                     }
                     if heldout_due:
-                        row |= self.heldout_measures()
+                        row |= self.untimed(self.heldout_measures)
                         pending = [t for t in pending if t > self.tokens_seen]
                     self.log_rows.append(row)
                     window_tokens, window_start = 0, time.perf_counter()
@@ -343,7 +396,7 @@ class Trainer:
                 if self.leader:
                     progress.update(self.tokens_seen)
                 if self.tokens_seen >= next_checkpoint:
-                    self.save_checkpoint()
+                    self.untimed(self.save_checkpoint)
                     next_checkpoint += settings.checkpoint_every_tokens
                 if self.groups.any_true(bool(terminated)) if self.groups else terminated:
                     self.save_checkpoint()
@@ -384,6 +437,8 @@ class Trainer:
                 "tokens": self.tokens_seen,
                 "steps": self.steps,
                 "wall_time_s": self.elapsed,
+                "train_seconds": self.elapsed - self.untimed_seconds,
+                "flops": int(self.flops),
                 "tokens_per_s": self.tokens_seen / max(self.elapsed, 1e-9),
                 "final_dead_fraction": dead_fraction,
                 "final_nmse": log["nmse"].iloc[-1] if len(log) else float("nan"),
