@@ -75,8 +75,9 @@ LM_FIT_METRICS = ("delta_lm_loss", "kl_sae", "probe_loss")
 def fill_synthetic(config: dict[str, Any]) -> None:
     """A synthetic run (key ``synthetic``) reads no LM and no text: its config gets the model
     record {id: synthetic, hidden_size: d} and the corpus record {name, source: synthetic}, so
-    that every job's settings and resources read d as for a model. It has one site (the site
-    only names the folders) and needs sae-lens."""
+    that every job's settings and resources read d as for a model, and windows of one row
+    (activations.context 1, skip_positions 0). It has one site (the site only names the
+    folders) and needs sae-lens."""
     generator = config["synthetic"]
     if generator is None:
         return
@@ -87,6 +88,7 @@ def fill_synthetic(config: dict[str, Any]) -> None:
         if config.get(key, filled) != filled:
             raise UserError(f"config key {key}: a synthetic run (config key synthetic) reads no {key}; remove the key")
         config[key] = filled
+    config["activations"].update(context=1, skip_positions=0)
     if len(config["activations"]["sites"]) != 1:
         raise UserError("config key activations.sites: a synthetic run has one site (it only names the folders)")
     needing_lm = [metric for metric in config["scaling"]["metrics"] if metric in LM_FIT_METRICS]
@@ -199,7 +201,7 @@ def check_evaluation_sizes(config: dict[str, Any]) -> None:
     if evaluate["tokens"] > held_out:
         raise UserError(f"config key evaluate.tokens: {evaluate['tokens']} is more than activations.eval_tokens ({held_out})")
     kept = activations["context"] - activations["skip_positions"]
-    for key in ("downstream_windows", "analysis_windows") if config["synthetic"] is None else ():  # no windows: no LM
+    for key in ("downstream_windows", "analysis_windows") if config["synthetic"] is None else ():  # no LM: no windows read
         if evaluate[key] * kept > held_out:
             raise UserError(
                 f"config key evaluate.{key}: {evaluate[key]} windows of {kept} kept tokens are more than "

@@ -54,7 +54,7 @@ def extraction_settings(config: dict[str, Any], split: str, device: str = "auto"
     """What ``saesweep extract`` needs for one split (train or eval). ``part_files``: the
     record of each part job, as many as config key activations.extract_jobs for training
     tokens; held-out tokens are few and take one part. A synthetic run (config key synthetic)
-    generates one row per window: context 1, no skipped position."""
+    generates its rows (``plan.config.fill_synthetic`` made its windows one row each)."""
     activations = config["activations"]
     return construct(ExtractionSettings, {
         "split": split,
@@ -79,11 +79,9 @@ def extraction_settings(config: dict[str, Any], split: str, device: str = "auto"
 
 
 def synthetic_extraction(config: dict[str, Any]) -> dict[str, Any]:
-    """The extraction settings a synthetic run (config key synthetic) sets: its generator, and
-    windows of one row; nothing for an LM's, whose settings stay as they were."""
-    if config["synthetic"] is None:
-        return {}
-    return {"synthetic": config["synthetic"], "context": 1, "skip_positions": 0}
+    """The generator of a synthetic run (config key synthetic); nothing for an LM's, whose
+    settings stay as they were."""
+    return {} if config["synthetic"] is None else {"synthetic": config["synthetic"]}
 
 
 def train_settings(config: dict[str, Any], site: str, cell_name: str) -> TrainSettings:
