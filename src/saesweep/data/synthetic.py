@@ -46,6 +46,8 @@ SUPPORT = ("feature_offsets", "feature_indices", "feature_values")
 GENERATE_ROWS = 4096
 """Rows drawn at once: the dense (rows, N) feature activations of one draw are held in memory."""
 SPLITS = ("train", "eval")
+ORTHOGONALIZATION_LR = 3e-4
+"""The learning rate of the orthogonalisation steps (SynthSAEBench-16k's)."""
 
 
 def require_saelens(what: str) -> None:
@@ -83,7 +85,7 @@ def planted_model(settings: SyntheticSettings, device: torch.device) -> Syntheti
             max_depth=hierarchy["max_depth"], mutually_exclusive_portion=hierarchy["mutually_exclusive_portion"],
             compensate_probabilities=True, scale_children_by_parent=True,
         ),
-        orthogonalization=OrthogonalizationConfig(num_steps=settings.orthogonalization_steps, lr=3e-4)
+        orthogonalization=OrthogonalizationConfig(num_steps=settings.orthogonalization_steps, lr=ORTHOGONALIZATION_LR)
         if settings.orthogonalization_steps else None,
         correlation=None if correlation is None else LowRankCorrelationConfig(
             rank=int(correlation["rank"]), correlation_scale=correlation["scale"],
