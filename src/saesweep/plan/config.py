@@ -19,7 +19,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from saesweep.core.errors import UserError
+from saesweep.core.errors import UserError, require_package
 from saesweep.core.sites import parse_site
 from saesweep.plan.cells import Cell, sweep_cells
 from saesweep.sae.catalog import declaration
@@ -61,8 +61,40 @@ def validate_config(raw: Any) -> dict[str, Any]:
     if error is not None:
         raise UserError(f"config key {key_name(error.absolute_path)}: {error.message}")
     fill_defaults(config, load_schema())
+    fill_synthetic(config)
     check_cross_keys(config)
     return config
+
+
+SYNTHETIC = "synthetic"
+"""The model id and corpus name (and source) that a synthetic run's config is given."""
+LM_FIT_METRICS = ("delta_lm_loss", "kl_sae", "probe_loss")
+"""The metrics of scaling.metrics that need an LM (NaN in a synthetic run)."""
+
+
+def fill_synthetic(config: dict[str, Any]) -> None:
+    """A synthetic run (key ``synthetic``) reads no LM and no text: its config gets the model
+    record {id: synthetic, hidden_size: d} and the corpus record {name, source: synthetic}, so
+    that every job's settings and resources read d as for a model, and windows of one row
+    (activations.context 1, skip_positions 0). It has one site (the site only names the
+    folders) and needs sae-lens."""
+    generator = config["synthetic"]
+    if generator is None:
+        return
+    model = {"id": SYNTHETIC, "revision": None, "pypi_gguf": None, "dtype": "float32", "prepend_bos": False,
+             "hidden_size": generator["hidden_dim"]}
+    corpus = {"name": SYNTHETIC, "source": SYNTHETIC}
+    for key, filled in (("model", model), ("corpus", corpus)):
+        if config.get(key, filled) != filled:
+            raise UserError(f"config key {key}: a synthetic run (config key synthetic) reads no {key}; remove the key")
+        config[key] = filled
+    config["activations"].update(context=1, skip_positions=0)
+    if len(config["activations"]["sites"]) != 1:
+        raise UserError("config key activations.sites: a synthetic run has one site (it only names the folders)")
+    needing_lm = [metric for metric in config["scaling"]["metrics"] if metric in LM_FIT_METRICS]
+    if needing_lm:
+        raise UserError(f"config key scaling.metrics: {', '.join(needing_lm)} need(s) an LM, which a synthetic run has not; fit e.g. [nmse]")
+    require_package("sae_lens", "sae-lens", "peers", "config key synthetic")
 
 
 def key_name(path: Any) -> str:
@@ -87,7 +119,7 @@ def fill_defaults(node: Any, schema: dict[str, Any]) -> None:
 def check_cross_keys(config: dict[str, Any]) -> None:
     """Checks spanning several keys, each failing with the key it concerns."""
     corpus = config["corpus"]
-    needed = {"npm": ["package", "include"], "pypi": ["package", "include"], "files": ["include"], "hf": ["dataset"]}
+    needed = {"npm": ["package", "include"], "pypi": ["package", "include"], "files": ["include"], "hf": ["dataset"], SYNTHETIC: []}
     for key in needed[corpus["source"]]:
         if key not in corpus:
             raise UserError(f"config key corpus.{key}: required when corpus.source is {corpus['source']}")
@@ -193,7 +225,7 @@ def check_evaluation_sizes(config: dict[str, Any]) -> None:
     if curve is not None and curve > held_out:
         raise UserError(f"config key train.heldout.tokens: {curve} is more than activations.eval_tokens ({held_out})")
     kept = activations["context"] - activations["skip_positions"]
-    for key in ("downstream_windows", "analysis_windows"):
+    for key in ("downstream_windows", "analysis_windows") if config["synthetic"] is None else ():  # no LM: no windows read
         if evaluate[key] * kept > held_out:
             raise UserError(
                 f"config key evaluate.{key}: {evaluate[key]} windows of {kept} kept tokens are more than "

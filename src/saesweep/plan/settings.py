@@ -53,7 +53,8 @@ def extraction_part_file(config: dict[str, Any], split: str, part: str) -> str:
 def extraction_settings(config: dict[str, Any], split: str, device: str = "auto") -> ExtractionSettings:
     """What ``saesweep extract`` needs for one split (train or eval). ``part_files``: the
     record of each part job, as many as config key activations.extract_jobs for training
-    tokens; held-out tokens are few and take one part."""
+    tokens; held-out tokens are few and take one part. A synthetic run (config key synthetic)
+    generates its rows (``plan.config.fill_synthetic`` made its windows one row each)."""
     activations = config["activations"]
     return construct(ExtractionSettings, {
         "split": split,
@@ -73,7 +74,14 @@ def extraction_settings(config: dict[str, Any], split: str, device: str = "auto"
             extraction_part_file(config, split, f"{part:04d}")
             for part in range(activations["extract_jobs"] if split == "train" else 1)
         ],
+        **synthetic_extraction(config),
     })
+
+
+def synthetic_extraction(config: dict[str, Any]) -> dict[str, Any]:
+    """The generator of a synthetic run (config key synthetic); nothing for an LM's, whose
+    settings stay as they were."""
+    return {} if config["synthetic"] is None else {"synthetic": config["synthetic"]}
 
 
 def train_settings(config: dict[str, Any], site: str, cell_name: str) -> TrainSettings:
