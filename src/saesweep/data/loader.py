@@ -21,6 +21,7 @@ import torch
 
 from saesweep.data.activations import ActivationStore
 from saesweep.core.errors import UserError
+from saesweep.core.normalisation import GLOBAL, normalise
 
 
 def seeded_generator(*parts: int) -> np.random.Generator:
@@ -31,7 +32,8 @@ def seeded_generator(*parts: int) -> np.random.Generator:
 class BatchStream:
     """Batches of ``batch_size`` normalised activations (float32, on ``device``) from
     token offset ``start`` up to ``budget`` tokens; past the extracted tokens it starts
-    a new epoch (``on_exhausted="cycle"``) or refuses to start (``"error"``)."""
+    a new epoch (``on_exhausted="cycle"``) or refuses to start (``"error"``). ``normalisation``:
+    the map of ``core.normalisation`` (the store's μ and s for ``global``)."""
 
     def __init__(
         self,
@@ -44,6 +46,7 @@ class BatchStream:
         start: int = 0,
         on_exhausted: str = "cycle",
         group_shards: int = 4,
+        normalisation: str = GLOBAL,
     ) -> None:
         if budget > store.tokens and on_exhausted == "error":
             raise UserError(
@@ -52,7 +55,7 @@ class BatchStream:
             )
         self.store, self.batch_size, self.seed = store, batch_size, seed
         self.budget, self.start, self.device = budget, start, device
-        self.group_shards = group_shards
+        self.group_shards, self.normalisation = group_shards, normalisation
         self.mean = store.mean.to(device)
         self.scale = store.scale
         if budget > store.tokens:
@@ -124,7 +127,7 @@ class BatchStream:
             raise failure[0]
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        """Normalised batches x = (a − μ) / s; the last one may be shorter."""
+        """Normalised batches x (``core.normalisation``); the last one may be shorter."""
         carry = np.empty((0, self.store.d), dtype=np.float32)
         for chunk in self.prefetched_chunks():
             if len(carry):
@@ -141,4 +144,4 @@ class BatchStream:
         tensor = torch.from_numpy(np.ascontiguousarray(rows))
         if self.device.type == "cuda":
             tensor = tensor.pin_memory().to(self.device, non_blocking=True)
-        return (tensor.float() - self.mean) / self.scale
+        return normalise(tensor.float(), self.normalisation, self.mean, self.scale)
