@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import CPU, tiny_config
+from saesweep.core.errors import UserError
 from saesweep.core.job_settings import to_json
 from saesweep.core.normalisation import GLOBAL, PER_TOKEN, denormalise, normalise
 from saesweep.core.provenance import provenance
@@ -22,6 +23,7 @@ from saesweep.data.corpus import prepare_corpus
 from saesweep.data.lm import load_lm
 from saesweep.evaluation.evaluate import evaluate_cell, reconstruction_metrics
 from saesweep.evaluation.splice import reconstructor
+from saesweep.interop.raw_form import raw_form
 from saesweep.plan.cells import sweep_cells
 from saesweep.plan.config import validate_config
 from saesweep.plan.settings import activation_dir, corpus_dir, eval_settings, extraction_settings, train_settings
@@ -158,6 +160,13 @@ def test_the_spliced_reconstruction_is_inverted_with_each_tokens_mean_and_norm(a
     torch.testing.assert_close(reconstructor(sae, add_error=True)(activations), activations)
     global_replace = reconstructor(planted_sae(GLOBAL, activations))
     assert not torch.allclose(global_replace(activations * factors), global_replace(activations) * factors, rtol=1e-2)
+
+
+def test_a_per_token_sae_is_not_exported_to_raw_weights(activations) -> None:
+    """No weights on raw activations express per-token normalisation: the export says so."""
+    raw_form(planted_sae(GLOBAL, activations), "cell x")
+    with pytest.raises(UserError, match="cell x: the SAE normalises each token on its own"):
+        raw_form(planted_sae(PER_TOKEN, activations), "cell x")
 
 
 # --- L_aux / V_e ---------------------------------------------------------------------------
