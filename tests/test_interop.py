@@ -107,7 +107,7 @@ def saesweep_outputs(folder: Path, a: torch.Tensor) -> tuple[torch.Tensor, torch
     sae, _ = load_sae(folder, CPU)
     with torch.no_grad():
         codes = sae.encode(sae.normalise(a)).to_dense()
-        return codes, sae.denormalise(sae.decode(codes))
+        return codes, sae.denormalise(sae.decode(codes), a)
 
 
 def assert_close(got: torch.Tensor, expected: torch.Tensor, what: str) -> None:

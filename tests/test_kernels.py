@@ -114,19 +114,21 @@ def test_sparse_and_dense_auxk_paths(monkeypatch, dense_fraction, d, n, k, dead_
     assert out.aux_loss > 0
 
 
+@pytest.mark.parametrize("products", PRODUCTS)
 @pytest.mark.parametrize("dense_fraction", [0.0, 2.0])
-def test_error_normalised_auxk(monkeypatch, dense_fraction):
+def test_error_normalised_auxk(monkeypatch, dense_fraction, products):
     """aux_normaliser "error" divides L_aux by V_e = ‖e − ē‖² of the step's error instead of by
-    V: the sparse step still matches the reference (dense and sparse AuxK products), and its
-    AuxK loss and AuxK gradient are exactly V / V_e times those with "input"."""
+    V: the sparse step still matches the reference (dense and sparse AuxK products, and every
+    product path: the CPU's and the gather path CUDA takes), and its AuxK loss and AuxK
+    gradient are exactly V / V_e times those with "input"."""
     monkeypatch.setattr(kernels, "_DENSE_AUX_FRACTION", dense_fraction)
     sae = make_sae(16, 512, 8, torch.float64)
     x = torch.randn(40, 16, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     dead = random_dead(512, 0.5)
-    by_error = assert_same_step(sae, x, dead, 16, 0.5, rtol=1e-10, atol=1e-12, aux_normaliser="error")
-    by_input, input_grads = run(sparse_step, sae, x, dead, 16, 0.5)
-    _, main_grads = run(sparse_step, sae, x, dead, 16, 0.0)
-    _, error_grads = run(sparse_step, sae, x, dead, 16, 0.5, aux_normaliser="error")
+    by_error = assert_same_step(sae, x, dead, 16, 0.5, rtol=1e-10, atol=1e-12, aux_normaliser="error", products=products)
+    by_input, input_grads = run(sparse_step, sae, x, dead, 16, 0.5, products=products)
+    _, main_grads = run(sparse_step, sae, x, dead, 16, 0.0, products=products)
+    _, error_grads = run(sparse_step, sae, x, dead, 16, 0.5, aux_normaliser="error", products=products)
     error = x - sae.b_pre - torch.zeros(40, 512, dtype=x.dtype).scatter(1, by_input.indices, by_input.values) @ sae.W_dec
     ratio = batch_variance(x) / batch_variance(error)
     assert abs(ratio.item() - 1) > 0.5  # the two normalisers differ in this setting

@@ -40,7 +40,8 @@ def test_numbers_of_a_small_config_by_hand(tiny_model, tiny_corpus) -> None:
     # topk n=64, d=32: W_enc, W_dec 2048 floats each, b_enc 64, b_pre 32, act_mean 32, act_scale 1
     stored, trained = budget.tensor_bytes("topk", 64, 32, {"k": 4, "lr_factor": 1.0})
     assert (stored, trained) == (4 * 4225, 4 * 4192)
-    assert budget.checkpoint_bytes(stored, trained, 64) == 16_900 + 2 * 16_768 + 8 * 64
+    assert budget.checkpoint_bytes(stored, trained, 64, 0.0) == 16_900 + 2 * 16_768 + 8 * 64
+    assert budget.checkpoint_bytes(stored, trained, 64, 0.999) == 16_900 + 3 * 16_768 + 8 * 64  # + the EMA's copy
     settings = train_settings(config, "resid2", "topk-n256-k4-s0")  # 12000 tokens, batch 256, cpu
     # 1500 MB + (4 · (8 · 256 · 32 + 3 · 256 · 256) + 8 · 1500 · 32 · 2) / 1e6
     assert budget.train_mem_mb(settings, 32, 1500) == 1500 + int((4 * (65_536 + 196_608) + 768_000) / 1e6)
@@ -96,7 +97,7 @@ def test_sae_sizes_equal_a_real_sae_of_every_architecture(arch) -> None:
                   for v in state.values() if v.dim() > 0)
     stored, trained = budget.tensor_bytes(arch, 96, 24, params)
     assert stored == real
-    assert budget.checkpoint_bytes(stored, trained, 96) == real + moments + 8 * 96
+    assert budget.checkpoint_bytes(stored, trained, 96, 0.0) == real + moments + 8 * 96
 
 
 def test_activation_bytes_equal_a_real_extraction(tmp_path, tiny_model, tiny_corpus, monkeypatch, one_thread) -> None:

@@ -157,6 +157,25 @@ def test_extraction_split_into_part_jobs_feeds_the_manifests(tmp_path: Path, tin
     assert job_counts(snakemake(tmp_path, "-n", target).stdout)["extract_part"] == 3 + 1
 
 
+def test_a_cell_under_protocol_gao2024_trains_and_evaluates(tmp_path: Path, tiny_model: Path, tiny_corpus: Path) -> None:
+    """One cell end to end (extraction, training, evaluation) under the paper's protocol: its
+    name carries AuxK's error normaliser, its cfg.json per-token inputs and the EMA, its
+    evaluation the LM in float32, and adding the SAE's error back to its reconstruction in the
+    spliced LM changes nothing (per-token normalisation inverted with each token's statistics)."""
+    config = tiny_config(tiny_model, tiny_corpus, **{
+        "protocol": "gao2024", "model.dtype": "bfloat16", "train.dead.window_tokens": 3000,
+        "sweep.n_latents": [64], "sweep.k": [4]})
+    write_config(tmp_path / "config.yaml", config)
+    cell = tmp_path / "results/tiny/cells/resid2/topk-n64-k4-ae1-s0"
+    snakemake(tmp_path, str(cell.relative_to(tmp_path) / "metrics.json"))
+    cfg = json.loads((cell / "cfg.json").read_text())
+    assert cfg["normalisation"]["kind"] == "per_token" and cfg["training"]["ema_decay"] == 0.999
+    assert cfg["params"]["aux_error_norm"] == 1 and cfg["settings"]["dead"]["window_tokens"] == 3000
+    metrics = json.loads((cell / "metrics.json").read_text())
+    assert 0 < metrics["nmse"] < 1.5 and abs(metrics["delta_lm_loss_error_added"]) < 1e-4
+    assert json.loads((cell / "eval_settings.json").read_text())["model"]["dtype"] == "float32"
+
+
 def test_bad_config_names_the_key(sweep: Path, tmp_path: Path, tiny_model: Path, tiny_corpus: Path) -> None:
     write_config(tmp_path / "config.yaml", tiny_config(tiny_model, tiny_corpus, **{"sweep.k": [4, 300]}))
     result = snakemake(tmp_path, "-n", check=False)

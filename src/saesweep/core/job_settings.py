@@ -204,6 +204,11 @@ class TrainSettings:
     """Processes of a distributed cell; absent for one process."""
     convergence: ConvergenceSettings | None = None
     """The convergence stop (``train.budget.mode: converge``); absent for a fixed budget."""
+    # the protocol's choices (config key protocol, plan.protocol)
+    input_normalisation: str = "global"
+    """How raw activations become the SAE's inputs: ``global`` or ``per_token`` (``core.normalisation``)."""
+    ema_decay: float = 0.0
+    """β of the moving average of the weights that is exported and evaluated (``train.ema``); 0: none."""
 
 
 @dataclass(frozen=True)

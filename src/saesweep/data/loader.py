@@ -26,6 +26,7 @@ import torch
 
 from saesweep.data.activations import ActivationStore
 from saesweep.core.errors import UserError
+from saesweep.core.normalisation import GLOBAL, normalise
 
 
 def seeded_generator(*parts: int) -> np.random.Generator:
@@ -43,7 +44,8 @@ class BatchStream:
     """Batches of exactly ``batch_size`` normalised activations (float32, on ``device``)
     from token offset ``start`` up to ``end``, the last whole batch within ``budget`` tokens
     (the rest is dropped); past the extracted tokens it starts a new epoch
-    (``on_exhausted="cycle"``) or refuses to start (``"error"``)."""
+    (``on_exhausted="cycle"``) or refuses to start (``"error"``). ``normalisation``: the map
+    of ``core.normalisation`` (the store's μ and s for ``global``)."""
 
     def __init__(
         self,
@@ -56,6 +58,7 @@ class BatchStream:
         start: int = 0,
         on_exhausted: str = "cycle",
         group_shards: int = 4,
+        normalisation: str = GLOBAL,
     ) -> None:
         if budget > store.tokens and on_exhausted == "error":
             raise UserError(
@@ -70,7 +73,7 @@ class BatchStream:
                 f"{budget - start} training tokens from token {start} hold no whole batch of {batch_size}: "
                 "raise train.tokens or lower train.batch_size"
             )
-        self.group_shards = group_shards
+        self.group_shards, self.normalisation = group_shards, normalisation
         self.mean = store.mean.to(device)
         self.scale = store.scale
         if budget > store.tokens:
@@ -142,7 +145,7 @@ class BatchStream:
             raise failure[0]
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        """Normalised batches x = (a − μ) / s, each of ``batch_size`` rows."""
+        """Normalised batches x (``core.normalisation``), each of ``batch_size`` rows."""
         carry = np.empty((0, self.store.d), dtype=np.float32)
         for chunk in self.prefetched_chunks():
             if len(carry):
@@ -157,4 +160,4 @@ class BatchStream:
         tensor = torch.from_numpy(np.ascontiguousarray(rows))
         if self.device.type == "cuda":
             tensor = tensor.pin_memory().to(self.device, non_blocking=True)
-        return (tensor.float() - self.mean) / self.scale
+        return normalise(tensor.float(), self.normalisation, self.mean, self.scale)

@@ -32,12 +32,13 @@ def spliced_logits(
 
 
 def reconstructor(sae: SparseAutoencoder, k: int | None = None, add_error: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
-    """a ↦ â (the SAE's reconstruction in raw units), or a ↦ â + (a − â) with ``add_error``."""
+    """a ↦ â (the SAE's reconstruction in raw units: per-token normalisation is inverted with
+    each token's own mean and norm), or a ↦ â + (a − â) with ``add_error``."""
 
     def replace(a: torch.Tensor) -> torch.Tensor:
         shape = a.shape
         flat = a.reshape(-1, shape[-1])
-        recon = sae.denormalise(sae(sae.normalise(flat), k))
+        recon = sae.denormalise(sae(sae.normalise(flat), k), flat)
         if add_error:
             recon = recon + (flat - recon)
         return recon.reshape(shape)

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from saesweep.core.errors import UserError
+from saesweep.core.normalisation import GLOBAL
 from saesweep.sae.base import SparseAutoencoder
 from saesweep.sae.registry import ARCHITECTURES, build_sae, resolve_params
 
@@ -65,11 +66,18 @@ class RawSAE:
 @torch.no_grad()
 def raw_form(sae: SparseAutoencoder, where: str) -> RawSAE:
     """The raw-space form of a saesweep SAE (normalisation folded, see the module
-    docstring); an architecture without a family is a UserError naming ``where``."""
+    docstring); an architecture without a family, or an SAE with per-token normalisation
+    (not an affine map, so nothing to fold), is a UserError naming ``where``."""
     family = sae.inference_family
     if family is None:
         known = ", ".join(name for name, cls in ARCHITECTURES.items() if cls.inference_family)
         raise UserError(f"{where}: architecture {sae.name} has no counterpart in other tools (known: {known})")
+    if sae.input_normalisation != GLOBAL:
+        raise UserError(
+            f"{where}: the SAE normalises each token on its own (train.input_normalisation "
+            f"{sae.input_normalisation}), which no weights on raw activations can express; only SAEs "
+            "trained with the global map are exported"
+        )
     s = sae.act_scale.double()
     W_enc, W_dec = sae.W_enc.double(), sae.W_dec.double()
     return RawSAE(

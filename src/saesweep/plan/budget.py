@@ -106,7 +106,7 @@ def evaluate_bytes(config: dict[str, Any], d: int, n: int) -> dict[str, int]:
 
         base           ``EVALUATE_BASE_MB``: the interpreter, torch, transformers
         sae            4 · (2·n·d + 3·n + 3·d)        weights, biases, per-latent extras
-        lm             itemsize(model.dtype) · (12·L·d² + V·d)
+        lm             itemsize(evaluate.lm_dtype) · (12·L·d² + V·d)
         chunk          4 · 3·c·n                      one chunk's pre-activations and codes
         activations    4 · (tokens + T) · d           reconstruction and analysis rows
         logits         4 · 7·b·context·V              one LM batch's logits and log-probabilities
@@ -128,7 +128,7 @@ def evaluate_bytes(config: dict[str, Any], d: int, n: int) -> dict[str, int]:
     return {
         "base": EVALUATE_BASE_MB * 10**6,
         "sae": FLOAT_BYTES * (2 * n * d + 3 * n + 3 * d),
-        "lm": MODEL_DTYPE_BYTES[config["model"]["dtype"]] * (12 * layers * d * d + vocab * d),
+        "lm": MODEL_DTYPE_BYTES[config["evaluate"]["lm_dtype"]] * (12 * layers * d * d + vocab * d),
         "chunk": FLOAT_BYTES * 3 * evaluate["batch_size"] * n,
         "activations": FLOAT_BYTES * (evaluate["tokens"] + tokens) * d,
         "logits": FLOAT_BYTES * 7 * evaluate["lm_batch_size"] * context * vocab,
@@ -163,12 +163,12 @@ def train_processes(distributed: DistributedSettings | None) -> tuple[int, int]:
 
 def train_mem_mb(settings: TrainSettings, d: int, shard_tokens: int) -> int:
     """Memory of a training job, per process times its D · S processes: its latents'
-    parameters, gradients and Adam moments of W_enc and W_dec (4 · 2(n/S)d floats), its rows'
-    pre-activations and selections (3 · (B/D) · (n/S) floats), 8 shards of float16 read ahead
-    (8 · shard_tokens · d · 2 bytes), and ``BASE_MEM_MB``."""
+    parameters, gradients and Adam moments of W_enc and W_dec (4 · 2(n/S)d floats; 5 with a
+    weight average, ``ema_slots``), its rows' pre-activations and selections (3 · (B/D) · (n/S)
+    floats), 8 shards of float16 read ahead (8 · shard_tokens · d · 2 bytes), and ``BASE_MEM_MB``."""
     replicas, shards = train_processes(settings.distributed)
     n, batch = settings.n_latents / shards, settings.batch_size / replicas
-    floats = 4 * 2 * n * d + 3 * batch * n
+    floats = (4 + ema_slots(settings.ema_decay)) * 2 * n * d + 3 * batch * n
     shard_bytes = 8 * shard_tokens * d * 2
     return int(replicas * shards * (BASE_MEM_MB + (FLOAT_BYTES * floats + shard_bytes) / 1e6))
 
@@ -204,10 +204,16 @@ def tensor_bytes(arch: str, n: int, d: int, params: dict[str, Any]) -> tuple[int
     return stored, trained
 
 
-def checkpoint_bytes(stored: int, trained: int, n: int) -> int:
+def ema_slots(decay: float) -> int:
+    """Copies of the trained parameters a weight average keeps (``train.ema``): 1, or 0 without one."""
+    return int(decay > 0)
+
+
+def checkpoint_bytes(stored: int, trained: int, n: int, decay: float) -> int:
     """Bytes of a training checkpoint's tensors: the SAE's, Adam's two moments of every
-    trained parameter, and the int64 tokens-since-fired count of each latent."""
-    return stored + ADAM_STATE_SLOTS * trained + 8 * n
+    trained parameter, the weight average's copy of them (``ema_slots``), and the int64
+    tokens-since-fired count of each latent."""
+    return stored + (ADAM_STATE_SLOTS + ema_slots(decay)) * trained + 8 * n
 
 
 def activation_footprint(config: dict[str, Any], split: str, d: int) -> dict[str, int]:
@@ -259,7 +265,7 @@ def cell_budgets(config: dict[str, Any], d: int) -> list[dict[str, Any]]:
                 "cell": cell.name,
                 "tokens": settings.tokens,
                 "sae_bytes": stored,
-                "checkpoint_bytes": checkpoint_bytes(stored, trained, cell.n_latents),
+                "checkpoint_bytes": checkpoint_bytes(stored, trained, cell.n_latents, settings.ema_decay),
                 "mem_mb": train_mem_mb(settings, d, config["activations"]["shard_tokens"]),
                 "eval_mem_mb": evaluate_mem_mb(config, d, cell.n_latents),
                 "hours": train_hours(settings, d),

@@ -24,6 +24,7 @@ from functools import cache
 from typing import Any
 
 from saesweep.core.errors import UserError
+from saesweep.plan.protocol import grid_defaults
 from saesweep.sae.catalog import declaration, problem, resolve_params
 
 CELL_PATTERN = re.compile(r"^[a-z0-9]+-n[0-9]+(-[a-z]+[0-9][0-9.e+-]*)+-s[0-9]+$")
@@ -124,13 +125,14 @@ def arch_grids(sweep: dict[str, Any]) -> list[tuple[str, str, dict[str, list[Any
 
 def sweep_cells(config: dict[str, Any]) -> list[Cell]:
     """Every cell of the sweep: for each architecture's grid, its product × n_latents × seeds,
-    where a grid's own ``n_latents`` list replaces ``sweep.n_latents``; a cell that two grids
-    both give appears once. Unknown architectures or parameters, bad values and impossible
+    where a grid's own ``n_latents`` list replaces ``sweep.n_latents`` and the protocol adds
+    what it sets (``plan.protocol.grid_defaults``); a cell that two grids both give appears once. Unknown architectures or parameters, bad values and impossible
     cells (k ≥ n) name their key."""
     sweep = config["sweep"]
     cells: dict[str, Cell] = {}
     for arch, key, grid in arch_grids(sweep):
         sizes = grid.pop("n_latents", sweep["n_latents"])
+        grid = {**grid_defaults(config, arch, key), **grid}
         names = list(grid)
         for values in itertools.product(*(grid[name] for name in names)):
             for n in sizes:

@@ -22,6 +22,7 @@ import yaml
 from saesweep.core.errors import UserError, require_package
 from saesweep.core.sites import parse_site
 from saesweep.plan.cells import Cell, sweep_cells
+from saesweep.plan.protocol import apply_protocol
 from saesweep.sae.catalog import declaration
 
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
@@ -62,6 +63,7 @@ def validate_config(raw: Any) -> dict[str, Any]:
         raise UserError(f"config key {key_name(error.absolute_path)}: {error.message}")
     fill_defaults(config, load_schema())
     fill_synthetic(config)
+    apply_protocol(config)
     check_cross_keys(config)
     return config
 
@@ -336,9 +338,12 @@ def learning_rate(train: dict[str, Any], n_latents: int) -> float:
 
 
 def dead_window(train: dict[str, Any], n_latents: int, k: int | None) -> int:
-    """Tokens without a firing after which a latent counts as dead:
-    max(min_tokens, factor · n / k), n / k being the mean gap between firings of a
-    latent if all latents fired equally often; a cell without k uses k = train.tokens.k_ref."""
+    """Tokens without a firing after which a latent counts as dead: with train.dead.window
+    ``scaled``, max(min_tokens, factor · n / k), n / k being the mean gap between firings of a
+    latent if all latents fired equally often (a cell without k uses k = train.tokens.k_ref);
+    with ``fixed``, train.dead.window_tokens for every cell (openai/sparse_autoencoder: 10M)."""
     dead = train["dead"]
+    if dead["window"] == "fixed":
+        return dead["window_tokens"]
     k = train["tokens"]["k_ref"] if k is None else k
     return int(max(dead["min_tokens"], dead["factor"] * n_latents / k))

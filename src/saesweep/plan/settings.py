@@ -116,6 +116,8 @@ def train_settings(config: dict[str, Any], site: str, cell_name: str) -> TrainSe
         "autocast_bf16": train["autocast_bf16"],
         **distributed_settings(train),
         **convergence_settings(train),
+        "input_normalisation": train["input_normalisation"],
+        "ema_decay": train["ema_decay"],
     })
 
 
@@ -138,8 +140,14 @@ def convergence_settings(train: dict[str, Any]) -> dict[str, Any]:
 
 
 def evaluation_sizes(config: dict[str, Any]) -> dict[str, Any]:
-    """The keys of config key ``evaluate`` that size the evaluation (all but its device)."""
-    return {key: value for key, value in config["evaluate"].items() if key != "device"}
+    """The keys of config key ``evaluate`` that size the evaluation (all but its device and LM dtype)."""
+    return {key: value for key, value in config["evaluate"].items() if key not in ("device", "lm_dtype")}
+
+
+def evaluation_model(config: dict[str, Any]) -> dict[str, Any]:
+    """The LM as the evaluation loads it: config key model, computing in evaluate.lm_dtype
+    (resolved by ``plan.protocol``: model.dtype, or float32 under gao2024)."""
+    return {**config["model"], "dtype": config["evaluate"]["lm_dtype"]}
 
 
 def evaluation_device(config: dict[str, Any]) -> str:
@@ -155,7 +163,7 @@ def eval_settings(config: dict[str, Any], site: str, cell_name: str) -> EvalSett
         "cell": cell_name,
         "setting": parse_cell(cell_name).setting,
         "seed": parse_cell(cell_name).seed,
-        "model": config["model"],
+        "model": evaluation_model(config),
         "eval_activations": activation_dir(config, site, "eval"),
         "device": evaluation_device(config),
     })
@@ -219,7 +227,7 @@ def external_eval_settings(config: dict[str, Any], site: str, name: str) -> Eval
         "cell": name,
         "setting": name,
         "seed": 0,
-        "model": config["model"],
+        "model": evaluation_model(config),
         "eval_activations": activation_dir(config, site, "eval"),
         "device": evaluation_device(config),
     })

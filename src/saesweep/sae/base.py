@@ -8,7 +8,9 @@ Every architecture shares the affine maps and the input normalisation:
     x̂     = W_dec z + b_pre = Σ_i z_i W_dec[i] + b_pre
 
 μ is the mean activation and s² = E‖a − μ‖² / d, so that E‖x‖² = d; both are stored with
-the SAE so raw activations can be encoded. ``W_enc`` and ``W_dec`` have shape (n, d): row
+the SAE so raw activations can be encoded. With ``input_normalisation`` ``per_token`` each
+token is instead centred over its coordinates and scaled to ‖x‖² = d on its own
+(``core.normalisation``; μ and s unused). ``W_enc`` and ``W_dec`` have shape (n, d): row
 i of ``W_dec`` is latent i's decoder direction. Every training loss starts from the
 batch's normalised MSE
 
@@ -34,6 +36,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from saesweep.core import normalisation
 from saesweep.sae.catalog import AUXK_PARAMETERS, LR_FACTOR, TIED_INIT, Parameter, problem
 from saesweep.sae.collectives import Collectives, batch_variance
 
@@ -131,6 +134,9 @@ class SparseAutoencoder(nn.Module):
         self.b_pre = nn.Parameter(torch.zeros(d))
         self.register_buffer("act_mean", torch.zeros(d))
         self.register_buffer("act_scale", torch.ones(()))
+        self.input_normalisation = normalisation.GLOBAL
+        """How raw activations become inputs (``core.normalisation.KINDS``); recorded in
+        cfg.json (``normalisation.kind``), not in the weights file."""
 
     @classmethod
     def all_arch_parameters(cls) -> tuple[Parameter, ...]:
@@ -179,12 +185,13 @@ class SparseAutoencoder(nn.Module):
         self.act_scale.fill_(scale)
 
     def normalise(self, activations: torch.Tensor) -> torch.Tensor:
-        """Raw activations a → (a − μ) / s."""
-        return (activations - self.act_mean) / self.act_scale
+        """Raw activations a → inputs x: (a − μ) / s, or per token (``input_normalisation``)."""
+        return normalisation.normalise(activations, self.input_normalisation, self.act_mean, self.act_scale)
 
-    def denormalise(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised x → s·x + μ (the inverse of ``normalise``)."""
-        return x * self.act_scale + self.act_mean
+    def denormalise(self, x: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
+        """Inputs-space x → raw units, the inverse of ``normalise`` for the raw ``activations``
+        x came from: s·x + μ, or r(a)·x + m(a) with each token's own mean and norm."""
+        return normalisation.denormalise(x, activations, self.input_normalisation, self.act_mean, self.act_scale)
 
     # --- the forward maps -----------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from saesweep.core.errors import UserError
 from saesweep.core.files import atomic_path, read_json, write_json
+from saesweep.core.normalisation import GLOBAL, KINDS
 from saesweep.core.weights import FOREIGN_TENSORS, read_safetensors
 from saesweep.sae.base import SparseAutoencoder
 from saesweep.sae.registry import architecture, resolve_params
@@ -62,7 +63,17 @@ def load_sae(folder: Path, device: torch.device) -> tuple[SparseAutoencoder, dic
             )
         raise UserError(f"SAE weights {weights}: {problem}; {path} says {arch}, n_latents {n}, d {d}")
     sae.load_state_dict({name: tensor.to(device) for name, tensor in tensors.items()}, assign=True)
+    sae.input_normalisation = normalisation_kind(cfg, path)
     return sae, cfg
+
+
+def normalisation_kind(cfg: dict[str, Any], path: Path) -> str:
+    """How the SAE of ``cfg`` maps raw activations to inputs: ``normalisation.kind`` (absent:
+    ``global``, as every SAE saved before per-token normalisation existed)."""
+    kind = cfg.get("normalisation", {}).get("kind", GLOBAL)
+    if kind not in KINDS:
+        raise UserError(f"SAE config {path}: normalisation.kind {kind!r} is not one of {', '.join(KINDS)}")
+    return kind
 
 
 def state_problem(expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor]) -> str | None:

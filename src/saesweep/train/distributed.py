@@ -232,6 +232,7 @@ class ProcessGroups(Collectives):
             return None
         full = build_sae(arch, sae.d, sae.n, params)
         full.load_state_dict(state)
+        full.input_normalisation = sae.input_normalisation
         return full
 
     # --- checkpoints -----------------------------------------------------------------------

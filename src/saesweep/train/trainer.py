@@ -70,6 +70,8 @@ from saesweep.sae.base import StepContext, StepOutput
 from saesweep.sae.registry import build_sae
 from saesweep.train import convergence
 from saesweep.train.checkpoints import CHECKPOINT, fits, read_checkpoint
+from saesweep.train.ema import evaluated_weights, weight_average
+from saesweep.core.normalisation import normalisation_record
 from saesweep.train.distributed import (
     EXIT_INTERRUPTED, EXIT_USER_ERROR, Layout, Placement, ProcessGroups, init_process_groups,
     placement_from_environment, spawn,
@@ -134,10 +136,12 @@ class Trainer:
         self.store = ActivationStore(settings.activations)
         n = settings.n_latents
         self.sae = build_sae(settings.arch, self.store.d, n, settings.params)
+        self.sae.input_normalisation = settings.input_normalisation
         if groups:
             groups.shard_module(self.sae)
         self.sae = self.sae.to(self.device)
         self.optimizer = make_adam(self.sae.parameters(), settings.lr, settings.adam_eps, self.sae.adam_betas)
+        self.ema = weight_average(self.sae, settings.ema_decay)
         n_held = groups.n_local if groups else n
         self.tokens_since_fired = torch.zeros(n_held, dtype=torch.long, device=self.device)
         self.tokens_seen = 0
@@ -158,7 +162,10 @@ class Trainer:
         from the same weights) from a sample of the training activations."""
         torch.manual_seed(self.settings.seed)
         sample_size = min(self.settings.geometric_median_sample, self.store.tokens)
-        sample = next(iter(BatchStream(self.store, sample_size, self.settings.seed + 1, sample_size, device=CPU)))
+        sample = next(iter(BatchStream(
+            self.store, sample_size, self.settings.seed + 1, sample_size, device=CPU,
+            normalisation=self.settings.input_normalisation,
+        )))
         generator = torch.Generator().manual_seed(self.settings.seed)
         with torch.no_grad():
             self.sae.set_normalisation(self.store.mean.to(self.device), self.store.scale)
@@ -179,6 +186,7 @@ class Trainer:
             "sae": self.sae.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "tokens_since_fired": self.tokens_since_fired,
+            **({"ema": self.ema.state_dict()} if self.ema else {}),
         }
 
     def shared_state(self) -> dict[str, Any]:
@@ -228,6 +236,8 @@ class Trainer:
         self.sae.load_state_dict(state["sae"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.tokens_since_fired = state["tokens_since_fired"].to(self.device)
+        if self.ema:
+            self.ema.load_state_dict(state["ema"])
         self.tokens_seen, self.steps = state["tokens_seen"], state["steps"]
         self.log_rows, self.elapsed = state["log_rows"], state["elapsed"]
         torch.set_rng_state(state["rng"])
@@ -317,6 +327,8 @@ class Trainer:
         self.sae.before_optimizer_step()
         self.optimizer.step()
         self.sae.after_optimizer_step()
+        if self.ema:
+            self.ema.update()
         batch_tokens = self.groups.data_count(len(x)) if self.groups else len(x)
         self.tokens_since_fired += batch_tokens
         if self.groups:
@@ -360,6 +372,7 @@ class Trainer:
         stream = BatchStream(
             self.store, settings.batch_size, settings.seed, settings.tokens,
             start=self.tokens_seen, device=self.device, on_exhausted=settings.on_exhausted,
+            normalisation=settings.input_normalisation,
         )
         progress = Progress(f"train {self.folder.name}", settings.tokens, done=self.tokens_seen)
         next_log = (self.tokens_seen // settings.log_every_tokens + 1) * settings.log_every_tokens
@@ -384,7 +397,8 @@ class Trainer:
                         "flops": int(self.flops), "train_seconds": self.elapsed - self.untimed_seconds,
                     }
                     if heldout_due:
-                        row |= self.untimed(self.heldout_measures)
+                        with evaluated_weights(self.ema):
+                            row |= self.untimed(self.heldout_measures)
                         pending = [t for t in pending if t > self.tokens_seen]
                     self.log_rows.append(row)
                     window_tokens, window_start = 0, time.perf_counter()
@@ -412,6 +426,8 @@ class Trainer:
         goes. Distributed: rank 0 writes the SAE gathered from the shards, as one SAE."""
         settings = self.settings
         dead_fraction = self.dead_fraction()
+        if self.ema:
+            self.ema.install()  # the exported weights are the average (train.ema)
         sae = self.whole_sae()
         if sae is None:
             return
@@ -428,11 +444,9 @@ class Trainer:
             "model": self.store.manifest["model"],
             "revision": self.store.manifest["revision"],
             "corpus_fingerprint": self.store.manifest["corpus_fingerprint"],
-            "normalisation": {
-                "formula": "x = (a - act_mean) / act_scale",
-                "mean_squared_norm": self.store.manifest["mean_squared_norm"],
-                "scale": self.store.scale,
-            },
+            "normalisation": normalisation_record(
+                settings.input_normalisation, self.store.manifest["mean_squared_norm"], self.store.scale,
+            ),
             "training": {
                 "tokens": self.tokens_seen,
                 "steps": self.steps,
@@ -444,6 +458,7 @@ class Trainer:
                 "final_nmse": log["nmse"].iloc[-1] if len(log) else float("nan"),
                 "epochs": self.tokens_seen / self.store.tokens,
                 **convergence.outcome(self.log_rows, settings.convergence, settings.tokens),
+                "ema_decay": settings.ema_decay,
             },
             "settings": to_json(settings),
             "provenance": provenance(to_json(settings), self.device, Layout.of(settings.distributed).world),
