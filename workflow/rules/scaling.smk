@@ -44,6 +44,7 @@ rule plot_figures:
         cells=rules.aggregate.output.table,
         logs=rules.aggregate.output.logs,
         fits=rules.fit_laws.output,
+        frontiers=f"{RUN}/scaling/architectures_frontiers.csv",
     output:
         [
             report(
@@ -64,4 +65,5 @@ rule plot_figures:
         title=f"{config['model']['id']} · {', '.join(SITES)} · run {config['run']}",
     shell:
         "saesweep plot --cells {input.cells:q} --logs {input.logs:q} --fits {input.fits:q} "
+        "--frontiers {input.frontiers:q} "
         "--metrics {params.metrics:q} --title {params.title:q} --out-dir {params.folder:q} > {log} 2>&1"

@@ -22,14 +22,20 @@ conservative except at each run's last point.
 
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
+from numpy.typing import ArrayLike
 
+from saesweep.analysis.envelope import lower_envelope
 from saesweep.analysis.scaling import fit_pair
 
 FLOPS = "6 * (2 * n_latents * d) * tokens"
 GROUP = ["site", "arch", "curve"]
 MIN_SIZES = 3  # a frontier over fewer dictionary sizes says little about the best n
+
+
+def training_flops(n_latents: ArrayLike, d: ArrayLike, tokens: ArrayLike) -> ArrayLike:
+    """C = 6 · (2·n·d) · tokens, the training compute of the module docstring (``FLOPS``)."""
+    return 6.0 * 2 * n_latents * d * tokens
 
 
 def compute_points(logs: pd.DataFrame) -> pd.DataFrame:
@@ -40,7 +46,7 @@ def compute_points(logs: pd.DataFrame) -> pd.DataFrame:
     rows = logs[logs["heldout_nmse"].notna()]
     return pd.DataFrame({
         **{column: rows[column] for column in [*GROUP, "n_latents", "seed", "tokens"]},
-        "compute": 6.0 * 2 * rows["n_latents"] * rows["d"] * rows["tokens"],
+        "compute": training_flops(rows["n_latents"], rows["d"], rows["tokens"]),
         "loss": rows["heldout_nmse"],
     }).reset_index(drop=True)
 
@@ -48,9 +54,7 @@ def compute_points(logs: pd.DataFrame) -> pd.DataFrame:
 def frontier(points: pd.DataFrame) -> pd.DataFrame:
     """The points of one group that no point at smaller or equal compute beats (see the module
     docstring), in increasing compute."""
-    ordered = points.sort_values(["compute", "loss"], kind="stable")
-    best_before = ordered["loss"].cummin().shift(fill_value=np.inf)
-    return ordered[ordered["loss"] < best_before].reset_index(drop=True)
+    return lower_envelope(points, "compute", "loss")
 
 
 def fit_compute_frontiers(logs: pd.DataFrame, bootstrap: int, seed: int = 0) -> dict:
