@@ -79,9 +79,13 @@ def test_the_envelope_is_the_lower_pareto_front_not_a_zigzag_through_the_grid(tm
         "l1": (10, 0.30, 0.30), "l1-lr2": (12, 0.40, 0.40), "l0.3": (20, 0.20, 0.20),
         "l0.3-lr2": (22, 0.25, 0.25), "l0.1": (40, 0.10, 0.10),
     }
-    table, points = run(planted("relu", zigzag) + planted("topk", power(0.6, [8, 16, 32, 64])), tmp_path)
-    relu = points[points["arch"] == "relu"].set_index("setting")
+    elsewhere = {"l1": (10, 0.50, 0.50), "l1-lr2": (12, 0.40, 0.40), "l0.1": (40, 0.10, 0.10)}  # at n = 2048
+    table, points = run(
+        planted("relu", zigzag) + planted("topk", power(0.6, [8, 16, 32, 64])) + planted("relu", elsewhere, n=2048), tmp_path)
+    relu = points[(points["arch"] == "relu") & (points["n_latents"] == 1024)].set_index("setting")
     assert sorted(relu.index[relu["on_envelope"]]) == ["relu-l0.1", "relu-l0.3", "relu-l1"]
+    other = points[points["n_latents"] == 2048].set_index("setting")["on_envelope"]
+    assert other.to_dict() == {"relu-l0.1": True, "relu-l1": True, "relu-l1-lr2": True}  # each n its own envelope
     at_16 = table[(table["arch"] == "relu") & (table["l0"] == 16)]["value"].item()
     expected = np.exp(np.interp(np.log(16), np.log([10, 20]), np.log([0.30, 0.20])))  # between envelope points
     assert at_16 == pytest.approx(expected, rel=1e-9)

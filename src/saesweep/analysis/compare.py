@@ -70,10 +70,11 @@ def choose_envelopes(points: pd.DataFrame) -> pd.DataFrame:
     """``points`` with ``on_envelope``: whether the setting lies on its (site, n, arch)'s lower
     envelope of validation (L0, nmse), among the settings with both positive."""
     x, y = f"{VALIDATION}_l0", f"{VALIDATION}_{METRIC}"
-    chosen = set()
+    chosen: set[tuple] = set()
     for _, group in points[(points[x] > 0) & (points[y] > 0)].groupby(GROUP):
-        chosen |= set(lower_envelope(group, x, y)["setting"])
-    return points.assign(on_envelope=points["setting"].isin(chosen))
+        chosen |= set(lower_envelope(group, x, y)[SETTING].itertuples(index=False, name=None))
+    keys = points[SETTING].itertuples(index=False, name=None)
+    return points.assign(on_envelope=[key in chosen for key in keys])
 
 
 def percentile_interval(values: np.ndarray) -> tuple[float, float]:
@@ -110,7 +111,7 @@ def envelope_values(envelope: pd.DataFrame, replicates: Replicates, at: np.ndarr
 def matched_rows(site: str, n: int, envelopes: dict[str, pd.DataFrame], replicates: Replicates) -> list[dict]:
     """The rows of one (site, n): every architecture's value and interval at each compared L0
     and the verdict (module docstring)."""
-    at = np.unique(np.round(np.concatenate([e[f"{TEST}_l0"].to_numpy() for e in envelopes.values()]), 6))
+    at = np.unique(np.concatenate([e[f"{TEST}_l0"].to_numpy() for e in envelopes.values()]))
     values = {arch: envelope_values(e, replicates, at) for arch, e in envelopes.items()}
     rows = []
     for index, l0 in enumerate(at):
