@@ -200,6 +200,13 @@ PAGE_INTRO = (
 )
 
 
+SINGLE_SEED = (
+    "<p><b>One seed per setting:</b> the intervals hold the variation over held-out tokens only, "
+    "not over retraining; a winner here may not survive another seed (add seeds to "
+    "<code>sweep.seeds</code>).</p>"
+)
+
+
 def write_comparison(
     cells_path: Path, metrics_paths: list[Path], csv_path: Path, frontiers_path: Path, html_path: Path,
     replicates: int, seed: int = 0,
@@ -216,6 +223,8 @@ def write_comparison(
     html = lambda frame: frame.to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0)  # noqa: E731
     budget = tuning_budget(cells)
     sections = [f"<h2>{METRIC} at matched L0 (test windows)</h2>"]
+    if points["seeds"].max() == 1:
+        sections.append(SINGLE_SEED)
     if table.empty:
         sections.append(
             "<p>No L0 at which two architectures can be compared: each needs at least two settings on "
