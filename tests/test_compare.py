@@ -165,3 +165,14 @@ def test_comparison_files_and_metrics_without_windows(tmp_path: Path) -> None:
     paths[0].write_text(json.dumps(metrics[0]))
     with pytest.raises(UserError, match="m0.json"):
         read_windows(paths)
+
+
+def test_an_external_sae_without_seed_is_a_setting_of_its_own(tmp_path) -> None:
+    external = planted("saelens-topk", {"lens": (16, 0.3, 0.3)})
+    for record in external:
+        record["seed"] = None  # an imported SAE has no seed (interop.stages)
+        record["setting"] = "lens-topk"
+    table, points = run(planted("topk", power(0.5, [8, 32])) + planted("relu", power(0.8, [10, 60], "l")) + external, tmp_path)
+    lens = points.set_index("setting").loc["lens-topk"]
+    assert lens["on_envelope"] and lens["test_nmse"] == pytest.approx(0.3)
+    assert "saelens-topk" not in set(table["arch"])  # one point: no frontier to compare

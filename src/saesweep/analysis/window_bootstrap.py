@@ -57,7 +57,7 @@ def cell_replicates(test_windows: pd.DataFrame, draws: np.ndarray, windows: np.n
     """Per cell (its ``CELL_KEY`` tuple): (nmse_b, l0_b) over the replicates ``draws`` of the
     site's test ``windows`` (module docstring). Every cell must have exactly these windows."""
     result = {}
-    for key, rows in test_windows.groupby(CELL_KEY, sort=False):
+    for key, rows in test_windows.groupby(CELL_KEY, sort=False, dropna=False):  # an external SAE has no seed
         rows = rows.set_index("window")
         if len(rows) != len(windows) or not np.array_equal(np.sort(rows.index.to_numpy()), windows):
             raise UserError(
