@@ -24,6 +24,7 @@ from saesweep.analysis.explorer_data import explorer_data
 from saesweep.analysis.scaling import fit_scaling_laws
 from saesweep.cli import main
 from saesweep.core.files import write_json
+from saesweep.core.split import PARTS, UNIT, WINDOWS_KEY
 
 SIZES = (256, 512, 1024, 2048, 4096)
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -46,6 +47,7 @@ def planted_cell(folder: Path, arch: str, curve: str, n: int, knob: dict, l0: fl
         "training": {"tokens": 1000 * n, "steps": n, "wall_time_s": 1.0, "tokens_per_s": 1e4, "final_dead_fraction": 0.0,
                      "final_nmse": nmse, "epochs": 1.0},
     }
+    metrics |= split_parts(nmse, l0)
     write_json(cell / "metrics.json", metrics)
     write_json(cell / "cfg.json", cfg)
     tokens = np.array([250, 500, 1000]) * n
@@ -55,6 +57,18 @@ def planted_cell(folder: Path, arch: str, curve: str, n: int, knob: dict, l0: fl
         log = log.assign(flops=6.0 * 2 * 32 * n * tokens, train_seconds=tokens / 1e4)
     log.to_parquet(cell / "train_log.parquet")
     return cell / "metrics.json"
+
+
+def split_parts(nmse: float, l0: float, windows: int = 4, tokens: int = 10) -> dict:
+    """The validation and test parts of ``metrics.json`` (``evaluation.heldout_split``) of a
+    cell whose every held-out window has this NMSE and L0."""
+    parts = {part: {"nmse": nmse, "l0": l0} for part in PARTS}
+    sums = {"unit": UNIT, "tokens_per_window": tokens}
+    for first, part in enumerate(PARTS):
+        sums[part] = {"window": list(range(first, 2 * windows, 2)), "tokens": [tokens] * windows,
+                      "sq_error": [nmse * tokens] * windows, "variance": [float(tokens)] * windows,
+                      "l0_sum": [l0 * tokens] * windows}
+    return {**parts, WINDOWS_KEY: sums}
 
 
 def planted_sweep(folder: Path, flops: bool = True) -> dict[str, Path]:
@@ -71,9 +85,10 @@ def planted_sweep(folder: Path, flops: bool = True) -> dict[str, Path]:
         for coef, l0 in ((0.1, 60.0), (1.0, 12.0)):
             paths.append(planted_cell(folder / "cells", "relu", f"l{coef:g}", n, {"l1_coef": coef}, l0, 1.5 * l0**-0.5, flops))
     files = {name: folder / f"{name}" for name in ("cells.parquet", "train_logs.parquet", "fits.json", "architectures.csv")}
-    cells = aggregate("planted", paths, files["cells.parquet"], files["train_logs.parquet"])
+    cells = aggregate("planted", paths, files["cells.parquet"], files["train_logs.parquet"], folder / "windows.parquet")
     write_json(files["fits.json"], fit_scaling_laws(cells, ["nmse", "delta_lm_loss"], bootstrap=20, seed=0))
-    write_comparison(files["cells.parquet"], files["architectures.csv"], folder / "architectures.html")
+    write_comparison(files["cells.parquet"], folder / "windows.parquet", files["architectures.csv"],
+                     folder / "architectures_frontiers.csv", folder / "architectures.html", 50)
     return files
 
 

@@ -205,18 +205,36 @@ def test_k_transfer(cells: pd.DataFrame, tmp_path: Path) -> None:
     assert "no k_transfer_nmse_* columns in the table" in text
 
 
-def test_sparsity_frontier_draws_every_architecture_against_measured_l0(cells: pd.DataFrame, tmp_path: Path) -> None:
+def test_sparsity_frontier_draws_envelopes_with_bands(cells: pd.DataFrame, tmp_path: Path, monkeypatch) -> None:
     topk = cells[cells["site"] == "resid.6"].assign(l0=cells["k"].astype(float))
     relu = topk.drop_duplicates(["n_latents", "k", "seed"]).assign(
         arch="relu", k=np.nan, curve=lambda t: "l" + (1 / t["sparsity"]).round(3).astype(str),
         l0=lambda t: 1.5 * t["l0"], nmse=lambda t: 1.3 * t["nmse"],
     )
+    both = pd.concat([topk, relu]).assign(setting=lambda t: t["arch"] + "-" + t["curve"])
+    points = both.groupby(["site", "arch", "setting", "n_latents"])[["l0", "nmse"]].mean().reset_index()
+    frontiers = points.assign(
+        test_l0=points["l0"], test_nmse=points["nmse"], test_nmse_lo=0.9 * points["nmse"],
+        test_nmse_hi=1.1 * points["nmse"], on_envelope=True,
+    )
+    dominated = frontiers[frontiers["setting"] == "topk-k16"].assign(setting="topk-k16-lr2", on_envelope=False)
+    dominated = dominated.assign(test_nmse=2 * dominated["test_nmse"])
+    frontiers = pd.concat([frontiers, dominated], ignore_index=True)
+    bands = []
+    original = plots.Axes.fill_between
+    monkeypatch.setattr(plots.Axes, "fill_between", lambda ax, x, lo, hi, **kw: bands.append((list(x), list(lo), list(hi))) or original(ax, x, lo, hi, **kw))
     text = check_written(
-        plots.plot_sparsity_frontier(pd.concat([topk, relu]), tmp_path / "frontier", TITLE),
-        "measured L0 (active latents per token) (log scale)",
-        "n=512", "n=8192", "topk", "relu", "k16", "l0.125",
+        plots.plot_sparsity_frontier(both, frontiers, tmp_path / "frontier", TITLE),
+        "measured L0 (active latents per token) (log scale)", "(test windows)",
+        "n=512", "n=8192", "topk", "relu", "k16", "l0.125", "topk-k16-lr2", "architecture (envelope)",
     )
     assert "resid.9" not in text
+    assert len(bands) == 2 * 5  # one band per architecture and panel
+    for x, lo, hi in bands:
+        assert len(x) == 3 and x == sorted(x)  # through the three envelope settings, not the dominated one
+        assert np.allclose(np.array(hi) / np.array(lo), 1.1 / 0.9)
+    check_written(plots.plot_sparsity_frontier(both, frontiers, tmp_path / "delta", TITLE, "delta_lm_loss"), "topk")
+    assert len(bands) == 10  # no band for a metric without a validation/test split
 
 
 def test_interpretability(cells: pd.DataFrame, tmp_path: Path) -> None:

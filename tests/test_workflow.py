@@ -286,6 +286,7 @@ def copy_of_run(sweep: Path, folder: Path, **changes) -> Path:
     cells = pd.read_parquet(source / "cells.parquet").assign(run="tiny2", **changes)
     cells.to_parquet(folder / "scaling/cells.parquet")
     pd.read_parquet(source / "train_logs.parquet").assign(run="tiny2").to_parquet(folder / "scaling/train_logs.parquet")
+    pd.read_parquet(source / "windows.parquet").to_parquet(folder / "scaling/windows.parquet")
     return folder
 
 
@@ -313,6 +314,8 @@ def test_merge_keeps_one_row_per_repeated_cell_and_the_analyses_run_on_it(sweep:
     logs = pd.read_parquet(second / "scaling/train_logs.parquet")
     extra_logs = logs[logs.n_latents == smallest].assign(seed=1)
     pd.concat([logs, extra_logs]).to_parquet(second / "scaling/train_logs.parquet")
+    windows = pd.read_parquet(second / "scaling/windows.parquet")
+    pd.concat([windows, windows[windows.n_latents == smallest].assign(seed=1)]).to_parquet(second / "scaling/windows.parquet")
 
     merged = tmp_path / "merged"
     result = saesweep("merge", "--out", str(merged), str(first), str(second))
@@ -328,6 +331,9 @@ def test_merge_keeps_one_row_per_repeated_cell_and_the_analyses_run_on_it(sweep:
     # each kept cell has its own training log once: the first run's for a repeated cell
     merged_logs = pd.read_parquet(merged / "scaling/train_logs.parquet")
     per_cell = merged_logs.groupby(["arch", "setting", "n_latents", "seed"]).size()
+    merged_windows = pd.read_parquet(merged / "scaling/windows.parquet").groupby(["arch", "setting", "n_latents", "seed"]).size()
+    first_windows = pd.read_parquet(first / "scaling/windows.parquet").groupby(["arch", "setting", "n_latents"]).size()
+    assert len(merged_windows) == len(table) and (merged_windows.xs(0, level="seed") == first_windows).all()
     original = pd.read_parquet(first / "scaling/train_logs.parquet").groupby(["arch", "setting", "n_latents"]).size()
     assert len(per_cell) == len(table) and (per_cell.xs(0, level="seed") == original).all()
     # and the second order of precedence keeps the second run's values
@@ -340,17 +346,22 @@ def test_merge_keeps_one_row_per_repeated_cell_and_the_analyses_run_on_it(sweep:
     for command in (
         ["fit", "--cells", str(scaling / "cells.parquet"), "--logs", str(scaling / "train_logs.parquet"),
          "--metrics", "nmse", "delta_lm_loss", "--bootstrap", "20", "--out", str(scaling / "fits.json")],
-        ["compare", "--cells", str(scaling / "cells.parquet"), "--csv", str(scaling / "architectures.csv"),
-         "--html", str(merged / "report/architectures.html")],
+        ["compare", "--cells", str(scaling / "cells.parquet"), "--windows", str(scaling / "windows.parquet"),
+         "--csv", str(scaling / "architectures.csv"), "--frontiers", str(scaling / "architectures_frontiers.csv"),
+         "--html", str(merged / "report/architectures.html"), "--bootstrap", "20"],
         ["plot", "--cells", str(scaling / "cells.parquet"), "--logs", str(scaling / "train_logs.parquet"),
-         "--fits", str(scaling / "fits.json"), "--metrics", "nmse", "delta_lm_loss", "--title", "merged",
-         "--out-dir", str(scaling / "figures")],
+         "--fits", str(scaling / "fits.json"), "--frontiers", str(scaling / "architectures_frontiers.csv"),
+         "--metrics", "nmse", "delta_lm_loss", "--title", "merged", "--out-dir", str(scaling / "figures")],
+        ["explorer", "--cells", str(scaling / "cells.parquet"), "--logs", str(scaling / "train_logs.parquet"),
+         "--fits", str(scaling / "fits.json"), "--architectures", str(scaling / "architectures.csv"),
+         "--out", str(merged / "report/explorer.html")],
     ):
         done = saesweep(*command)
         assert done.returncode == 0, done.stderr
     fits = json.loads((scaling / "fits.json").read_text())
     topk = next(group for group in fits["groups"] if group["arch"] == "topk")
     assert topk["site"] == cells["site"].iloc[0] and (scaling / "figures/nmse_vs_n.png").stat().st_size > 10_000
+    assert (merged / "report/explorer.html").stat().st_size > 1_000_000
 
 
 def test_merge_refuses_another_corpus_naming_the_key(sweep: Path, tmp_path: Path) -> None:

@@ -113,7 +113,7 @@ def stage_import(args: argparse.Namespace) -> None:
 def stage_aggregate(args: argparse.Namespace) -> None:
     from saesweep.analysis.aggregate import aggregate
 
-    aggregate(args.run, [Path(p) for p in args.metrics], Path(args.out), Path(args.logs))
+    aggregate(args.run, [Path(p) for p in args.metrics], Path(args.out), Path(args.logs), Path(args.windows))
 
 
 def stage_merge(args: argparse.Namespace) -> None:
@@ -147,13 +147,16 @@ def stage_fit(args: argparse.Namespace) -> None:
 def stage_plot(args: argparse.Namespace) -> None:
     from saesweep.analysis.figures import draw_all
 
-    draw_all(Path(args.cells), Path(args.logs), Path(args.fits), Path(args.out_dir), args.title, args.metrics)
+    draw_all(Path(args.cells), Path(args.logs), Path(args.fits), Path(args.frontiers), Path(args.out_dir), args.title, args.metrics)
 
 
 def stage_compare(args: argparse.Namespace) -> None:
     from saesweep.analysis.compare import write_comparison
 
-    table = write_comparison(Path(args.cells), Path(args.csv), Path(args.html))
+    table = write_comparison(
+        Path(args.cells), Path(args.windows), Path(args.csv), Path(args.frontiers), Path(args.html),
+        args.bootstrap,
+    )
     print(f"{args.csv}: {len(table)} rows", file=sys.stderr)
 
 
@@ -224,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--run", required=True)
     sub.add_argument("--out", required=True)
     sub.add_argument("--logs", required=True)
+    sub.add_argument("--windows", required=True, help="the cells' per-window sums (parquet), for the comparison")
     sub.add_argument("metrics", nargs="+")
     sub = stage("merge", stage_merge, "merge several runs' cells tables and training logs into one run folder")
     sub.add_argument("--out", required=True, help="the merged run folder (its scaling/ tables are written)")
@@ -241,13 +245,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--cells", required=True)
     sub.add_argument("--logs", required=True)
     sub.add_argument("--fits", required=True)
+    sub.add_argument("--frontiers", required=True, help="the comparison's settings (saesweep compare --frontiers)")
     sub.add_argument("--metrics", nargs="+", required=True)
     sub.add_argument("--title", required=True)
     sub.add_argument("--out-dir", required=True)
     sub = stage("compare", stage_compare, "compare the architectures at matched L0 (CSV and HTML)")
     sub.add_argument("--cells", required=True)
     sub.add_argument("--csv", required=True)
+    sub.add_argument("--frontiers", required=True, help="every setting's validation and test points (CSV)")
     sub.add_argument("--html", required=True)
+    sub.add_argument("--bootstrap", type=int, required=True, help="replicates over test windows and seeds")
+    sub.add_argument("--windows", required=True, help="the cells' per-window sums (scaling/windows.parquet)")
     sub = stage("report-tables", stage_report_tables, "the fit table and the run's configuration for the report")
     sub.add_argument("--fits", required=True)
     sub.add_argument("--config-json", required=True, help="the validated config, as JSON")

@@ -33,9 +33,11 @@ rule report_tables:
 
 rule compare_architectures:
     input:
-        rules.aggregate.output.table,
+        cells=rules.aggregate.output.table,
+        windows=rules.aggregate.output.windows,
     output:
         csv=f"{RUN}/scaling/architectures.csv",
+        frontiers=f"{RUN}/scaling/architectures_frontiers.csv",
         html=report(
             f"{RUN}/report/architectures.html",
             caption="../report/architectures.rst",
@@ -46,8 +48,13 @@ rule compare_architectures:
     localrule: True
     conda:
         "../../envs/saesweep.yaml"
+    params:
+        bootstrap=config["scaling"]["bootstrap"],
     shell:
-        "saesweep compare --cells {input:q} --csv {output.csv:q} --html {output.html:q} > {log} 2>&1"
+        "saesweep compare --cells {input.cells:q} --csv {output.csv:q} "
+        "--frontiers {output.frontiers:q} --html {output.html:q} "
+        "--bootstrap {params.bootstrap} --windows {input.windows:q} > {log} 2>&1"
+
 
 
 rule explorer:

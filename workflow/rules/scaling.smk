@@ -9,6 +9,7 @@ rule aggregate:
         table=f"{RUN}/scaling/cells.parquet",
         csv=f"{RUN}/scaling/cells.csv",
         logs=f"{RUN}/scaling/train_logs.parquet",
+        windows=f"{RUN}/scaling/windows.parquet",
     log:
         f"{RUN}/logs/aggregate.log",
     conda:
@@ -17,6 +18,7 @@ rule aggregate:
         run=config["run"],
     shell:
         "saesweep aggregate --run {params.run:q} --out {output.table:q} --logs {output.logs:q} "
+        "--windows {output.windows:q} "
         "{input:q} > {log} 2>&1"
 
 
@@ -44,6 +46,7 @@ rule plot_figures:
         cells=rules.aggregate.output.table,
         logs=rules.aggregate.output.logs,
         fits=rules.fit_laws.output,
+        frontiers=f"{RUN}/scaling/architectures_frontiers.csv",
     output:
         [
             report(
@@ -64,4 +67,5 @@ rule plot_figures:
         title=f"{config['model']['id']} · {', '.join(SITES)} · run {config['run']}",
     shell:
         "saesweep plot --cells {input.cells:q} --logs {input.logs:q} --fits {input.fits:q} "
+        "--frontiers {input.frontiers:q} "
         "--metrics {params.metrics:q} --title {params.title:q} --out-dir {params.folder:q} > {log} 2>&1"

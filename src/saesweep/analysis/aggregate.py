@@ -9,6 +9,7 @@ from typing import Any
 
 import pandas as pd
 
+from saesweep.analysis.window_bootstrap import read_windows
 from saesweep.core.errors import UserError
 from saesweep.core.files import atomic_path, read_json
 
@@ -76,8 +77,10 @@ def cell_row(cell_folder: Path, metrics_path: Path) -> dict[str, Any]:
     return row
 
 
-def aggregate(run: str, metrics_paths: list[Path], table: Path, logs: Path) -> pd.DataFrame:
-    """Write the cells table (parquet + CSV) and the concatenated training logs."""
+def aggregate(run: str, metrics_paths: list[Path], table: Path, logs: Path, windows: Path) -> pd.DataFrame:
+    """Write the cells table (parquet + CSV), the concatenated training logs and the cells'
+    per-window sums of the validation and test parts (``window_bootstrap.read_windows``), which
+    the architecture comparison resamples."""
     rows, log_frames = [], []
     for path in metrics_paths:
         folder = Path(path).parent
@@ -96,6 +99,7 @@ def aggregate(run: str, metrics_paths: list[Path], table: Path, logs: Path) -> p
     with atomic_path(Path(table).with_suffix(".csv")) as temporary:
         cells.to_csv(temporary, index=False)
     write_table(pd.concat(log_frames, ignore_index=True), Path(logs))
+    write_table(read_windows([Path(path) for path in metrics_paths]), Path(windows))
     return cells
 
 

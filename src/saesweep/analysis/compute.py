@@ -21,9 +21,9 @@ conservative except at each run's last point.
 
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 
+from saesweep.analysis.envelope import lower_envelope
 from saesweep.analysis.scaling import fit_pair
 
 FLOPS = "Σ over steps of each step's FLOPs, sae/flops.py"
@@ -47,9 +47,7 @@ def compute_points(logs: pd.DataFrame) -> pd.DataFrame:
 def frontier(points: pd.DataFrame) -> pd.DataFrame:
     """The points of one group that no point at smaller or equal compute beats (see the module
     docstring), in increasing compute."""
-    ordered = points.sort_values(["compute", "loss"], kind="stable")
-    best_before = ordered["loss"].cummin().shift(fill_value=np.inf)
-    return ordered[ordered["loss"] < best_before].reset_index(drop=True)
+    return lower_envelope(points, "compute", "loss")
 
 
 def fit_compute_frontiers(logs: pd.DataFrame, bootstrap: int, seed: int = 0) -> dict:

@@ -24,10 +24,13 @@ def lm_not_applicable(cells: pd.DataFrame) -> str | None:
     return str(cells[LM_REASON].iloc[0])
 
 
-def draw_all(cells_path: Path, logs_path: Path, fits_path: Path, folder: Path, title: str, metrics: list[str]) -> list[Path]:
+def draw_all(
+    cells_path: Path, logs_path: Path, fits_path: Path, frontiers_path: Path, folder: Path, title: str, metrics: list[str]
+) -> list[Path]:
     """Write ``{metric}_vs_n``, ``{metric}_vs_k``, ``{metric}_joint`` for each fitted
     metric, and ``dead_fraction``, ``frontier``, ``sparsity_frontier`` and
-    ``sparsity_frontier_delta_lm_loss`` (architectures against measured L0), ``k_transfer``
+    ``sparsity_frontier_delta_lm_loss`` (architectures against measured L0, with the envelopes
+    of the comparison's settings ``frontiers_path``), ``k_transfer``
     and ``k_transfer_delta_lm_loss``, ``interpretability``, ``compute_frontier``,
     ``training_curves`` and ``training_curves_l0`` (convergence curves on shared axes),
     ``dead_latents`` and ``convergence`` (tokens to convergence and n_opt(C); PNG and SVG). The
@@ -36,6 +39,7 @@ def draw_all(cells_path: Path, logs_path: Path, fits_path: Path, folder: Path, t
     cells = with_curves(pd.read_parquet(cells_path))
     logs = with_curves(pd.read_parquet(logs_path))
     fits = json.loads(Path(fits_path).read_text())
+    frontiers = pd.read_csv(frontiers_path)
     folder.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     for metric in metrics:
@@ -43,12 +47,12 @@ def draw_all(cells_path: Path, logs_path: Path, fits_path: Path, folder: Path, t
         written += law_plots.plot_metric_vs_k(cells, fits, metric, folder / f"{metric}_vs_k", title)
         written += law_plots.plot_joint_contours(cells, fits, metric, folder / f"{metric}_joint", title)
     written += plots.plot_dead_fraction(cells, folder / "dead_fraction", title)
-    written += plots.plot_sparsity_frontier(cells, folder / "sparsity_frontier", title)
+    written += plots.plot_sparsity_frontier(cells, frontiers, folder / "sparsity_frontier", title)
     written += plots.plot_k_transfer(cells, folder / "k_transfer", title)
     reason = lm_not_applicable(cells)
     if reason is None:
         written += plots.plot_frontier(cells, folder / "frontier", title)
-        written += plots.plot_sparsity_frontier(cells, folder / "sparsity_frontier_delta_lm_loss", title, "delta_lm_loss")
+        written += plots.plot_sparsity_frontier(cells, frontiers, folder / "sparsity_frontier_delta_lm_loss", title, "delta_lm_loss")
         written += plots.plot_k_transfer(cells, folder / "k_transfer_delta_lm_loss", title, "delta_lm_loss")
         written += plots.plot_interpretability(cells, folder / "interpretability", title)
     else:

@@ -1,6 +1,6 @@
-"""Runs merged across machines and users (``saesweep merge``): the cells tables and the
-training logs of several runs joined into one run folder's ``scaling/`` tables, on which the
-fits, figures, comparison and explorer run as on any run.
+"""Runs merged across machines and users (``saesweep merge``): the cells tables, training
+logs and per-window sums of several runs joined into one run folder's ``scaling/`` tables, on
+which the fits, figures, comparison and explorer run as on any run.
 
 Rows are joined by what makes them comparable. At one site, every run's rows must agree on
 ``COMPARABILITY_KEYS``: the LM and its revision, the corpus, and the evaluation protocol (the
@@ -11,7 +11,7 @@ and comparison treats them as another site.
 
 A cell (``KEY_COLUMNS``: site, architecture, setting, n, seed) that is in several runs is
 one experiment repeated when its training settings hash is the same in each: the row of the
-run named first is kept, with its training log, and the others are dropped (the first
+run named first is kept, with its training log and window sums, and the others are dropped (the first
 named wins). With another training settings hash it is not the same experiment: that is a
 difference of ``train_settings_hash``, refused or kept apart like the keys above.
 """
@@ -34,6 +34,7 @@ EXPERIMENT_KEY = "train_settings_hash"
 """The column that tells a repeated cell (same value) from another experiment of the same name."""
 CELLS = Path("scaling/cells.parquet")
 LOGS = Path("scaling/train_logs.parquet")
+WINDOWS = Path("scaling/windows.parquet")
 """Where a run folder (``results/{run}``) holds the tables merged here."""
 SOURCE_COLUMN = "merged_from"
 """The column of the merged tables naming the run folder each row came from."""
@@ -48,6 +49,18 @@ class RunTables:
     """The run's name, made unique among the merged runs (``{run}#2`` for a second of that name)."""
     cells: pd.DataFrame
     logs: pd.DataFrame
+    windows: pd.DataFrame
+    """The per-window sums of the validation and test parts (``analysis.window_bootstrap``)."""
+
+    def rows_of(self, cells: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """This run's training logs and window sums of the cells ``cells``."""
+        keys = cells[KEY_COLUMNS]
+        return self.logs.merge(keys, on=KEY_COLUMNS), self.windows.merge(keys, on=KEY_COLUMNS)
+
+    def relabel(self, site: str, apart: str) -> None:
+        """Every table's rows of ``site`` as the site ``apart``."""
+        for frame in (self.cells, self.logs, self.windows):
+            frame.loc[frame["site"] == site, "site"] = apart
 
 
 @dataclass
@@ -79,14 +92,15 @@ def read_run(folder: Path, taken: set[str]) -> RunTables:
     """A run folder's cells table and training logs, with a label no earlier run has."""
     cells = read_table(folder / CELLS, "cells table", ("run", *KEY_COLUMNS, *COMPARABILITY_KEYS, EXPERIMENT_KEY))
     logs = read_table(folder / LOGS, "training logs", KEY_COLUMNS)
+    windows = read_table(folder / WINDOWS, "per-window sums", KEY_COLUMNS)
     name = str(cells["run"].iloc[0]) if len(cells) else folder.name
     label, copy = name, 1
     while label in taken:
         copy += 1
         label = f"{name}#{copy}"
     taken.add(label)
-    tag = {SOURCE_COLUMN: str(folder)}
-    return RunTables(folder, label, cells.reset_index(drop=True).assign(**tag), logs.reset_index(drop=True).assign(**tag))
+    tables = (frame.reset_index(drop=True).assign(**{SOURCE_COLUMN: str(folder)}) for frame in (cells, logs, windows))
+    return RunTables(folder, label, *tables)
 
 
 def as_text(value: Any) -> str:
@@ -117,16 +131,16 @@ def conflict(run: RunTables, earlier: pd.DataFrame) -> tuple[str, str, pd.Series
     return None
 
 
-def merge_runs(folders: list[Path], keep_apart: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, MergeSummary]:
-    """The merged cells table, training logs and summary of the run ``folders`` (in order of
-    precedence: a repeated cell keeps the first folder's row)."""
+def merge_runs(folders: list[Path], keep_apart: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, MergeSummary]:
+    """The merged cells table, training logs, window sums and summary of the run ``folders``
+    (in order of precedence: a repeated cell keeps the first folder's row)."""
     if len(folders) < 2:
         raise UserError("saesweep merge needs at least two run folders")
     taken: set[str] = set()
     runs = [read_run(Path(folder), taken) for folder in folders]
     summary = MergeSummary(sources=[str(run.folder) for run in runs])
     cells = runs[0].cells
-    logs = [runs[0].logs]
+    logs, windows = [runs[0].logs], [runs[0].windows]
     for run in runs[1:]:
         while (found := conflict(run, cells)) is not None:
             site, key, row, earlier = found
@@ -135,8 +149,7 @@ def merge_runs(folders: list[Path], keep_apart: bool = False) -> tuple[pd.DataFr
             if not keep_apart:
                 raise UserError(f"{message} (pass --keep-apart to keep its rows as site {site}@{run.label})")
             apart = f"{site}@{run.label}"
-            run.cells.loc[run.cells["site"] == site, "site"] = apart
-            run.logs.loc[run.logs["site"] == site, "site"] = apart
+            run.relabel(site, apart)
             summary.kept_apart.append({"source": str(run.folder), "site": site, "as": apart, "key": key})
         repeated = run.cells.merge(cells[KEY_COLUMNS], on=KEY_COLUMNS, how="left", indicator=True)["_merge"] == "both"
         summary.dropped_repeats += [
@@ -145,21 +158,23 @@ def merge_runs(folders: list[Path], keep_apart: bool = False) -> tuple[pd.DataFr
         ]
         new = run.cells[~repeated.to_numpy()]
         cells = pd.concat([cells, new], ignore_index=True)
-        kept = run.logs.merge(new[KEY_COLUMNS], on=KEY_COLUMNS)
-        logs.append(kept)
+        kept_logs, kept_windows = run.rows_of(new)
+        logs.append(kept_logs)
+        windows.append(kept_windows)
     merged_cells = cells.sort_values(KEY_COLUMNS, ignore_index=True)
     summary.cells = len(merged_cells)
-    return merged_cells, pd.concat(logs, ignore_index=True), summary
+    return merged_cells, pd.concat(logs, ignore_index=True), pd.concat(windows, ignore_index=True), summary
 
 
 def write_merge(folders: list[Path], output: Path, keep_apart: bool = False) -> MergeSummary:
     """Merge the run ``folders`` into the run folder ``output``: ``scaling/cells.parquet`` (and
-    its CSV), ``scaling/train_logs.parquet`` and ``merge.json``, each written atomically and only
-    once every input was read and found comparable."""
-    cells, logs, summary = merge_runs(folders, keep_apart)
+    its CSV), ``scaling/train_logs.parquet``, ``scaling/windows.parquet`` and ``merge.json``, each
+    written atomically and only once every input was read and found comparable."""
+    cells, logs, windows, summary = merge_runs(folders, keep_apart)
     write_table(cells, output / CELLS)
     with atomic_path(output / CELLS.with_suffix(".csv")) as temporary:
         cells.to_csv(temporary, index=False)
     write_table(logs, output / LOGS)
+    write_table(windows, output / WINDOWS)
     write_json(output / "merge.json", summary.__dict__)
     return summary

@@ -3,7 +3,8 @@ architecture interface; the definitions live in ``metrics`` and ``probes``, the 
 the analysis tokens (the last three below) in ``analysis``, streamed over chunks of tokens.
 
 - reconstruction (normalised MSE, cosine, measured L0, dead fraction, firing histogram) on
-  the first ``tokens`` held-out activations, and the k-transfer sweep: the same SAE
+  the first ``tokens`` held-out activations, normalised MSE and L0 again on their
+  validation and test windows (``heldout_split``), and the k-transfer sweep: the same SAE
   evaluated with k' = f·k active latents (architectures with ``k_override`` only: TopK,
   Multi-TopK and Matryoshka TopK; for the others the metrics say why it does not apply);
 - downstream, on ``downstream_windows`` held-out windows: the site's output a at every
@@ -40,6 +41,7 @@ from saesweep.data.synthetic import PLANTED_KEY
 from saesweep.evaluation.analysis import analysis_metrics
 from saesweep.evaluation.comparability import protocol_hash
 from saesweep.evaluation.recovery import lm_metrics_not_applicable, recovery_metrics
+from saesweep.evaluation.heldout_split import split_metrics, tokens_per_window
 from saesweep.sae.export import load_sae
 from saesweep.core.files import write_json
 from saesweep.data.lm import load_lm
@@ -209,6 +211,8 @@ def evaluate_cell(settings: EvalSettings, cell_folder: Path, output: Path) -> di
         ks = []
         not_applicable["k_transfer"] = f"{sae.name} cannot be evaluated with another number of active latents"
     metrics: dict[str, Any] = reconstruction_metrics(sae, activations, settings.batch_size, ks)
+    # validation / test parts of the same tokens, for the architecture comparison
+    metrics.update(split_metrics(sae, activations, tokens_per_window(store.manifest), settings.batch_size))
     if inputs.lm is None:
         lm_metrics, reasons = lm_metrics_not_applicable(ks)
         metrics.update({**recovery_metrics(sae, store, activations, settings.batch_size), **lm_metrics})
