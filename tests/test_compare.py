@@ -31,7 +31,7 @@ def planted(
     for name, (l0, validation, test) in settings.items():
         for s in seeds:
             record = {"site": "resid8", "arch": arch, "setting": f"{arch}-{name}", "n_latents": n, "seed": s,
-                      "curve": name, "d": 64, "tokens": 1000.0, WINDOWS_KEY: {"unit": "window", "tokens_per_window": TOKENS}}
+                      "curve": name, "d": 64, "tokens": 1000.0, "train_flops": 7.0e8, WINDOWS_KEY: {"unit": "window", "tokens_per_window": TOKENS}}
             for part, nmse, first in ((VALIDATION, validation, 0), (TEST, test, 1)):
                 error = nmse * 100 * (1 + noise * rng.standard_normal(WINDOWS))
                 record[WINDOWS_KEY][part] = {
@@ -162,7 +162,7 @@ def test_comparison_files_and_metrics_without_windows(tmp_path: Path) -> None:
     page = (tmp_path / "a.html").read_text()
     assert "nmse at matched L0" in page and "Tuning budget" in page and "training_flops" in page
     assert "One seed per setting" in page
-    assert f"{6 * 2 * 1024 * 64 * 3 * 1000:.4g}" in page  # three topk cells of 1000 tokens, n = 1024, d = 64
+    assert f"{3 * 7.0e8:.4g}" in page  # the measured FLOPs (train_flops) of three topk cells
     del metrics[0][WINDOWS_KEY]
     paths[0].write_text(json.dumps(metrics[0]))
     with pytest.raises(UserError, match="m0.json"):
