@@ -33,6 +33,8 @@ from saesweep.core.devices import resolve_device
 from saesweep.core.job_settings import EvalSettings, to_json
 from saesweep.data.activations import ActivationStore
 from saesweep.evaluation.analysis import analysis_metrics
+from saesweep.evaluation.density import density_metrics
+from saesweep.evaluation.refine import RefinementAccumulator
 from saesweep.sae.export import load_sae
 from saesweep.core.files import write_json
 from saesweep.data.lm import load_lm
@@ -65,26 +67,24 @@ def reconstruction_metrics(
     """Reconstruction metrics of the SAE as trained, and normalised MSE at every k' in ``ks``."""
     own = ReconstructionAccumulator(n_latents=sae.n)
     others = {k: ReconstructionAccumulator() for k in ks}
+    refined = RefinementAccumulator()  # Gao et al. §5.1 (evaluation.refine)
     for start in range(0, len(activations), batch_size):
         x = sae.normalise(activations[start : start + batch_size])
         pre = sae.pre_activations(x)
         codes = sae.sparse_codes(pre)
         own.update(x, sae.decode(codes), codes.col_indices(), codes.values())
+        refined.update(sae, x, codes)
         for k, accumulator in others.items():
             accumulator.update(x, sae.decode(sae.sparse_codes(pre, k)))
     result = own.result()
-    histogram = own.histogram()
     return {
         "nmse": result["normalised_mse"],
         "mse": result["mse"],
         "cosine_similarity": result["cosine_similarity"],
         "l0": result["l0"],
         "dead_fraction": result["dead_fraction"],
-        "firing_histogram": {
-            "log10_frequency_edges": histogram.edges.tolist(),
-            "counts": histogram.counts.tolist(),
-            "dead": int(histogram.n_dead),
-        },
+        **density_metrics(own.counts, own.n_coded),
+        **refined.result(result["normalised_mse"]),
         "k_transfer_nmse": {str(k): accumulator.result()["normalised_mse"] for k, accumulator in others.items()},
     }
 
