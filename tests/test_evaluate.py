@@ -195,7 +195,9 @@ def dense_analysis(
     strings: list[list[str]], ablated: torch.Tensor, skip: int, candidates: int, explained: int, ablations: int,
 ) -> dict:
     """The analysis metrics as they were computed before streaming: from the dense (T, n)
-    codes, the screen on centred float64 columns, live latents from ``any`` over rows."""
+    codes and pre-activations (the probes'), the screen on centred float64 columns, live
+    latents from ``any`` over rows."""
+    pre = sae.pre_activations(sae.normalise(activations)).detach()
     codes = sae.encode(sae.normalise(activations)).to_dense()
     per_task = {}
     for task, label in label_tokens(strings).items():
@@ -203,10 +205,10 @@ def dense_analysis(
         half = len(target) // 2
         if not all(part.any() and not part.all() for part in (target[:half], target[half:])):
             continue
-        values, y = codes[:half].double(), target[:half].double()
+        values, y = pre[:half].double(), target[:half].double()
         centred, y = values - values.mean(dim=0), y - y.mean()
         correlation = (centred.T @ y).abs() / (centred.norm(dim=0) * y.norm()).clamp_min(1e-12)
-        chosen = codes[:, correlation.topk(min(candidates, codes.shape[1])).indices]
+        chosen = pre[:, correlation.topk(min(candidates, pre.shape[1])).indices]
         per_task[task] = best_latent_probe_loss(chosen, target)[0]
 
     def live_sample(fires: torch.Tensor, count: int) -> torch.Tensor:
@@ -284,3 +286,28 @@ def test_evaluation_never_encodes_more_than_a_chunk(tmp_path: Path, tiny_model: 
     assert max(largest) == chunk and sum(largest) > 2 * 32 * 31  # the analysis tokens were encoded in chunks
     assert read_json(tmp_path / "metrics.json", "metrics")["probe_loss_count"] == metrics["probe_loss_count"] > 0
     assert metrics["explain_precision_count"] > 0 and metrics["ablation_sparsity_count"] == 2
+
+
+def test_probes_read_pre_activations_where_the_code_is_zero() -> None:
+    """A TopK SAE (k = 1) whose latent 0 always wins the selection and whose latent 1's
+    pre-activation is +1 on tokens with a leading space and −1 elsewhere: latent 1's code is
+    0 on every token, so a probe on codes knows nothing (its loss is the label entropy), while
+    the probe on pre-activations (Gao et al. 2024) separates the classes."""
+    g = torch.Generator().manual_seed(0)
+    windows, width = 16, 12
+    spaced = torch.rand(windows, width, generator=g) < 0.5
+    strings = [["Ġthe" if s else "x" for s in row] for row in spaced.tolist()]
+    activations = torch.stack([spaced.flatten().float() * 2 - 1, torch.randn(windows * width, generator=g)], dim=1)
+    sae = TopKSAE(2, 3, {"k": 1})
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]))
+        sae.b_enc.copy_(torch.tensor([10.0, 0.0, 0.0]))
+        sae.b_pre.zero_()
+    codes = sae.encode(activations).to_dense()
+    assert codes[:, 1].eq(0).all() and codes[:, 0].eq(10).all()
+    metrics = analysis_metrics(
+        sae, None, "resid1", activations=activations, windows=torch.zeros(windows, width, dtype=torch.long),
+        token_strings=strings, ablated=torch.zeros(0, width + 1, dtype=torch.long), skip=1, chunk=7,
+        probe_candidates=2, explain_latents=0, ablation_latents=0, seed=0)
+    task = metrics["probe_tasks"]["leading_space"]
+    assert task["label_entropy"] > 0.6 and task["loss"] < 0.05

@@ -6,18 +6,23 @@ The analysis tokens are the T = W · (C − skip) kept positions of W held-out w
 
 1. First pass: per latent j, its firing count over all T rows and over the first
    A · (C − skip) rows (the ablated windows'), and the probe screen's sums
-   (``probes.CorrelationScreen``) over the probes' training half.
+   (``probes.CorrelationScreen``) of the pre-activations over the probes' training half.
 2. Choice: per task, the ``probe_candidates`` latents best correlated with it; a seeded
    sample of ``explain_latents`` live latents; a seeded sample of ``ablation_latents``
    latents live in the ablated windows.
-3. Second pass: the dense values of the U chosen latents (the union of the three) over all
-   T rows, (T, U) float32; the metrics read only these columns.
+3. Second pass: the code values of the explained and ablated latents over all T rows, and
+   the pre-activations of the probe candidates (the probes read pre-activations, Gao et al.
+   2024 §4.4: for TopK the encoder's output before the top-k selection, for ReLU before the
+   ReLU, for JumpReLU and BatchTopK before the threshold, for Gated the gate's
+   pre-activation, of which the magnitude path is an affine map per latent, which a 1-D
+   probe does not see), (T, U) float32 in all; the metrics read only these columns.
 
 Memory (bytes), besides the LM and the SAE, with c = chunk, t = tasks (``TASKS``), p =
 ``probe_candidates``, m = ``explain_latents``, a = ``ablation_latents``,
 U ≤ t·p + m + a:
 
-    3·c·n·4                 one chunk's pre-activations and codes (as in reconstruction)
+    3·c·n·4 + c·n·8         one chunk's pre-activations and codes (as in reconstruction),
+                            and the chunk in float64 for the screen
   + (3 + 3·t)·n·8 + 3·n·8   the screen's sums and correlations, two firing counts, the slot map
   + T·(U + 1)·4 + T·t       the chosen columns and the labels
   + 12·T·p·8                one task's probe fits (float64 working arrays of ``probe_losses``)
@@ -52,14 +57,21 @@ class CodeChunk(NamedTuple):
 
 
 @torch.no_grad()
-def code_chunks(sae: SparseAutoencoder, activations: torch.Tensor, chunk: int) -> Iterator[CodeChunk]:
-    """The codes of raw ``activations`` (T, d), ``chunk`` rows at a time, on the SAE's device:
-    the SAE never encodes more than ``chunk`` rows at once."""
+def encoded_chunks(sae: SparseAutoencoder, activations: torch.Tensor, chunk: int) -> Iterator[tuple[int, torch.Tensor, CodeChunk]]:
+    """(first row, pre-activations (c, n), codes) of raw ``activations`` (T, d), ``chunk``
+    rows at a time, on the SAE's device: the SAE never encodes more than ``chunk`` rows at
+    once."""
     device = sae.W_enc.device
     for start in range(0, len(activations), chunk):
-        codes = sae.encode(sae.normalise(activations[start : start + chunk].to(device))).to_sparse_coo()
+        pre = sae.pre_activations(sae.normalise(activations[start : start + chunk].to(device)))
+        codes = sae.sparse_codes(pre).to_sparse_coo()
         rows, cols = codes.indices()
-        yield CodeChunk(rows + start, cols, codes.values())
+        yield start, pre, CodeChunk(rows + start, cols, codes.values())
+
+
+def code_chunks(sae: SparseAutoencoder, activations: torch.Tensor, chunk: int) -> Iterator[CodeChunk]:
+    """The codes of ``encoded_chunks``."""
+    return (codes for _, _, codes in encoded_chunks(sae, activations, chunk))
 
 
 def count_firing(counts: torch.Tensor, chunk: CodeChunk, rows: int) -> None:
@@ -116,7 +128,7 @@ def task_labels(token_strings: list[list[str]], device: torch.device) -> tuple[l
 
 def probe_metrics(tasks: list[str], labels: torch.Tensor, columns: torch.Tensor) -> dict[str, Any]:
     """Per task t, the held-out loss of the single-latent probe whose latent has the lowest
-    training loss among its candidates, whose values are ``columns[t]`` (T, p): the latents
+    training loss among its candidates, whose pre-activations are ``columns[t]`` (T, p): the latents
     best correlated with the task on the training half (``probes.best_latent_probe_loss``),
     beside the held-out label entropy. ``probe_loss`` is the mean over the tasks, with its
     standard error over them."""
@@ -194,24 +206,27 @@ def analysis_metrics(
     counts = torch.zeros(sae.n, dtype=torch.int64, device=device)
     ablation_counts = torch.zeros_like(counts)
     ablation_rows = len(ablated) * windows.shape[1]
-    for codes in code_chunks(sae, activations, chunk):
-        screen.update(*codes)
+    for start, pre, codes in encoded_chunks(sae, activations, chunk):
+        screen.update(start, pre)
         count_firing(counts, codes, tokens)
         count_firing(ablation_counts, codes, ablation_rows)
     candidates = screen.candidates(probe_candidates)
     explained = sample_live_latents(counts, explain_latents, seed)
     ablation_sample = sample_live_latents(ablation_counts, ablation_latents, seed)
 
-    chosen = torch.cat([candidates.flatten(), explained, ablation_sample]).unique()
+    chosen = torch.cat([explained, ablation_sample]).unique()
+    probed = candidates.flatten().unique()
     gather = ColumnGather(chosen, sae.n, tokens)
-    for codes in code_chunks(sae, activations, chunk):
+    pre_activations = torch.empty(tokens, len(probed), device=device)
+    for start, pre, codes in encoded_chunks(sae, activations, chunk):
         gather.update(codes)
+        pre_activations[start : start + len(pre)] = pre.index_select(1, probed)
     columns = gather.columns()
 
     def values_of(latents: torch.Tensor) -> torch.Tensor:
         return columns[:, torch.searchsorted(chosen, latents)]
 
-    metrics = probe_metrics(tasks, labels, [values_of(row) for row in candidates])
+    metrics = probe_metrics(tasks, labels, [pre_activations[:, torch.searchsorted(probed, row)] for row in candidates])
     metrics.update(explain_metrics(values_of(explained).cpu(), windows))
     fires = values_of(ablation_sample)[:ablation_rows].reshape(len(ablated), windows.shape[1], len(ablation_sample)) > 0
     metrics.update(ablation_metrics(sae, lm, site, ablated, skip, ablation_sample.tolist(), fires, seed))
