@@ -170,10 +170,10 @@ class EvalSettings:
     """Held-out windows of the probe, explanation and ablation metrics."""
     explain_latents: int
     """Live latents sampled for n-gram explanations."""
-    ablation_latents: int
-    """Live latents sampled for ablation sparsity."""
+    ablation_tokens: int
+    """Tokens sampled for ablation sparsity; every active latent of each is ablated."""
     ablation_windows: int
-    """Windows ablation latents are sampled from."""
+    """Windows the ablated tokens are sampled from."""
     lm_batch_size: int
     """Windows per LM forward."""
     probe_candidates: int

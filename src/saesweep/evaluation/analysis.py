@@ -1,16 +1,14 @@
 """The metrics of a cell on its analysis tokens: probe loss on labelled token tasks, n-gram
-explanations and ablation sparsity, streamed over chunks of tokens.
+explanations and ablation sparsity (``evaluation.ablation``), streamed over chunks of tokens.
 
 The analysis tokens are the T = W · (C − skip) kept positions of W held-out windows. No
 (T, n) code matrix is ever formed: the codes are computed ``chunk`` rows at a time, twice.
 
-1. First pass: per latent j, its firing count over all T rows and over the first
-   A · (C − skip) rows (the ablated windows'), and the probe screen's sums
+1. First pass: per latent j, its firing count over all T rows, and the probe screen's sums
    (``probes.CorrelationScreen``) of the pre-activations over the probes' training half.
 2. Choice: per task, the ``probe_candidates`` latents best correlated with it; a seeded
-   sample of ``explain_latents`` live latents; a seeded sample of ``ablation_latents``
-   latents live in the ablated windows.
-3. Second pass: the code values of the explained and ablated latents over all T rows, and
+   sample of ``explain_latents`` live latents.
+3. Second pass: the code values of the explained latents over all T rows, and
    the pre-activations of the probe candidates (the probes read pre-activations, Gao et al.
    2024 §4.4: for TopK the encoder's output before the top-k selection, for ReLU before the
    ReLU, for JumpReLU and BatchTopK before the threshold, for Gated the gate's
@@ -18,12 +16,11 @@ The analysis tokens are the T = W · (C − skip) kept positions of W held-out w
    probe does not see), (T, U) float32 in all; the metrics read only these columns.
 
 Memory (bytes), besides the LM and the SAE, with c = chunk, t = tasks (``TASKS``), p =
-``probe_candidates``, m = ``explain_latents``, a = ``ablation_latents``,
-U ≤ t·p + m + a:
+``probe_candidates``, m = ``explain_latents``, U ≤ t·p + m:
 
     3·c·n·4 + c·n·8         one chunk's pre-activations and codes (as in reconstruction),
                             and the chunk in float64 for the screen
-  + (3 + 3·t)·n·8 + 3·n·8   the screen's sums and correlations, two firing counts, the slot map
+  + (3 + 3·t)·n·8 + 2·n·8   the screen's sums and correlations, the firing counts, the slot map
   + T·(U + 1)·4 + T·t       the chosen columns and the labels
   + 12·T·p·8                one task's probe fits (float64 working arrays of ``probe_losses``)
 
@@ -32,17 +29,16 @@ which does not grow with T · n.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
+from saesweep.evaluation.ablation import ablation_metrics
 from saesweep.evaluation.explain import explainability
-from saesweep.evaluation.metrics import ablation_sparsity, mean_and_standard_error
+from saesweep.evaluation.metrics import mean_and_standard_error
 from saesweep.evaluation.probes import CorrelationScreen, best_latent_probe_loss, label_entropy
-from saesweep.evaluation.splice import reconstructor, spliced_logits
 from saesweep.evaluation.token_tasks import label_tokens
 from saesweep.sae.base import SparseAutoencoder
 
@@ -158,76 +154,34 @@ def explain_metrics(codes: torch.Tensor, windows: torch.Tensor) -> dict[str, Any
     return out
 
 
-def ablation_metrics(
-    sae: SparseAutoencoder, lm: torch.nn.Module, site: str, windows: torch.Tensor, skip: int,
-    latents: Sequence[int], fires: torch.Tensor, seed: int,
-) -> dict[str, Any]:
-    """Ablation sparsity (``metrics.ablation_sparsity``) of ``latents``, sampled among those
-    that fire in the held-out token ``windows`` (W, C); ``fires`` (W, C − skip, len(latents))
-    says where each fires at the kept positions. Each is removed from the SAE
-    reconstruction at one seeded position where it fires, and the logit change against the
-    unablated reconstruction is taken at that position and every later one of its window
-    (the ones the ablation can reach). Mean over the latents, with its standard error."""
-    generator = torch.Generator().manual_seed(seed)
-    reconstruct = reconstructor(sae)
-    unablated: dict[int, torch.Tensor] = {}
-    scores = []
-    for column, latent in enumerate(latents):
-        where = fires[:, :, column].nonzero()
-        window, position = where[torch.randint(len(where), (1,), generator=generator).item()].tolist()
-        ids = windows[window : window + 1]
-        if window not in unablated:
-            unablated[window] = spliced_logits(lm, site, ids, skip, reconstruct)
-
-        def without_latent(a: torch.Tensor, latent: int = latent, position: int = position) -> torch.Tensor:
-            out = reconstruct(a)
-            value = sae.encode(sae.normalise(a[0, position : position + 1])).to_dense()[0, latent]
-            out[0, position] -= value * sae.W_dec[latent] * sae.act_scale
-            return out
-
-        ablated = spliced_logits(lm, site, ids, skip, without_latent)
-        scores.append(ablation_sparsity((ablated - unablated[window])[0, skip + position :]))
-    mean, se = mean_and_standard_error(scores)
-    return {"ablation_sparsity": mean, "ablation_sparsity_se": se, "ablation_sparsity_count": sum(map(math.isfinite, scores))}
-
-
 def analysis_metrics(
     sae: SparseAutoencoder, lm: torch.nn.Module, site: str, *, activations: torch.Tensor,
     windows: torch.Tensor, token_strings: list[list[str]], ablated: torch.Tensor, skip: int,
-    chunk: int, probe_candidates: int, explain_latents: int, ablation_latents: int, seed: int,
+    chunk: int, probe_candidates: int, explain_latents: int, ablation_tokens: int, lm_batch: int, seed: int,
 ) -> dict[str, Any]:
     """Probe, explanation and ablation metrics on the analysis tokens, by the two passes of
     the module docstring. ``activations`` (T, d) are the raw activations at the kept
     positions of ``windows`` (W, C − skip) of token ids, whose strings are
-    ``token_strings``; ``ablated`` (A, C) are the first A windows whole, A ≤ W."""
+    ``token_strings``; ``ablated`` (A, C) are the windows whole that ``ablation_tokens``
+    tokens are sampled from, their active latents ablated ``lm_batch`` at a time."""
     device, tokens = sae.W_enc.device, len(activations)
     tasks, labels = task_labels(token_strings, device)
     screen = CorrelationScreen(labels, tokens // 2, sae.n)
     counts = torch.zeros(sae.n, dtype=torch.int64, device=device)
-    ablation_counts = torch.zeros_like(counts)
-    ablation_rows = len(ablated) * windows.shape[1]
     for start, pre, codes in encoded_chunks(sae, activations, chunk):
         screen.update(start, pre)
         count_firing(counts, codes, tokens)
-        count_firing(ablation_counts, codes, ablation_rows)
     candidates = screen.candidates(probe_candidates)
     explained = sample_live_latents(counts, explain_latents, seed)
-    ablation_sample = sample_live_latents(ablation_counts, ablation_latents, seed)
 
-    chosen = torch.cat([explained, ablation_sample]).unique()
     probed = candidates.flatten().unique()
-    gather = ColumnGather(chosen, sae.n, tokens)
+    gather = ColumnGather(explained, sae.n, tokens)
     pre_activations = torch.empty(tokens, len(probed), device=device)
     for start, pre, codes in encoded_chunks(sae, activations, chunk):
         gather.update(codes)
         pre_activations[start : start + len(pre)] = pre.index_select(1, probed)
-    columns = gather.columns()
-
-    def values_of(latents: torch.Tensor) -> torch.Tensor:
-        return columns[:, torch.searchsorted(chosen, latents)]
 
     metrics = probe_metrics(tasks, labels, [pre_activations[:, torch.searchsorted(probed, row)] for row in candidates])
-    metrics.update(explain_metrics(values_of(explained).cpu(), windows))
-    fires = values_of(ablation_sample)[:ablation_rows].reshape(len(ablated), windows.shape[1], len(ablation_sample)) > 0
-    metrics.update(ablation_metrics(sae, lm, site, ablated, skip, ablation_sample.tolist(), fires, seed))
+    metrics.update(explain_metrics(gather.columns().cpu(), windows))
+    metrics.update(ablation_metrics(sae, lm, site, ablated, skip, ablation_tokens, lm_batch, seed))
     return metrics

@@ -213,8 +213,8 @@ def evaluate_cell(settings: EvalSettings, cell_folder: Path, output: Path) -> di
         sae, inputs.lm, cfg["site"], activations=kept, windows=windows, token_strings=strings,
         ablated=all_windows[: min(settings.ablation_windows, len(windows))], skip=skip,
         chunk=settings.batch_size, probe_candidates=settings.probe_candidates,
-        explain_latents=settings.explain_latents, ablation_latents=settings.ablation_latents,
-        seed=settings.seed,
+        explain_latents=settings.explain_latents, ablation_tokens=settings.ablation_tokens,
+        lm_batch=settings.lm_batch_size, seed=settings.seed,
     ))
 
     metrics.update({
