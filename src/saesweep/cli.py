@@ -118,6 +118,7 @@ def stage_fit(args: argparse.Namespace) -> None:
 
     from saesweep.core.files import write_json
     from saesweep.analysis.compute import fit_compute_frontiers
+    from saesweep.analysis.loss_law import fit_loss_laws
     from saesweep.analysis.scaling import fit_scaling_laws
 
     cells = pd.read_parquet(args.cells)
@@ -126,6 +127,7 @@ def stage_fit(args: argparse.Namespace) -> None:
         raise UserError(f"config key scaling.metrics: {missing} are not columns of {args.cells}")
     fits = fit_scaling_laws(cells, args.metrics, bootstrap=args.bootstrap, seed=args.seed)
     fits["compute_frontier"] = fit_compute_frontiers(pd.read_parquet(args.logs), args.bootstrap, args.seed)
+    fits["loss_law"] = fit_loss_laws(cells, args.bootstrap, args.seed)
     write_json(args.out, fits)
 
 

@@ -41,6 +41,8 @@ FIGURES = (
             "compute_frontier",
             "training_curves",
             "dead_latents",
+            "dense_fraction",
+            "latent_density",
         )
     }
     | {

@@ -29,7 +29,7 @@ TRAINING_COLUMNS = {
 
 def cell_row(cell_folder: Path, metrics_path: Path) -> dict[str, Any]:
     """The scalar metrics of ``metrics.json`` (nested dicts flattened with ``_``, lists
-    left out), the training facts of ``cfg.json`` and the provenance; ``curve`` is the cell's
+    left out but the latent-density histogram's counts), the training facts of ``cfg.json`` and the provenance; ``curve`` is the cell's
     setting without its architecture (``k32``, ``l0.3``: the cells of one line over n) and
     ``sparsity`` the value of its architecture's sparsity knob. An external SAE (``interop.stages``)
     has its name as setting and curve, the source as ``external_source``, and no training
@@ -63,6 +63,7 @@ def cell_row(cell_folder: Path, metrics_path: Path) -> dict[str, Any]:
     })
     if external:
         row["external_source"] = json.dumps(external["source"], sort_keys=True)
+    row["firing_histogram_counts"] = metrics.get("firing_histogram", {}).get("counts")  # fixed bins: evaluation.density
     return row
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from saesweep.analysis import law_plots, plots
+from saesweep.analysis import density_plots, law_plots, plots
 from saesweep.analysis.aggregate import with_curves
 
 
@@ -16,7 +16,8 @@ def draw_all(cells_path: Path, logs_path: Path, fits_path: Path, folder: Path, t
     metric, and ``dead_fraction``, ``frontier``, ``sparsity_frontier`` and
     ``sparsity_frontier_delta_lm_loss`` (architectures against measured L0), ``k_transfer``
     and ``k_transfer_delta_lm_loss``, ``interpretability``, ``compute_frontier``,
-    ``training_curves`` and ``dead_latents`` (PNG and SVG)."""
+    ``training_curves``, ``dead_latents``, ``dense_fraction`` and ``latent_density`` (PNG
+    and SVG)."""
     cells = with_curves(pd.read_parquet(cells_path))
     logs = with_curves(pd.read_parquet(logs_path))
     fits = json.loads(Path(fits_path).read_text())
@@ -36,4 +37,6 @@ def draw_all(cells_path: Path, logs_path: Path, fits_path: Path, folder: Path, t
     written += law_plots.plot_compute_frontier(logs, fits, folder / "compute_frontier", title)
     written += plots.plot_training_curves(logs, folder / "training_curves", title)
     written += plots.plot_dead_latents(logs, folder / "dead_latents", title)
+    written += plots.plot_dense_fraction(cells, folder / "dense_fraction", title)
+    written += density_plots.plot_latent_density(cells, folder / "latent_density", title)
     return written

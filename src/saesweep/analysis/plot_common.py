@@ -24,6 +24,7 @@ LABELS = {
     "nmse": "normalised MSE",
     "delta_lm_loss": "ΔLM loss (nats/token)",
     "dead_fraction": "dead latents (fraction of n)",
+    "dense_fraction": "dense latents, firing on > 10 % of tokens (fraction of n)",
     "ce_loss_recovered": "CE loss recovered (fraction)",
     "loss": "training loss",
     "n_latents": "number of latents n",
