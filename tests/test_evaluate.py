@@ -85,8 +85,11 @@ def test_zero_reconstruction_recovers_nothing(downstream: Downstream) -> None:
 
 def test_reconstruction_metrics_of_an_exact_sae() -> None:
     activations = torch.randn(500, 32, generator=torch.Generator().manual_seed(1)) * 3 + 1
-    metrics = reconstruction_metrics(exact_sae(32), activations, batch_size=128, ks=[16, 32])
+    metrics = reconstruction_metrics(exact_sae(32), activations, batch_size=128, ks=[16, 32], refine_tokens=200)
     assert metrics["nmse"] == pytest.approx(0, abs=1e-10)
+    assert metrics["refine_tokens"] == 200 and metrics["refined_nmse"] == pytest.approx(0, abs=1e-10)
+    assert metrics["shrinkage_ratio"] == pytest.approx(1, abs=1e-5)  # the exact values need no refit
+    assert sum(metrics["firing_histogram"]["counts"]) + metrics["firing_histogram"]["dead"] == 64
     assert metrics["cosine_similarity"] == pytest.approx(1, abs=1e-6)
     assert metrics["k_transfer_nmse"]["32"] == pytest.approx(0, abs=1e-10)
     assert 0 < metrics["k_transfer_nmse"]["16"] < 1  # half the coordinates dropped
@@ -172,6 +175,9 @@ def test_ablation_metrics_average_tokens(downstream: Downstream) -> None:
         means.append(sum(scores) / len(scores))
     assert result["ablation_sparsity"] == pytest.approx(sum(means) / 3)
     assert result["ablation_sparsity_count"] == 3 and result["ablation_sparsity_latents"] == 3 * lm.config.hidden_size
+    capped = ablation_metrics(sae, lm, "resid1", windows, skip, tokens=3, batch=16, seed=0, cap=5)
+    assert capped["ablation_sparsity_count"] == 3 and capped["ablation_sparsity_latents"] == 3 * 5
+    assert capped["ablation_sparsity"] == pytest.approx(result["ablation_sparsity"], rel=0.5)  # an estimate of it
 
 
 def test_ablation_of_one_position_changes_nothing_before_it(downstream: Downstream) -> None:
@@ -274,17 +280,17 @@ def test_streamed_analysis_equals_the_dense_computation(tiny_model: Path, arch: 
     strings = [tokenizer.convert_ids_to_tokens(row.tolist()) for row in windows]
     streamed = analysis_metrics(
         sae, lm, "resid1", activations=activations, windows=windows, token_strings=strings, ablated=ids[:3],
-        skip=skip, chunk=7, probe_candidates=5, explain_latents=6, ablation_tokens=2, lm_batch=8, seed=0)
+        skip=skip, chunk=7, probe_candidates=5, explain_latents=6, ablation_tokens=2, ablation_latents=0, lm_batch=8, pad=0, seed=0)
     dense = dense_analysis(sae, activations, windows, strings, 5, 6)
     assert streamed["probe_loss_count"] >= 3  # several tasks have both classes in each half
     assert {task: entry["loss"] for task, entry in streamed["probe_tasks"].items()} == pytest.approx(dense["probe_tasks"], abs=1e-9)
-    assert streamed["ablation_sparsity_count"] == 2
-    for name in ("explain_precision", "explain_recall"):
+    assert streamed["ablation_sparsity_count"] == 2 and streamed["explain_precision_count"] > 0
+    for name in ("ngram_precision", "ngram_recall"):
         assert streamed[name] == pytest.approx(dense[name], abs=1e-9, nan_ok=True)
         assert streamed[f"{name}_count"] == dense[f"{name}_count"] > 0
     none = analysis_metrics(  # evaluate.ablation_tokens may be 0
         sae, lm, "resid1", activations=activations, windows=windows, token_strings=strings, ablated=ids[:3],
-        skip=skip, chunk=7, probe_candidates=5, explain_latents=6, ablation_tokens=0, lm_batch=8, seed=0)
+        skip=skip, chunk=7, probe_candidates=5, explain_latents=6, ablation_tokens=0, ablation_latents=0, lm_batch=8, pad=0, seed=0)
     assert none["ablation_sparsity_count"] == 0 and none["probe_tasks"] == streamed["probe_tasks"]
 
 
@@ -322,7 +328,8 @@ def test_evaluation_never_encodes_more_than_a_chunk(tmp_path: Path, tiny_model: 
     metrics = evaluate_cell(settings, folder, tmp_path / "metrics.json")
     assert max(largest) == chunk and sum(largest) > 2 * 32 * 31  # the analysis tokens were encoded in chunks
     assert read_json(tmp_path / "metrics.json", "metrics")["probe_loss_count"] == metrics["probe_loss_count"] > 0
-    assert metrics["explain_precision_count"] > 0 and metrics["ablation_sparsity_count"] == 2
+    assert metrics["explain_precision_count"] > 0 and metrics["ngram_precision_count"] > 0
+    assert metrics["ablation_sparsity_count"] == 2
 
 
 def test_probes_read_pre_activations_where_the_code_is_zero() -> None:
@@ -345,6 +352,6 @@ def test_probes_read_pre_activations_where_the_code_is_zero() -> None:
     metrics = analysis_metrics(
         sae, None, "resid1", activations=activations, windows=torch.zeros(windows, width, dtype=torch.long),
         token_strings=strings, ablated=torch.zeros(0, width + 1, dtype=torch.long), skip=1, chunk=7,
-        probe_candidates=2, explain_latents=0, ablation_tokens=0, lm_batch=1, seed=0)
+        probe_candidates=2, explain_latents=0, ablation_tokens=0, ablation_latents=0, lm_batch=1, pad=0, seed=0)
     task = metrics["probe_tasks"]["leading_space"]
     assert task["label_entropy"] > 0.6 and task["loss"] < 0.05

@@ -37,12 +37,15 @@ def test_refinement_recovers_the_planted_values(shrink: float) -> None:
     assert refined.numpy() == pytest.approx(x.numpy(), abs=1e-4)  # the true values reconstruct x exactly
     assert (sums[0] / sums[1]).item() == pytest.approx(1 / shrink, rel=1e-4)  # the planted shrinkage
     assert kkt.max().item() < 1e-6
-    accumulator = RefinementAccumulator()
-    accumulator.update(sae, x, codes)
-    nmse = fvu(x, sae.decode(codes))
-    result = accumulator.result(nmse)
+    accumulator = RefinementAccumulator(tokens=40)  # of 64: the rest is left out
+    accumulator.update(sae, x[:32], codes.to_dense()[:32].to_sparse_csr())
+    accumulator.update(sae, x[32:], codes.to_dense()[32:].to_sparse_csr())
+    nmse = fvu(x[:40], sae.decode(codes)[:40])
+    result = accumulator.result()
+    assert result["refine_tokens"] == 40
     assert nmse > 0.01 and result["refined_nmse"] < 1e-8
     assert result["refine_nmse_gain"] == pytest.approx(1.0, abs=1e-6)
+    assert accumulator.original.result()["normalised_mse"] == pytest.approx(nmse, rel=1e-6)
     assert result["shrinkage_ratio"] == pytest.approx(1 / shrink, rel=1e-4)
 
 

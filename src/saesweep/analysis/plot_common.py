@@ -35,8 +35,8 @@ LABELS = {
     "compute": f"training compute C = {FLOPS} (FLOPs)",
     "heldout_nmse": "held-out normalised MSE during training",
     "probe_loss": "probe loss (nats, mean over tasks)",
-    "explain_precision": "n-gram explanation precision",
-    "explain_recall": "n-gram explanation recall",
+    "explain_precision": "N2G explanation precision",
+    "explain_recall": "N2G explanation recall",
     "ablation_sparsity": "ablation sparsity (lower: sparser effect)",
 }
 

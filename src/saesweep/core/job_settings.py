@@ -171,7 +171,11 @@ class EvalSettings:
     explain_latents: int
     """Live latents sampled for n-gram explanations."""
     ablation_tokens: int
-    """Tokens sampled for ablation sparsity; every active latent of each is ablated."""
+    """Tokens sampled for ablation sparsity."""
+    ablation_latents: int
+    """At most this many of a sampled token's active latents are ablated (drawn at random); 0: all."""
+    refine_tokens: int
+    """Held-out tokens whose codes are refined by least squares on their support (§5.1)."""
     ablation_windows: int
     """Windows the ablated tokens are sampled from."""
     lm_batch_size: int

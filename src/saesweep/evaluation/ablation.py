@@ -17,6 +17,11 @@ over the sampled tokens with an active latent (tokens weighted equally, the acti
 of a token equally: every (token, active latent) pair of a token counts 1/|S|), with its
 standard error over the tokens. Lower is sparser.
 
+With a cap m > 0 (``evaluate.ablation_latents``), a token with more than m active latents
+has m of them ablated, drawn uniformly without replacement (seeded): the token score is then
+the mean over a uniform sample of S, an unbiased estimate of the mean over all of S, at m/|S|
+of the cost. m = 0 ablates every active latent (the paper's definition).
+
 Cost: the prefix before p is run once per token (its key/value cache is reused); the T
 positions from p are run for 1 + |S| sequences, ``batch`` at a time. Logits held: batch · T · V
 float32.
@@ -57,9 +62,11 @@ def sample_tokens(windows: int, context: int, skip: int, count: int, seed: int) 
 @torch.no_grad()
 def token_ablation_scores(
     sae: SparseAutoencoder, lm: torch.nn.Module, site: str, window: torch.Tensor, skip: int, position: int, batch: int,
+    cap: int = 0, generator: torch.Generator | None = None,
 ) -> tuple[list[int], list[float]]:
-    """(active latents S, s_j for each) of the token at ``position`` of ``window`` (C,) token
-    ids (module docstring)."""
+    """(ablated latents, s_j for each) of the token at ``position`` of ``window`` (C,) token
+    ids: every active latent, or ``cap`` of them drawn with ``generator`` (CPU) when more are
+    active and cap > 0 (module docstring)."""
     reconstruct = reconstructor(sae)
     captured: list[torch.Tensor] = []
 
@@ -85,6 +92,9 @@ def token_ablation_scores(
     latents, values = codes.indices()[1][active], codes.values()[active]
     if len(latents) == 0:
         return [], []
+    if 0 < cap < len(latents):
+        keep = torch.randperm(len(latents), generator=generator)[:cap].sort().values.to(latents.device)
+        latents, values = latents[keep], values[keep]
     removed = torch.cat([torch.zeros(1, sae.W_dec.shape[1], device=values.device),
                          values[:, None] * sae.W_dec[latents] * sae.act_scale])  # row 0: unablated
 
@@ -108,14 +118,17 @@ def token_ablation_scores(
 
 
 def ablation_metrics(
-    sae: SparseAutoencoder, lm: torch.nn.Module, site: str, windows: torch.Tensor, skip: int, tokens: int, batch: int, seed: int,
+    sae: SparseAutoencoder, lm: torch.nn.Module, site: str, windows: torch.Tensor, skip: int, tokens: int, batch: int,
+    seed: int, cap: int = 0,
 ) -> dict[str, Any]:
     """``ablation_sparsity`` (mean over ``tokens`` sampled tokens of ``windows`` (A, C) of the
-    token scores), its standard error over the tokens, and ``ablation_sparsity_count`` (tokens
-    scored) and ``ablation_sparsity_latents`` (ablations run)."""
+    token scores, at most ``cap`` latents per token, 0: all), its standard error over the
+    tokens, and ``ablation_sparsity_count`` (tokens scored) and ``ablation_sparsity_latents``
+    (ablations run)."""
     token_scores, ablations = [], 0
+    generator = torch.Generator().manual_seed(seed)
     for window, position in sample_tokens(len(windows), windows.shape[1], skip, tokens, seed):
-        _, scores = token_ablation_scores(sae, lm, site, windows[window], skip, position, batch)
+        _, scores = token_ablation_scores(sae, lm, site, windows[window], skip, position, batch, cap, generator)
         finite = [score for score in scores if math.isfinite(score)]
         ablations += len(scores)
         if finite:

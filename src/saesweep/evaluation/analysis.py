@@ -29,14 +29,16 @@ which does not grow with T · n.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from saesweep.evaluation.ablation import ablation_metrics
+from saesweep.data.lm import capture_sites
 from saesweep.evaluation.explain import explainability
+from saesweep.evaluation.n2g import N2G_RANDOM, N2G_TOP, Activation, n2g_explainability
 from saesweep.evaluation.metrics import mean_and_standard_error
 from saesweep.evaluation.probes import CorrelationScreen, best_latent_probe_loss, label_entropy
 from saesweep.evaluation.token_tasks import label_tokens
@@ -136,10 +138,21 @@ def probe_metrics(tasks: list[str], labels: torch.Tensor, columns: torch.Tensor)
     return {"probe_loss": mean, "probe_loss_se": se, "probe_loss_count": len(per_task), "probe_tasks": per_task}
 
 
+def _means(prefix: str, precision: torch.Tensor, recall: torch.Tensor) -> dict[str, Any]:
+    """``{prefix}_precision`` and ``{prefix}_recall``: means over the scored latents, with
+    their standard errors (``_se``) and counts (``_count``)."""
+    out: dict[str, Any] = {}
+    for name, values in ((f"{prefix}_precision", precision), (f"{prefix}_recall", recall)):
+        out[name], out[f"{name}_se"] = mean_and_standard_error(values.tolist())
+        out[f"{name}_count"] = int(values.isfinite().sum())
+    return out
+
+
 def explain_metrics(codes: torch.Tensor, windows: torch.Tensor) -> dict[str, Any]:
-    """n-gram explanations (``explain.explainability``) of the latents whose values ``codes``
-    (T, m) holds, with T = windows × their length: explained on the first half of the
-    windows, scored on the second; means over the scored latents with standard errors."""
+    """Plain n-gram explanations (``explain.explainability``, this package's own, kept as
+    ``ngram_precision`` / ``ngram_recall``) of the latents whose values ``codes`` (T, m)
+    holds, with T = windows × their length: explained on the first half of the windows,
+    scored on the second."""
     if codes.shape[1] == 0 or len(windows) < 2:
         precision = recall = torch.empty(0)
     else:
@@ -147,23 +160,63 @@ def explain_metrics(codes: torch.Tensor, windows: torch.Tensor) -> dict[str, Any
         half = len(windows) // 2
         result = explainability(windows[:half], codes[:half], windows[half:], codes[half:])
         precision, recall = result["precision"], result["recall"]
-    out: dict[str, Any] = {}
-    for name, values in (("explain_precision", precision), ("explain_recall", recall)):
-        out[name], out[f"{name}_se"] = mean_and_standard_error(values.tolist())
-        out[f"{name}_count"] = int(values.isfinite().sum())
-    return out
+    return _means("ngram", precision, recall)
+
+
+def site_activation(sae: SparseAutoencoder, lm: torch.nn.Module, site: str, chunk: int) -> Callable[[int], Activation]:
+    """``n2g``'s view of a latent through the LM: latent → (token-id sequences → the latent's
+    code value at each sequence's last token, the LM run on the sequence alone up to the
+    site). Site activations are computed once per distinct sequence (sequences of one length
+    in one forward) and kept for every latent; they are encoded ``chunk`` rows at a time."""
+    device = sae.W_enc.device
+    seen: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def of(latent: int) -> Activation:
+        def activation(sequences: list[list[int]]) -> list[float]:
+            missing = sorted({tuple(s) for s in sequences} - seen.keys(), key=len)
+            for length in sorted({len(s) for s in missing}):
+                group = [s for s in missing if len(s) == length]
+                ids = torch.tensor(group, dtype=torch.long, device=device)
+                last = capture_sites(lm, ids, [site])[site][:, -1].float()
+                seen.update(zip(group, last))
+            x = torch.stack([seen[tuple(s)] for s in sequences])
+            return [value for part in x.split(chunk) for value in sae.encode(sae.normalise(part)).to_dense()[:, latent].tolist()]
+        return activation
+
+    return of
+
+
+def n2g_metrics(
+    sae: SparseAutoencoder, lm: torch.nn.Module, site: str, latents: torch.Tensor, codes: torch.Tensor,
+    windows: torch.Tensor, pad: int, chunk: int, seed: int,
+) -> dict[str, Any]:
+    """N2G explanations (``n2g``: Gao et al. 2024's, ``explain_precision`` /
+    ``explain_recall``) of ``latents`` whose values ``codes`` (T, m) holds, built from the
+    first half of the windows (``n2g.N2G_TOP`` top and ``n2g.N2G_RANDOM`` random activations
+    each) with the LM re-run on shortened inputs, scored on the second half."""
+    if codes.shape[1] == 0 or len(windows) < 2:
+        return _means("explain", torch.empty(0), torch.empty(0))
+    codes = codes.reshape(len(windows), windows.shape[1], codes.shape[1])
+    half = len(windows) // 2
+    result = n2g_explainability(
+        site_activation(sae, lm, site, chunk), latents.tolist(), windows[:half].cpu(), codes[:half], windows[half:].cpu(),
+        codes[half:], pad, N2G_TOP, N2G_RANDOM, seed)
+    return _means("explain", result["precision"], result["recall"])
 
 
 def analysis_metrics(
     sae: SparseAutoencoder, lm: torch.nn.Module, site: str, *, activations: torch.Tensor,
     windows: torch.Tensor, token_strings: list[list[str]], ablated: torch.Tensor, skip: int,
-    chunk: int, probe_candidates: int, explain_latents: int, ablation_tokens: int, lm_batch: int, seed: int,
+    chunk: int, probe_candidates: int, explain_latents: int, ablation_tokens: int, ablation_latents: int,
+    lm_batch: int, pad: int, seed: int,
 ) -> dict[str, Any]:
     """Probe, explanation and ablation metrics on the analysis tokens, by the two passes of
     the module docstring. ``activations`` (T, d) are the raw activations at the kept
     positions of ``windows`` (W, C − skip) of token ids, whose strings are
     ``token_strings``; ``ablated`` (A, C) are the windows whole that ``ablation_tokens``
-    tokens are sampled from, their active latents ablated ``lm_batch`` at a time."""
+    tokens are sampled from, their active latents (at most ``ablation_latents`` of each, 0:
+    all) ablated ``lm_batch`` at a time; ``pad``
+    is the neutral token of the N2G explanations."""
     device, tokens = sae.W_enc.device, len(activations)
     tasks, labels = task_labels(token_strings, device)
     screen = CorrelationScreen(labels, tokens // 2, sae.n)
@@ -183,5 +236,6 @@ def analysis_metrics(
 
     metrics = probe_metrics(tasks, labels, [pre_activations[:, torch.searchsorted(probed, row)] for row in candidates])
     metrics.update(explain_metrics(gather.columns().cpu(), windows))
-    metrics.update(ablation_metrics(sae, lm, site, ablated, skip, ablation_tokens, lm_batch, seed))
+    metrics.update(n2g_metrics(sae, lm, site, explained, gather.columns().cpu(), windows, pad, chunk, seed))
+    metrics.update(ablation_metrics(sae, lm, site, ablated, skip, ablation_tokens, lm_batch, seed, ablation_latents))
     return metrics

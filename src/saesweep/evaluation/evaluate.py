@@ -34,6 +34,7 @@ from saesweep.core.job_settings import EvalSettings, to_json
 from saesweep.data.activations import ActivationStore
 from saesweep.evaluation.analysis import analysis_metrics
 from saesweep.evaluation.density import density_metrics
+from saesweep.evaluation.n2g import n2g_pad
 from saesweep.evaluation.refine import RefinementAccumulator
 from saesweep.sae.export import load_sae
 from saesweep.core.files import write_json
@@ -62,12 +63,13 @@ def k_transfer_values(k: int, n: int, factors: list[float]) -> list[int]:
 
 @torch.no_grad()
 def reconstruction_metrics(
-    sae: SparseAutoencoder, activations: torch.Tensor, batch_size: int, ks: list[int]
+    sae: SparseAutoencoder, activations: torch.Tensor, batch_size: int, ks: list[int], refine_tokens: int,
 ) -> dict[str, Any]:
-    """Reconstruction metrics of the SAE as trained, and normalised MSE at every k' in ``ks``."""
+    """Reconstruction metrics of the SAE as trained, normalised MSE at every k' in ``ks``, and
+    the refinement metrics on the first ``refine_tokens``."""
     own = ReconstructionAccumulator(n_latents=sae.n)
     others = {k: ReconstructionAccumulator() for k in ks}
-    refined = RefinementAccumulator()  # Gao et al. §5.1 (evaluation.refine)
+    refined = RefinementAccumulator(refine_tokens)  # Gao et al. §5.1 (evaluation.refine)
     for start in range(0, len(activations), batch_size):
         x = sae.normalise(activations[start : start + batch_size])
         pre = sae.pre_activations(x)
@@ -84,7 +86,7 @@ def reconstruction_metrics(
         "l0": result["l0"],
         "dead_fraction": result["dead_fraction"],
         **density_metrics(own.counts, own.n_coded),
-        **refined.result(result["normalised_mse"]),
+        **refined.result(),
         "k_transfer_nmse": {str(k): accumulator.result()["normalised_mse"] for k, accumulator in others.items()},
     }
 
@@ -198,7 +200,7 @@ def evaluate_cell(settings: EvalSettings, cell_folder: Path, output: Path) -> di
     else:
         ks = []
         not_applicable["k_transfer"] = f"{sae.name} cannot be evaluated with another number of active latents"
-    metrics: dict[str, Any] = reconstruction_metrics(sae, activations, settings.batch_size, ks)
+    metrics: dict[str, Any] = reconstruction_metrics(sae, activations, settings.batch_size, ks, settings.refine_tokens)
 
     skip = store.manifest["skip_positions"]
     downstream = Downstream(inputs.lm, cfg["site"], all_windows[: settings.downstream_windows], skip, settings.lm_batch_size)
@@ -214,7 +216,8 @@ def evaluate_cell(settings: EvalSettings, cell_folder: Path, output: Path) -> di
         ablated=all_windows[: min(settings.ablation_windows, len(windows))], skip=skip,
         chunk=settings.batch_size, probe_candidates=settings.probe_candidates,
         explain_latents=settings.explain_latents, ablation_tokens=settings.ablation_tokens,
-        lm_batch=settings.lm_batch_size, seed=settings.seed,
+        ablation_latents=settings.ablation_latents,
+        lm_batch=settings.lm_batch_size, pad=n2g_pad(inputs.tokenizer), seed=settings.seed,
     ))
 
     metrics.update({

@@ -12,16 +12,19 @@ projected gradient (FISTA on ½ cᵀGc − bᵀc, c ≥ 0, step 1/λ with λ ≥
 Gershgorin row sum, ``REFINE_ITERATIONS`` steps from c = z_S). The solution is the exact
 NNLS optimum in the limit; ``refine_kkt`` reports how far the last iterate is from it.
 
-Reported per cell (on the same held-out tokens as the other reconstruction metrics):
+Reported per cell, on the first ``evaluate.refine_tokens`` of the held-out tokens the other
+reconstruction metrics use (``nmse`` there is theirs, on all of them; the gain compares it
+with the refined NMSE, both normalised by the variance of their own tokens):
 
     refined_nmse       normalised MSE of x̂' = Σ_{j∈S} z'_j D_j + b_pre (``metrics``' definition)
-    refine_nmse_gain   (nmse − refined_nmse) / nmse: the share of the error the values cause
+    refine_nmse_gain   (nmse_R − refined_nmse) / nmse_R, nmse_R the SAE's own NMSE on those
+                       tokens: the share of the error its values (not its support) cause
     shrinkage_ratio    Σ z' / Σ z over every stored entry: > 1 when the encoder's values are
                        too small (shrunk, as an L1 penalty makes them), < 1 when too large
     refine_kkt         max over tokens of max_j |min(c_j, (Gc − b)_j)| / max(1, ‖b‖_∞): the
                        KKT residual of the NNLS problem at the last iterate (0 at the optimum)
 
-Memory: tokens are refined in groups of at most ``GATHER_ELEMENTS`` // (L · d) rows, so the
+Arithmetic is float32 (the SAE's). Memory: tokens are refined in groups of at most ``GATHER_ELEMENTS`` // (L · d) rows, so the
 gathered rows D_S (rows, L, d) stay under GATHER_ELEMENTS floats; then (rows, L, L) for G.
 """
 
@@ -32,7 +35,7 @@ import torch
 from saesweep.evaluation.metrics import NAN, ReconstructionAccumulator
 from saesweep.sae.base import SparseAutoencoder
 
-REFINE_ITERATIONS = 200
+REFINE_ITERATIONS = 100
 """FISTA steps per token."""
 GATHER_ELEMENTS = 1 << 23
 """At most this many decoder-row entries (float32) are gathered at once."""
@@ -94,39 +97,50 @@ def refine_codes(sae: SparseAutoencoder, x: torch.Tensor, codes: torch.Tensor) -
         part = slice(start, start + rows)
         keep = mask[part].to(sae.W_dec.dtype)
         atoms = sae.W_dec[indices[part]] * keep.unsqueeze(2)  # (r, L, d); padding rows are 0
-        gram = torch.bmm(atoms, atoms.transpose(1, 2)).double()
-        b = torch.bmm(atoms, target[part].unsqueeze(2)).squeeze(2).double()
-        c = nnls_gram(gram, b, values[part].double() * keep)
-        kkt[part] = kkt_residual(gram, b, c)
-        out[part] += torch.bmm(c.to(atoms.dtype).unsqueeze(1), atoms).squeeze(1)
-        sums += torch.stack([c.sum(), (values[part].double() * keep).sum()])
+        gram = torch.bmm(atoms, atoms.transpose(1, 2))
+        b = torch.bmm(atoms, target[part].unsqueeze(2)).squeeze(2)
+        c = nnls_gram(gram, b, values[part] * keep)
+        kkt[part] = kkt_residual(gram, b, c).double()
+        out[part] += torch.bmm(c.unsqueeze(1), atoms).squeeze(1)
+        sums += torch.stack([c.double().sum(), (values[part].double() * keep).sum()])
     return out, sums, kkt
 
 
 class RefinementAccumulator:
-    """Streams the refinement metrics of the module docstring over batches of tokens."""
+    """Streams the refinement metrics of the module docstring over batches of tokens, up to
+    ``tokens`` of them (later batches are left out)."""
 
-    def __init__(self) -> None:
+    def __init__(self, tokens: int) -> None:
+        self.tokens = tokens
         self.reconstruction = ReconstructionAccumulator()
+        self.original = ReconstructionAccumulator()
         self.sums: torch.Tensor | None = None  # Σ z', Σ z
         self.kkt = 0.0
 
     def update(self, sae: SparseAutoencoder, x: torch.Tensor, codes: torch.Tensor) -> None:
         """Add a batch: normalised inputs x (B, d) and their sparse CSR codes (B, n)."""
+        room = self.tokens - self.reconstruction.n_tokens
+        if room <= 0:
+            return
+        if room < len(x):
+            x, codes = x[:room], codes.to_dense()[:room].to_sparse_csr()
         refined, sums, kkt = refine_codes(sae, x, codes)
         self.reconstruction.update(x, refined)
+        self.original.update(x, sae.decode(codes))
         self.sums = sums if self.sums is None else self.sums + sums
         if len(kkt):
             self.kkt = max(self.kkt, kkt.max().item())
 
-    def result(self, nmse: float) -> dict[str, float]:
-        """``refined_nmse``, ``refine_nmse_gain`` (against the SAE's own ``nmse``),
-        ``shrinkage_ratio`` and ``refine_kkt``."""
+    def result(self) -> dict[str, float]:
+        """``refined_nmse``, ``refine_nmse_gain``, ``shrinkage_ratio``, ``refine_kkt`` and
+        ``refine_tokens`` (the tokens refined)."""
         refined = self.reconstruction.result()["normalised_mse"]
+        nmse = self.original.result()["normalised_mse"]
         refined_sum, original_sum = self.sums.tolist() if self.sums is not None else (NAN, NAN)
         return {
             "refined_nmse": refined,
             "refine_nmse_gain": (nmse - refined) / nmse if nmse > 0 else NAN,
             "shrinkage_ratio": refined_sum / original_sum if original_sum > 0 else NAN,
             "refine_kkt": self.kkt,
+            "refine_tokens": self.reconstruction.n_tokens,
         }
