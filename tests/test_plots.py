@@ -204,8 +204,8 @@ def test_interpretability(cells: pd.DataFrame, tmp_path: Path) -> None:
     text = check_written(
         plots.plot_interpretability(full, tmp_path / "interp", TITLE),
         "probe loss (nats, mean over tasks)",
-        "n-gram explanation precision",
-        "n-gram explanation recall",
+        "N2G explanation precision",
+        "N2G explanation recall",
         "ablation sparsity (lower: sparser effect)",
         "resid.9 · topk",
         "trend in n (95%)", ": falls", ": not resolved",
