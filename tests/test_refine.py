@@ -9,7 +9,7 @@ from scipy.optimize import nnls
 
 from saesweep.evaluation.density import DENSITY_BINS, density_edges, density_metrics
 from saesweep.evaluation.metrics import fvu
-from saesweep.evaluation.refine import RefinementAccumulator, nnls_gram, padded_support, refine_codes
+from saesweep.evaluation.refine import RefinementAccumulator, decoder_gram, nnls_gram, padded_support, refine_codes
 from saesweep.sae.topk import TopKSAE
 
 
@@ -81,3 +81,11 @@ def test_density_histogram_counts_sum_to_n_and_dense_latents_are_counted() -> No
     assert result["dense_fraction"] == pytest.approx(3 / 10)  # 101, 400, 1000 of 1000 tokens: > 10 %
     # density 1e-3 (count 1) sits in the bin [−3, −2.75)
     assert histogram["counts"][int(np.searchsorted(density_edges(), -3.0, side="right")) - 1] == 1
+
+
+def test_the_gathered_gram_gives_the_multiplied_one() -> None:
+    sae, x, _, codes = planted(0.7, seed=3)
+    multiplied = refine_codes(sae, x, codes)
+    gathered = refine_codes(sae, x, codes, decoder_gram(sae))
+    for a, b in zip(multiplied, gathered):
+        assert torch.allclose(a.double(), b.double(), atol=1e-5)

@@ -38,7 +38,15 @@ from saesweep.sae.base import SparseAutoencoder
 REFINE_ITERATIONS = 100
 """FISTA steps per token."""
 GATHER_ELEMENTS = 1 << 23
-"""At most this many decoder-row entries (float32) are gathered at once."""
+"""At most this many decoder-row (or Gram) entries (float32) are gathered at once."""
+FULL_GRAM_ELEMENTS = 1 << 24
+"""Up to this many entries (n ≤ 4096), the decoder's whole Gram matrix W_dec W_decᵀ is formed
+once and each token's G is gathered from it, instead of multiplying gathered rows."""
+
+
+def decoder_gram(sae: SparseAutoencoder) -> torch.Tensor | None:
+    """W_dec W_decᵀ (n, n) when n² ≤ ``FULL_GRAM_ELEMENTS``, else None."""
+    return sae.W_dec @ sae.W_dec.T if sae.n * sae.n <= FULL_GRAM_ELEMENTS else None
 
 
 def padded_support(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -81,9 +89,12 @@ def kkt_residual(gram: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.
 
 
 @torch.no_grad()
-def refine_codes(sae: SparseAutoencoder, x: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def refine_codes(
+    sae: SparseAutoencoder, x: torch.Tensor, codes: torch.Tensor, full_gram: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(refined reconstruction x̂' (B, d), (Σ z', Σ z) as float64 scalars, KKT residual (B,))
-    of normalised inputs x (B, d) and their sparse CSR codes (module docstring)."""
+    of normalised inputs x (B, d) and their sparse CSR codes (module docstring); with
+    ``full_gram`` (``decoder_gram``) G and b are gathered rather than multiplied."""
     indices, values, mask = padded_support(codes)
     width = indices.shape[1]
     out = sae.b_pre.expand_as(x).clone()
@@ -91,18 +102,24 @@ def refine_codes(sae: SparseAutoencoder, x: torch.Tensor, codes: torch.Tensor) -
     kkt = torch.zeros(len(x), dtype=torch.float64, device=x.device)
     if width == 0:
         return out, sums, kkt
-    rows = max(1, GATHER_ELEMENTS // (width * x.shape[1]))
+    rows = max(1, GATHER_ELEMENTS // (width * (width if full_gram is not None else x.shape[1])))
     target = x - sae.b_pre
     for start in range(0, len(x), rows):
         part = slice(start, start + rows)
         keep = mask[part].to(sae.W_dec.dtype)
-        atoms = sae.W_dec[indices[part]] * keep.unsqueeze(2)  # (r, L, d); padding rows are 0
-        gram = torch.bmm(atoms, atoms.transpose(1, 2))
-        b = torch.bmm(atoms, target[part].unsqueeze(2)).squeeze(2)
-        c = nnls_gram(gram, b, values[part] * keep)
+        index = indices[part]
+        atoms = sae.W_dec[index] * keep.unsqueeze(2)  # (r, L, d); padding rows are 0
+        if full_gram is None:
+            gram = torch.bmm(atoms, atoms.transpose(1, 2))
+            b = torch.bmm(atoms, target[part].unsqueeze(2)).squeeze(2)
+        else:
+            gram = full_gram[index.unsqueeze(2), index.unsqueeze(1)] * (keep.unsqueeze(2) * keep.unsqueeze(1))
+            b = (target[part] @ sae.W_dec.T).gather(1, index) * keep
+        original = values[part] * keep
+        c = nnls_gram(gram, b, original)
         kkt[part] = kkt_residual(gram, b, c).double()
         out[part] += torch.bmm(c.unsqueeze(1), atoms).squeeze(1)
-        sums += torch.stack([c.double().sum(), (values[part].double() * keep).sum()])
+        sums += torch.stack([c.double().sum(), original.double().sum()])
     return out, sums, kkt
 
 
@@ -116,6 +133,7 @@ class RefinementAccumulator:
         self.original = ReconstructionAccumulator()
         self.sums: torch.Tensor | None = None  # Σ z', Σ z
         self.kkt = 0.0
+        self.gram: torch.Tensor | None = None
 
     def update(self, sae: SparseAutoencoder, x: torch.Tensor, codes: torch.Tensor) -> None:
         """Add a batch: normalised inputs x (B, d) and their sparse CSR codes (B, n)."""
@@ -124,7 +142,9 @@ class RefinementAccumulator:
             return
         if room < len(x):
             x, codes = x[:room], codes.to_dense()[:room].to_sparse_csr()
-        refined, sums, kkt = refine_codes(sae, x, codes)
+        if self.gram is None and self.reconstruction.n_tokens == 0:
+            self.gram = decoder_gram(sae)
+        refined, sums, kkt = refine_codes(sae, x, codes, self.gram)
         self.reconstruction.update(x, refined)
         self.original.update(x, sae.decode(codes))
         self.sums = sums if self.sums is None else self.sums + sums
