@@ -109,7 +109,7 @@ def tiny_config(model: Path, corpus: Path, **overrides: Any) -> dict[str, Any]:
                   "dead": {"min_tokens": 2000, "factor": 10}, "geometric_median_sample": 512,
                   "checkpoint_every_tokens": 3000, "log_every_tokens": 1024, "device": "cpu"},
         "evaluate": {"tokens": 2000, "downstream_windows": 8, "analysis_windows": 32, "explain_latents": 8,
-                     "ablation_latents": 2, "ablation_windows": 2, "batch_size": 512},
+                     "ablation_tokens": 2, "ablation_latents": 0, "refine_tokens": 256, "ablation_windows": 2, "batch_size": 512},
         "scaling": {"metrics": ["nmse", "delta_lm_loss"], "bootstrap": 20},
     }
     for dotted, value in overrides.items():

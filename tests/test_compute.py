@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-import pytest
 
 from saesweep.analysis.compute import FLOPS, compute_points, fit_compute_frontiers, frontier
 from saesweep.sae.flops import step_flops

@@ -83,7 +83,7 @@ def cell(tmp_path: Path) -> tuple[Path, EvalSettings]:
     sae.initialise(torch.from_numpy(activations), generator)
     save_sae(sae, tmp_path / "cell", {"arch": "topk", "params": params, "d": D, "n_latents": N, "seed": 0, "site": "resid1"})
     settings = from_json(EvalSettings, {
-        "tokens": 24, "downstream_windows": 4, "analysis_windows": 4, "explain_latents": 4, "ablation_latents": 2,
+        "tokens": 24, "downstream_windows": 4, "analysis_windows": 4, "explain_latents": 4, "ablation_tokens": 2, "ablation_latents": 0, "refine_tokens": 16,
         "ablation_windows": 2, "lm_batch_size": 2, "probe_candidates": 4, "k_transfer_factors": [1], "batch_size": 16,
         "site": "resid1", "cell": "topk-n48-k4-s0", "setting": "topk-k4", "seed": 0,
         "model": {"id": "torch-only", "revision": None, "pypi_gguf": None, "dtype": "float32", "prepend_bos": False,

@@ -247,7 +247,7 @@ def test_streamed_pieces_stay_on_a_second_device():
         labels = torch.rand(4, T, device="cuda") < 0.5
         screen = P.CorrelationScreen(labels, T // 2, n)
         chunk = CodeChunk(*_entries(T, n, k, "cuda"))
-        screen.update(*chunk)
+        screen.update(0, torch.rand(T, n, device="cuda"))
         assert screen.correlation().device.type == "cuda" and screen.candidates(5).shape == (4, 5)
         assert screen.candidates(5).device.type == "cuda"
         counts = torch.zeros(n, dtype=torch.int64, device="cuda")
@@ -258,16 +258,16 @@ def test_streamed_pieces_stay_on_a_second_device():
 
 
 def test_a_tensor_left_on_the_cpu_is_caught():
-    """The check above can fail: code entries on the CPU against labels on the device raise."""
+    """The check above can fail: latent values on the CPU against labels on the device raise."""
     with _fake_cuda():
         screen = P.CorrelationScreen(torch.rand(4, 12, device="cuda") < 0.5, 6, 40)
         with pytest.raises(RuntimeError, match="same device"):
-            screen.update(*_entries(12, 40, 3, "cpu"))
+            screen.update(0, torch.rand(12, 40))
 
 
 def test_correlation_screen_equals_centred_columns():
     """|corr| from the streamed sums equals the correlation of centred dense columns on the
-    first N rows, whatever the chunks; rows past N are ignored."""
+    first N rows, whatever the chunks; rows past N are ignored (the chunk across N too)."""
     T, n, N = 50, 30, 31
     g = _gen(7)
     dense = torch.rand(T, n, generator=g) * (torch.rand(T, n, generator=g) < 0.2)
@@ -275,8 +275,7 @@ def test_correlation_screen_equals_centred_columns():
     labels = torch.rand(2, T, generator=g) < 0.4
     screen = P.CorrelationScreen(labels, N, n)
     for start in range(0, T, 7):
-        rows, cols = dense[start : start + 7].nonzero().T
-        screen.update(rows + start, cols, dense[start : start + 7][rows, cols])
+        screen.update(start, dense[start : start + 7])
     values = dense[:N].double() - dense[:N].double().mean(dim=0)
     for task in range(2):
         y = labels[task, :N].double() - labels[task, :N].double().mean()

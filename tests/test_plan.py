@@ -57,7 +57,7 @@ def test_numbers_of_a_small_config_by_hand(tiny_model, tiny_corpus) -> None:
 
 def test_evaluation_memory_by_hand(tiny_model, tiny_corpus) -> None:
     """evaluate: 2000 tokens, 32 analysis windows of 31 kept rows (T = 992), chunk 512, LM batch
-    8 windows of 32, 64 probe candidates, 8 + 2 sampled latents; 10 token tasks; the tiny LM
+    8 windows of 32, 64 probe candidates, 8 explained latents; 10 token tasks; the tiny LM
     has 4 blocks of d = 32 and V entries in its vocabulary."""
     config = tiny(tiny_model, tiny_corpus)
     vocab = json.loads((tiny_model / "config.json").read_text())["vocab_size"]
@@ -67,17 +67,17 @@ def test_evaluation_memory_by_hand(tiny_model, tiny_corpus) -> None:
         "base": 2_000_000_000,
         "sae": 4 * (2 * 64 * 32 + 3 * 64 + 3 * 32),  # 17,536
         "lm": 4 * (12 * 4 * 32 * 32 + vocab * 32),
-        "chunk": 4 * 3 * 512 * 64,  # 393,216
+        "chunk": (4 * 3 + 8) * 512 * 64,  # 655,360
         "activations": 4 * (2000 + 992) * 32,  # 382,976
         "logits": 4 * 7 * 8 * 32 * vocab,
-        # U = min(64, 10 · 64 + 8 + 2) = 64 chosen columns
+        # U = min(64, 10 · 64 + 8) = 64 chosen columns
         "analysis": 8 * (6 + 30) * 64 + 4 * 992 * 65 + 992 * 10 + 8 * 12 * 992 * 64,  # 6,381,120
     }
     assert budget.evaluate_mem_mb(config, 32, 64) == math.ceil(sum(terms.values()) / 1e6)
     # the analysis term grows with T + n, not T · n: 16× the windows and 16× the latents
     bigger = tiny(tiny_model, tiny_corpus, **{"evaluate.analysis_windows": 512, "activations.eval_tokens": 16_000})
     grown = budget.evaluate_bytes(bigger, 32, 1024)["analysis"]
-    assert grown == 8 * 36 * 1024 + 4 * 15_872 * 651 + 15_872 * 10 + 8 * 12 * 15_872 * 64
+    assert grown == 8 * 36 * 1024 + 4 * 15_872 * 649 + 15_872 * 10 + 8 * 12 * 15_872 * 64
     assert budget.lm_shape(tiny(Path("no/such/model"), tiny_corpus)) == budget.DEFAULT_LM_SHAPE
     assert [c["eval_mem_mb"] for c in budget.plan(config)["cells"]] == [
         budget.evaluate_mem_mb(config, 32, n) for n in (64, 256, 64, 256)]

@@ -253,8 +253,8 @@ def test_interpretability(cells: pd.DataFrame, tmp_path: Path) -> None:
     text = check_written(
         plots.plot_interpretability(full, tmp_path / "interp", TITLE),
         "probe loss (nats, mean over tasks)",
-        "n-gram explanation precision",
-        "n-gram explanation recall",
+        "N2G explanation precision",
+        "N2G explanation recall",
         "ablation sparsity (lower: sparser effect)",
         "resid.9 · topk",
         "trend in n (95%)", ": falls", ": not resolved",
@@ -298,3 +298,20 @@ def test_a_law_not_resolved_is_drawn_as_such(tmp_path: Path) -> None:
         ": not resolved", "not resolved (dashed): the exponent b's 95% interval",
     )
     assert "contradicted" not in text
+
+
+def test_latent_density_and_dense_fraction(cells: pd.DataFrame, tmp_path: Path) -> None:
+    """Every cell's histogram on the shared bins is drawn as the fraction of its latents; the
+    note gives the largest dense fraction per curve; cells without a histogram are left out."""
+    from saesweep.analysis.density_plots import plot_latent_density
+    from saesweep.evaluation.density import DENSITY_BINS
+
+    rng = np.random.default_rng(1)
+    histograms = [rng.multinomial(int(n), np.full(DENSITY_BINS, 1 / DENSITY_BINS)).tolist() for n in cells["n_latents"]]
+    table = cells.assign(firing_histogram_counts=histograms, dense_fraction=rng.uniform(0, 0.05, len(cells)))
+    table.loc[0, "firing_histogram_counts"] = None
+    text = check_written(plot_latent_density(table, tmp_path / "density", TITLE), "fraction of the cell's latents", "k16")
+    for site in ("resid.6", "resid.9"):
+        worst = table[(table["curve"] == "k8") & (table["site"] == site)]["dense_fraction"].max()
+        assert f"k8: dense (&gt; 10% of tokens) at most {worst:.1%} of latents" in text
+    check_written(plots.plot_dense_fraction(table, tmp_path / "dense", TITLE), "k32")

@@ -127,3 +127,16 @@ def test_a_law_not_resolved_is_marked(tmp_path: Path) -> None:
     assert csv.loc["floor_C", "status"] == "ok" and csv.loc["floor_C", "comparison"].startswith("preferred (")
     page = (tmp_path / "fits.html").read_text()
     assert page.count("<tr class='not-resolved'>") == 1 and "<i>not resolved</i>" in page
+
+
+def test_fit_table_lists_the_delta_lm_law_against_nmse() -> None:
+    """One row per (site, arch) of fits.json's ``loss_law``, with its parameters and status."""
+    from saesweep.analysis.loss_law import fit_loss_law
+
+    x = np.geomspace(0.05, 0.5, 8)
+    entry = fit_loss_law(x, 0.4 * x**1.2, bootstrap=20, rng=np.random.default_rng(0), dropped=1)
+    table = fit_table({"groups": [], "loss_law": {"x": "nmse", "y": "delta_lm_loss",
+                                                  "groups": [{"site": "resid8", "arch": "topk", "law": entry}]}})
+    row = table.iloc[0]
+    assert (row["law"], row["metric"], row["status"], row["cells"]) == ("power_nmse", "delta_lm_loss", "ok", 8)
+    assert row["parameters (95% CI)"].startswith("a = 0.4")

@@ -386,3 +386,27 @@ def test_intervals_cover_planted_laws_at_five_cells(form: str) -> None:
     assert measured.pop("succeeded")["fraction"] >= 0.95
     for name, rates in measured.items():
         assert rates["reported"] >= COVERAGE_MIN, (name, rates)
+
+
+def test_loss_law_recovers_a_planted_power_of_nmse_and_flags_a_flat_one() -> None:
+    """ΔL = 0.5 · NMSE^1.5 (b = −1.5) with 3 % log noise over 12 cells of one arch: b's interval
+    holds −1.5 and excludes 0; a ΔL that does not depend on NMSE is "not resolved"; cells with
+    ΔL ≤ 0 are dropped and counted."""
+    from saesweep.analysis.loss_law import fit_loss_laws
+
+    rng = np.random.default_rng(0)
+    nmse = np.geomspace(0.05, 0.6, 12)
+    rising = 0.5 * nmse**1.5 * np.exp(0.03 * rng.standard_normal(12))
+    flat = 0.3 * np.exp(0.03 * rng.standard_normal(12))
+    cells = pd.DataFrame({
+        "site": "resid1", "arch": ["topk"] * 12 + ["relu"] * 13, "n_latents": np.r_[np.arange(12), np.arange(13)] + 64,
+        "curve": "k8", "seed": 0, "nmse": np.r_[nmse, nmse, 0.3], "delta_lm_loss": np.r_[rising, flat, -0.01],
+    })
+    fits = {group["arch"]: group["law"] for group in fit_loss_laws(cells, bootstrap=100, seed=0)["groups"]}
+    topk, relu = fits["topk"], fits["relu"]
+    assert topk["status"] == "ok" and topk["resolved"]
+    low, high = topk["ci95"]["b"]
+    assert low <= -1.5 <= high and high < 0
+    assert topk["params"]["a"] == pytest.approx(0.5, rel=0.2)
+    assert relu["status"] == "not resolved" and not relu["resolved"] and "includes 0" in relu["reason"]
+    assert relu["n_dropped_nonpositive"] == 1 and relu["n_cells"] == 12

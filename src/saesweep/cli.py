@@ -131,6 +131,7 @@ def stage_fit(args: argparse.Namespace) -> None:
     from saesweep.core.files import write_json
     from saesweep.analysis.compute import fit_compute_frontiers
     from saesweep.analysis.convergence_fits import fit_convergence
+    from saesweep.analysis.loss_law import fit_loss_laws
     from saesweep.analysis.scaling import fit_scaling_laws
 
     cells = pd.read_parquet(args.cells)
@@ -141,6 +142,7 @@ def stage_fit(args: argparse.Namespace) -> None:
     logs = pd.read_parquet(args.logs)
     fits["compute_frontier"] = fit_compute_frontiers(logs, args.bootstrap, args.seed)
     fits["convergence"] = fit_convergence(cells, logs, args.bootstrap, args.seed)
+    fits["loss_law"] = fit_loss_laws(cells, args.bootstrap, args.seed)
     write_json(args.out, fits)
 
 

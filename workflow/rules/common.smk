@@ -43,6 +43,8 @@ FIGURES = (
             "training_curves_l0",
             "dead_latents",
             "convergence",
+            "dense_fraction",
+            "latent_density",
         )
     }
     | {

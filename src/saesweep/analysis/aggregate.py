@@ -35,7 +35,7 @@ TRAINING_COLUMNS = {
 
 def cell_row(cell_folder: Path, metrics_path: Path) -> dict[str, Any]:
     """The scalar metrics of ``metrics.json`` (nested dicts flattened with ``_``, lists
-    left out), the training facts of ``cfg.json`` and the provenance; ``curve`` is the cell's
+    left out but the latent-density histogram's counts), the training facts of ``cfg.json`` and the provenance; ``curve`` is the cell's
     setting without its architecture (``k32``, ``l0.3``: the cells of one line over n) and
     ``sparsity`` the value of its architecture's sparsity knob; ``eval_protocol_hash`` says
     which evaluations are comparable (``evaluation.comparability``) and ``train_*`` / ``eval_*``
@@ -74,6 +74,7 @@ def cell_row(cell_folder: Path, metrics_path: Path) -> dict[str, Any]:
         row.update({f"{stage}_{key}": value for key, value in block.get("hardware", {}).items()})
     if external:
         row["external_source"] = json.dumps(external["source"], sort_keys=True)
+    row["firing_histogram_counts"] = metrics.get("firing_histogram", {}).get("counts")  # fixed bins: evaluation.density
     return row
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from saesweep.analysis import convergence_plots, curve_plots, law_plots, plots
+from saesweep.analysis import convergence_plots, curve_plots, density_plots, law_plots, plots
 from saesweep.analysis import plot_common as pc
 from saesweep.analysis.aggregate import with_curves
 
@@ -33,9 +33,9 @@ def draw_all(
     of the comparison's settings ``frontiers_path``), ``k_transfer``
     and ``k_transfer_delta_lm_loss``, ``interpretability``, ``compute_frontier``,
     ``training_curves`` and ``training_curves_l0`` (convergence curves on shared axes),
-    ``dead_latents`` and ``convergence`` (tokens to convergence and n_opt(C); PNG and SVG). The
-    figures of LM metrics (``LM_FIGURES``) say why they are empty when no cell has an LM
-    (synthetic activations)."""
+    ``dead_latents``, ``convergence`` (tokens to convergence and n_opt(C)), ``dense_fraction``
+    and ``latent_density`` (PNG and SVG). The figures of LM metrics (``LM_FIGURES``) say why
+    they are empty when no cell has an LM (synthetic activations)."""
     cells = with_curves(pd.read_parquet(cells_path))
     logs = with_curves(pd.read_parquet(logs_path))
     fits = json.loads(Path(fits_path).read_text())
@@ -62,4 +62,6 @@ def draw_all(
     written += curve_plots.plot_training_curves(logs, folder / "training_curves_l0", title, "heldout_l0", penalty_only=True)
     written += plots.plot_dead_latents(logs, folder / "dead_latents", title)
     written += convergence_plots.plot_convergence(cells, fits, folder / "convergence", title)
+    written += plots.plot_dense_fraction(cells, folder / "dense_fraction", title)
+    written += density_plots.plot_latent_density(cells, folder / "latent_density", title)
     return written

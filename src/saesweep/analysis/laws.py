@@ -10,6 +10,8 @@ With n = number of latents and k = active latents per token:
                                                          (Gao et al. 2024, eq. for GPT-4)
     power_C   L(C)    = a·C^(−b),   floor_C  L(C) = a·C^(−b) + c
                                                          (C: training compute, ``compute``)
+    power_nmse ΔL(NMSE) = a·NMSE^(−b)                    (ΔLM loss against normalised MSE,
+                                                         held in the n column: ``loss_law``)
 
 Every law is written as log L = logaddexp(X_u·θ_u, X_v·θ_v) over internal parameters θ
 (the floor term X_v·θ_v is absent for pure power laws; a and c enter as log a and log c, so
@@ -31,7 +33,7 @@ class Law:
     formula: str
     param_names: tuple[str, ...]
     log_params: tuple[str, ...]
-    x: str  # "n", "k", "n,k" or "C" (held in the n column of the cells)
+    x: str  # "n", "k", "n,k", "C" or "NMSE" (the last two held in the n column)
     floor: bool
 
 
@@ -44,6 +46,7 @@ LAWS: dict[str, Law] = {
         Law("floor_k", "L(k) = a * k^(-b) + c", ("a", "b", "c"), ("a", "c"), "k", True),
         Law("power_C", "L(C) = a * C^(-b)", ("a", "b"), ("a",), "C", False),
         Law("floor_C", "L(C) = a * C^(-b) + c", ("a", "b", "c"), ("a", "c"), "C", True),
+        Law("power_nmse", "dL(NMSE) = a * NMSE^(-b)", ("a", "b"), ("a",), "NMSE", False),
         Law(
             "joint",
             "L(n, k) = exp(alpha + beta_k*ln(k) + beta_n*ln(n) + gamma*ln(k)*ln(n)) + exp(zeta + eta*ln(k))",

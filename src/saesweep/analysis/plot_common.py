@@ -24,6 +24,7 @@ LABELS = {
     "nmse": "normalised MSE",
     "delta_lm_loss": "ΔLM loss (nats/token)",
     "dead_fraction": "dead latents (fraction of n)",
+    "dense_fraction": "dense latents, firing on > 10 % of tokens (fraction of n)",
     "ce_loss_recovered": "CE loss recovered (fraction)",
     "loss": "training loss",
     "n_latents": "number of latents n",
@@ -34,8 +35,8 @@ LABELS = {
     "compute": f"training compute C = {FLOPS} (FLOPs)",
     "heldout_nmse": "held-out normalised MSE during training",
     "probe_loss": "probe loss (nats, mean over tasks)",
-    "explain_precision": "n-gram explanation precision",
-    "explain_recall": "n-gram explanation recall",
+    "explain_precision": "N2G explanation precision",
+    "explain_recall": "N2G explanation recall",
     "ablation_sparsity": "ablation sparsity (lower: sparser effect)",
 }
 

@@ -67,6 +67,17 @@ def plot_dead_fraction(cells: pd.DataFrame, stem: str | Path, title: str) -> lis
     return pc.save(fig, stem)
 
 
+def plot_dense_fraction(cells: pd.DataFrame, stem: str | Path, title: str) -> list[Path]:
+    """Dense-latent fraction (``evaluation.density``: latents firing on more than 10 % of the
+    held-out tokens) against n (log scale), one line per curve, seed means ± std."""
+    groups = pc.groups(cells)
+    fig, axes = pc.figure(groups, title)
+    for ax, (site, arch) in zip(axes, groups):
+        _lines_per_curve(ax, pc.rows(cells, site, arch), "dense_fraction")
+        ax.set_ylim(-0.02, 1.02)
+    return pc.save(fig, stem)
+
+
 def plot_dead_latents(train_logs: pd.DataFrame, stem: str | Path, title: str) -> list[Path]:
     """Dead latents during training against tokens per latent (training tokens / n, log
     scale), one panel per (site, arch, n), one colour per curve (e.g. the dead-latent study's

@@ -102,8 +102,9 @@ def fit_table(fits: dict) -> pd.DataFrame:
     """One row per law of a ``fit_scaling_laws`` result: L(n) at each k, L(k) at each n (pure
     power law and law with floor, each with the pair's leave-one-out comparison) and the joint L(n, k),
     per (site, arch) group and metric; a metric that could not be fitted at all is one row with
-    its reason; then the laws in C of each compute frontier (``compute``), if any, and the
-    laws of the training budget (``convergence_fits``: tokens to convergence, n_opt(C))."""
+    its reason; then the laws in C of each compute frontier (``compute``), if any, the laws of
+    the training budget (``convergence_fits``: tokens to convergence, n_opt(C)) and ΔLM loss
+    against NMSE per group (``loss_law``), if fitted."""
     rows = []
     for group in fits["groups"]:
         site, arch = group["site"], group["arch"]
@@ -123,6 +124,14 @@ def fit_table(fits: dict) -> pd.DataFrame:
             at = f"{group['curve']}: frontier in C"
             rows.append(_law_row(group["site"], group["arch"], "heldout_nmse", at, laws[form], _comparison(laws, form)))
     rows += convergence_rows(fits)
+    for group in fits.get("loss_law", {}).get("groups", []):  # ΔLM loss against NMSE (``loss_law``)
+        entry = group["law"]
+        row = {"site": group["site"], "arch": group["arch"], "metric": "delta_lm_loss", "law": entry["law"],
+               "at": "all cells, against nmse", "status": entry["status"], "formula": entry["formula"],
+               "reason": entry.get("reason", ""), "cells": entry["n_cells"]}
+        if "params" in entry:
+            row["parameters (95% CI)"] = _parameters(entry)
+        rows.append(row)
     return pd.DataFrame(rows, columns=FIT_COLUMNS).astype({"cells": "Int64", "LOO error": float})
 
 

@@ -223,10 +223,14 @@ class EvalSettings:
     """Held-out windows of the probe, explanation and ablation metrics."""
     explain_latents: int
     """Live latents sampled for n-gram explanations."""
+    ablation_tokens: int
+    """Tokens sampled for ablation sparsity."""
     ablation_latents: int
-    """Live latents sampled for ablation sparsity."""
+    """At most this many of a sampled token's active latents are ablated (drawn at random); 0: all."""
+    refine_tokens: int
+    """Held-out tokens whose codes are refined by least squares on their support (§5.1)."""
     ablation_windows: int
-    """Windows ablation latents are sampled from."""
+    """Windows the ablated tokens are sampled from."""
     lm_batch_size: int
     """Windows per LM forward."""
     probe_candidates: int

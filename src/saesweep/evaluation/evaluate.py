@@ -42,6 +42,9 @@ from saesweep.evaluation.analysis import analysis_metrics
 from saesweep.evaluation.comparability import protocol_hash
 from saesweep.evaluation.recovery import lm_metrics_not_applicable, recovery_metrics
 from saesweep.evaluation.heldout_split import split_metrics, tokens_per_window
+from saesweep.evaluation.density import density_metrics
+from saesweep.evaluation.n2g import n2g_pad
+from saesweep.evaluation.refine import RefinementAccumulator
 from saesweep.sae.export import load_sae
 from saesweep.core.files import write_json
 from saesweep.data.lm import load_lm
@@ -69,31 +72,30 @@ def k_transfer_values(k: int, n: int, factors: list[float]) -> list[int]:
 
 @torch.no_grad()
 def reconstruction_metrics(
-    sae: SparseAutoencoder, activations: torch.Tensor, batch_size: int, ks: list[int]
+    sae: SparseAutoencoder, activations: torch.Tensor, batch_size: int, ks: list[int], refine_tokens: int,
 ) -> dict[str, Any]:
-    """Reconstruction metrics of the SAE as trained, and normalised MSE at every k' in ``ks``."""
+    """Reconstruction metrics of the SAE as trained, normalised MSE at every k' in ``ks``, and
+    the refinement metrics on the first ``refine_tokens``."""
     own = ReconstructionAccumulator(n_latents=sae.n)
     others = {k: ReconstructionAccumulator() for k in ks}
+    refined = RefinementAccumulator(refine_tokens)  # Gao et al. §5.1 (evaluation.refine)
     for start in range(0, len(activations), batch_size):
         x = sae.normalise(activations[start : start + batch_size])
         pre = sae.pre_activations(x)
         codes = sae.sparse_codes(pre)
         own.update(x, sae.decode(codes), codes.col_indices(), codes.values())
+        refined.update(sae, x, codes)
         for k, accumulator in others.items():
             accumulator.update(x, sae.decode(sae.sparse_codes(pre, k)))
     result = own.result()
-    histogram = own.histogram()
     return {
         "nmse": result["normalised_mse"],
         "mse": result["mse"],
         "cosine_similarity": result["cosine_similarity"],
         "l0": result["l0"],
         "dead_fraction": result["dead_fraction"],
-        "firing_histogram": {
-            "log10_frequency_edges": histogram.edges.tolist(),
-            "counts": histogram.counts.tolist(),
-            "dead": int(histogram.n_dead),
-        },
+        **density_metrics(own.counts, own.n_coded),
+        **refined.result(),
         "k_transfer_nmse": {str(k): accumulator.result()["normalised_mse"] for k, accumulator in others.items()},
     }
 
@@ -210,7 +212,7 @@ def evaluate_cell(settings: EvalSettings, cell_folder: Path, output: Path) -> di
     else:
         ks = []
         not_applicable["k_transfer"] = f"{sae.name} cannot be evaluated with another number of active latents"
-    metrics: dict[str, Any] = reconstruction_metrics(sae, activations, settings.batch_size, ks)
+    metrics: dict[str, Any] = reconstruction_metrics(sae, activations, settings.batch_size, ks, settings.refine_tokens)
     # validation / test parts of the same tokens, for the architecture comparison
     metrics.update(split_metrics(sae, activations, tokens_per_window(store.manifest), settings.batch_size))
     if inputs.lm is None:
@@ -254,7 +256,8 @@ def language_model_metrics(
         sae, inputs.lm, cfg["site"], activations=kept, windows=windows, token_strings=strings,
         ablated=all_windows[: min(settings.ablation_windows, len(windows))], skip=skip,
         chunk=settings.batch_size, probe_candidates=settings.probe_candidates,
-        explain_latents=settings.explain_latents, ablation_latents=settings.ablation_latents,
-        seed=settings.seed,
+        explain_latents=settings.explain_latents, ablation_tokens=settings.ablation_tokens,
+        ablation_latents=settings.ablation_latents,
+        lm_batch=settings.lm_batch_size, pad=n2g_pad(inputs.tokenizer), seed=settings.seed,
     ))
     return int(downstream.mask.sum())

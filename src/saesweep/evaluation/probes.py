@@ -2,7 +2,9 @@
 and 1-D logistic probes on them. Pure functions of tensors, one formula each.
 
 Notation: z_j the value of latent j at a token, y_t ∈ {0, 1} the label of task t there;
-the first N tokens are the probes' training split.
+the first N tokens are the probes' training split. Following Gao et al. 2024 (§4.4, "z_i is
+the i-th pre-activation latent"), z is the SAE's pre-activation (``analysis`` passes it):
+the value of a latent before its sparsity rule, which is never 0 where a code is.
 """
 
 from __future__ import annotations
@@ -18,16 +20,16 @@ from saesweep.evaluation.metrics import NAN
 
 class CorrelationScreen:
     """|corr(z_j, y_t)| of every latent j with every task t over the first N tokens,
-    streamed over the stored entries of sparse codes (a latent's value is 0 where no entry
-    is stored). Keeps float64 sums on the labels' device: Σ_i z_ij, Σ_i z_ij² (n,) and
+    streamed over chunks of dense latent values (the probes' pre-activations, see
+    ``analysis``). Keeps float64 sums on the labels' device: Σ_i z_ij, Σ_i z_ij² (n,) and
     Σ_i z_ij y_ti (tasks, n), and, from the labels, Σ_i y_ti and Σ_i y_ti²; then
 
         cov_tj = Σ z_j y_t − Σ z_j · Σ y_t / N
         var_j  = Σ z_j² − (Σ z_j)² / N,    var_t = Σ y_t² − (Σ y_t)² / N
         |corr_tj| = |cov_tj| / max(√(var_j · var_t), 1e-12)
 
-    exactly the correlation of the centred columns (a dead latent scores 0). Memory:
-    (2 + tasks) · n float64 sums, plus the labels."""
+    exactly the correlation of the centred columns (a constant latent scores 0). Memory:
+    (2 + tasks) · n float64 sums, plus the labels and one chunk in float64."""
 
     def __init__(self, labels: torch.Tensor, rows: int, n_latents: int) -> None:
         if labels.dim() != 2 or not 0 < rows <= labels.shape[1]:
@@ -41,12 +43,14 @@ class CorrelationScreen:
         self.sum_zy = torch.zeros(labels.shape[0], n_latents, dtype=torch.float64, device=device)
 
     @torch.no_grad()
-    def update(self, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor) -> None:
-        """Add code entries (token row i, latent j, value z_ij), (E,) each; rows ≥ N are ignored."""
-        z = values.double() * (rows < self.rows)
-        self.sum_z.index_add_(0, cols, z)
-        self.sum_zz.index_add_(0, cols, z * z)
-        self.sum_zy.index_add_(1, cols, self.labels.index_select(1, rows).double() * z)
+    def update(self, start: int, values: torch.Tensor) -> None:
+        """Add the latent values (c, n) of tokens start … start + c − 1; tokens ≥ N are ignored."""
+        z = values.narrow(0, 0, max(0, min(len(values), self.rows - start))).double()
+        if len(z) == 0:
+            return
+        self.sum_z += z.sum(dim=0)
+        self.sum_zz += (z * z).sum(dim=0)
+        self.sum_zy += self.labels.narrow(1, start, len(z)).double() @ z
 
     def correlation(self) -> torch.Tensor:
         """|corr(z_j, y_t)|, (tasks, n) float64."""

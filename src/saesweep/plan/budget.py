@@ -101,13 +101,14 @@ def evaluate_bytes(config: dict[str, Any], d: int, n: int) -> dict[str, int]:
     """Memory of an evaluation job of an SAE with n latents over d dimensions, by term (bytes),
     as the bound of ``evaluation.analysis`` states it; with c = evaluate.batch_size (the
     chunk), T = analysis_windows · (context − skip_positions) analysis tokens, t = the token
-    tasks, p, m, a = probe_candidates, explain_latents, ablation_latents, U = min(n, t·p +
-    m + a) chosen latents, L, V = ``lm_shape``, b = lm_batch_size:
+    tasks, p, m = probe_candidates, explain_latents, U = min(n, t·p + m) chosen latents,
+    L, V = ``lm_shape``, b = lm_batch_size:
 
         base           ``EVALUATE_BASE_MB``: the interpreter, torch, transformers
         sae            4 · (2·n·d + 3·n + 3·d)        weights, biases, per-latent extras
         lm             itemsize(evaluate.lm_dtype) · (12·L·d² + V·d)
-        chunk          4 · 3·c·n                      one chunk's pre-activations and codes
+        chunk          4 · 3·c·n + 8·c·n              one chunk's pre-activations and codes, and
+                                                      the chunk in float64 for the probe screen
         activations    4 · (tokens + T) · d           reconstruction and analysis rows
         logits         4 · 7·b·context·V              one LM batch's logits and log-probabilities
         analysis       8 · (6 + 3·t)·n + 4 · T·(U + 1) + T·t + 8 · 12·T·p
@@ -123,13 +124,13 @@ def evaluate_bytes(config: dict[str, Any], d: int, n: int) -> dict[str, int]:
     context = activations["context"]
     tokens = evaluate["analysis_windows"] * (context - activations["skip_positions"])
     tasks, candidates = len(TASKS), evaluate["probe_candidates"]
-    chosen = min(n, tasks * candidates + evaluate["explain_latents"] + evaluate["ablation_latents"])
+    chosen = min(n, tasks * candidates + evaluate["explain_latents"])
     layers, vocab = (0, 0) if config["synthetic"] else lm_shape(config)  # synthetic activations: no LM
     return {
         "base": EVALUATE_BASE_MB * 10**6,
         "sae": FLOAT_BYTES * (2 * n * d + 3 * n + 3 * d),
         "lm": MODEL_DTYPE_BYTES[config["evaluate"]["lm_dtype"]] * (12 * layers * d * d + vocab * d),
-        "chunk": FLOAT_BYTES * 3 * evaluate["batch_size"] * n,
+        "chunk": (FLOAT_BYTES * 3 + 8) * evaluate["batch_size"] * n,
         "activations": FLOAT_BYTES * (evaluate["tokens"] + tokens) * d,
         "logits": FLOAT_BYTES * 7 * evaluate["lm_batch_size"] * context * vocab,
         "analysis": 8 * (6 + 3 * tasks) * n + FLOAT_BYTES * tokens * (chosen + 1) + tokens * tasks
