@@ -27,7 +27,7 @@ from saesweep.core.errors import UserError
 from saesweep.core.job_settings import to_json
 from saesweep.plan.config import load_config
 from saesweep.plan.settings import extraction_settings, train_settings
-from saesweep.train.trainer import train_cell
+from saesweep.train.launch import train_cell
 
 PATH_KEYS = {"corpus_file", "corpus_summary", "output_dirs", "part_files", "device"}
 """Extraction settings that name places (or the device), not what is extracted."""

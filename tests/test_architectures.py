@@ -38,7 +38,7 @@ from saesweep.sae.base import StepContext
 from saesweep.sae.export import load_sae, save_sae
 from saesweep.sae.registry import ARCHITECTURES, build_sae, resolve_params
 from saesweep.train import trainer
-from saesweep.train.trainer import train_cell
+from saesweep.train.launch import train_cell
 
 NAMES = sorted(ARCHITECTURES)
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -41,7 +41,8 @@ from saesweep.sae.registry import ARCHITECTURES, build_sae, resolve_params
 from saesweep.sae.topk_kernels import sparse_step
 from saesweep.train import distributed
 from saesweep.train.distributed import Layout, ProcessGroups
-from saesweep.train.trainer import make_adam, train_cell
+from saesweep.train.launch import train_cell
+from saesweep.train.trainer import make_adam
 from test_architectures import planted, planted_settings, tiny_run, train_stopped_and_resumed  # noqa: F401 (fixtures)
 
 DEVICES = ["fake-cuda", *(["cuda"] if torch.cuda.is_available() else [])]

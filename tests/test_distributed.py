@@ -45,7 +45,7 @@ from saesweep.sae.export import load_sae
 from saesweep.sae.base import StepContext
 from saesweep.sae.registry import ARCHITECTURES, build_sae, resolve_params
 from saesweep.train.distributed import CHECKPOINT, Placement, free_port, init_process_groups
-from saesweep.train.trainer import train_cell
+from saesweep.train.launch import train_cell
 from test_train import cell_settings, extracted  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")

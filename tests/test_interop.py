@@ -40,7 +40,7 @@ from saesweep.plan.settings import (
 from saesweep.sae.export import load_sae
 from saesweep.interop.stages import export_cells, import_external
 from saesweep.sae.registry import ARCHITECTURES, resolve_params
-from saesweep.train.trainer import train_cell
+from saesweep.train.launch import train_cell
 
 sae_lens = pytest.importorskip("sae_lens")
 sparsify = pytest.importorskip("sparsify")

@@ -33,7 +33,8 @@ from saesweep.sae.registry import build_sae
 from saesweep.sae.topk import TopKSAE
 from saesweep.sae.topk_kernels import PRODUCTS, sparse_step
 from saesweep.train.ema import WeightAverage
-from saesweep.train.trainer import CHECKPOINT, Trainer, train_cell
+from saesweep.train.launch import train_cell
+from saesweep.train.trainer import CHECKPOINT, Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 GAO = {"protocol": "gao2024"}

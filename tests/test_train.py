@@ -26,7 +26,9 @@ from saesweep.core.files import read_json, write_json
 from saesweep.core.job_settings import TrainSettings, to_json
 from saesweep.plan.settings import activation_dir, corpus_dir, extraction_settings, train_settings
 from saesweep.train.convergence import stop_index
-from saesweep.train.trainer import CHECKPOINT, TrainingDiverged, heldout_points, train_cell
+from saesweep.train.launch import train_cell
+from saesweep.train.schedule import heldout_points
+from saesweep.train.trainer import CHECKPOINT, TrainingDiverged
 
 
 

@@ -72,7 +72,7 @@ def stage_extract(args: argparse.Namespace) -> None:
 
 def stage_train(args: argparse.Namespace) -> None:
     from saesweep.core.job_settings import TrainSettings, read_settings
-    from saesweep.train.trainer import train_cell
+    from saesweep.train.launch import train_cell
 
     train_cell(read_settings(args.settings, TrainSettings), Path(args.out), args.threads)
 

@@ -2,25 +2,15 @@
 and resume.
 
 Per step: the architecture's loss and gradients (``SparseAutoencoder.training_step``), its
-pre-step hook (decoder-gradient projection where decoder rows are unit norm), Adam, its
-post-step hook (decoder renormalisation), dead-latent counters. Learning rate at token t with peak lr, warm-up
-W and decay over the last fraction f of a budget T:
-    lr(t) = lr · min(1, t / W) · decay(t),   decay(t) = 1 before (1 − f)·T, then falls
-    linearly (or as a half cosine) to 0 at T.
-A latent is dead when it has not fired (value > threshold) in the last ``window`` tokens
+pre-step hook (decoder-gradient projection where decoder rows are unit norm), Adam at the
+learning rate of ``train.schedule``, its post-step hook (decoder renormalisation), dead-latent
+counters. A latent is dead when it has not fired (value > threshold) in the last ``window`` tokens
 (``dead_fraction`` in the log; AuxK acts on these latents).
 
-Every batch is whole (``data.loader``): a budget T that is not a multiple of the batch size
-B trains to T_end = ⌊T / B⌋·B tokens and drops the rest.
-
-The held-out curve: after the first step at or past each of the token counts
-B·S^(j/(P−1)), j = 0 … P − 1, S = T_end / B steps, P = ``heldout.points`` (log-spaced from
-the first step to the last, rounded up to whole steps), the normalised MSE on the first
-``heldout.tokens`` held-out activations (as the evaluation defines it) is logged as
-``heldout_nmse``, so that a sweep gives L(n, tokens) for the compute frontier, beside the
-L0 and the fraction of latents that never fire on those tokens (``heldout_measures``). Points
-before the learning-rate decay are not what a run with that budget would reach (its decay
-would come earlier), so they lie above it.
+Every batch is whole (``data.loader``). At the held-out points of ``train.schedule`` the
+normalised MSE on the first ``heldout.tokens`` held-out activations (as the evaluation
+defines it), the L0 and the fraction of latents that never fire on those tokens are logged
+(``heldout_measures``).
 
 With ``train.budget`` converge, T is a cap, the curve has W points per doubling and the run
 ends at the first point where the held-out loss has converged (``train.convergence``).
@@ -43,7 +33,6 @@ curve and the outputs, gathered to rank 0).
 
 from __future__ import annotations
 
-import math
 import signal
 import sys
 import time
@@ -61,7 +50,7 @@ from saesweep.core.errors import Interrupted, UserError
 from saesweep.sae.base import SparseAutoencoder
 from saesweep.sae.export import save_sae
 from saesweep.core.files import atomic_path
-from saesweep.data.loader import BatchStream, whole_batches_end
+from saesweep.data.loader import BatchStream
 from saesweep.sae.flops import step_flops
 from saesweep.evaluation.metrics import ReconstructionAccumulator
 from saesweep.core.progress import Progress
@@ -72,10 +61,8 @@ from saesweep.train import convergence
 from saesweep.train.checkpoints import CHECKPOINT, fits, read_checkpoint
 from saesweep.train.ema import evaluated_weights, weight_average
 from saesweep.core.normalisation import normalisation_record
-from saesweep.train.distributed import (
-    EXIT_INTERRUPTED, EXIT_USER_ERROR, Layout, Placement, ProcessGroups, init_process_groups,
-    placement_from_environment, spawn,
-)
+from saesweep.train.distributed import Layout, ProcessGroups
+from saesweep.train.schedule import heldout_points, lr_at
 
 
 T = TypeVar("T")
@@ -88,32 +75,6 @@ CPU = torch.device("cpu")
 
 class TrainingDiverged(UserError):
     """The loss became NaN or infinite."""
-
-
-def lr_at(settings: TrainSettings, tokens: int) -> float:
-    """The learning rate after ``tokens`` training tokens (see the module docstring)."""
-    peak, budget = settings.lr, settings.tokens
-    warmup = settings.warmup_tokens
-    factor = min(1.0, tokens / warmup) if warmup > 0 else 1.0
-    decay_start = (1 - settings.decay_fraction) * budget
-    if settings.decay != "none" and tokens > decay_start and budget > decay_start:
-        progress = (tokens - decay_start) / (budget - decay_start)
-        factor *= 1 - progress if settings.decay == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
-    return peak * factor
-
-
-def heldout_points(settings: TrainSettings) -> list[int]:
-    """The token counts of the held-out curve (increasing, distinct). A fixed budget:
-    B·⌈S^(j/(P−1))⌉, j = 0 … P − 1, log-evenly spaced whole steps (fewer than P when S < P),
-    S = T_end / B whole steps; P = 1: T_end alone. ``train.budget`` converge: W points per
-    doubling of the cap (``convergence.heldout_grid``)."""
-    batch, points = settings.batch_size, settings.heldout.points
-    if settings.convergence:
-        return convergence.heldout_grid(settings.tokens, points, settings.convergence)
-    steps = whole_batches_end(0, settings.tokens, batch) // batch
-    if points <= 1:
-        return [steps * batch] if points else []
-    return sorted({batch * min(steps, math.ceil(steps ** (j / (points - 1)) - 1e-9)) for j in range(points)})
 
 
 def make_adam(parameters: Any, lr: float, eps: float, betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Adam:
@@ -468,50 +429,3 @@ class Trainer:
             self.groups.remove_checkpoint(self.folder)
         else:
             (self.folder / CHECKPOINT).unlink(missing_ok=True)
-
-
-def train_cell(settings: TrainSettings, folder: Path, threads: int | None = None) -> None:
-    """Train (or resume) the cell described by ``settings`` into ``folder`` with ``threads``
-    CPU threads (None: torch's default): in this process, as one rank of a distributed cell
-    started by torchrun or srun, or by starting the cell's ranks here (``train.distributed``)."""
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    if Layout.of(settings.distributed).world == 1:
-        torch.set_num_threads(threads or torch.get_num_threads())
-        Trainer(settings, folder).run()
-        return
-    placement = placement_from_environment()
-    if placement is None:
-        spawn(spawned_rank, settings, Path(folder), threads)
-    else:
-        if threads:
-            torch.set_num_threads(threads)
-        train_rank(settings, Path(folder), placement)
-
-
-def train_rank(settings: TrainSettings, folder: Path, placement: Placement) -> None:
-    """One rank of a distributed cell: join the process group, train, leave it. On CUDA each
-    rank takes one GPU: its local rank among the GPUs it sees."""
-    device = resolve_device(settings.device, DEVICE_KEY)
-    if device.type == "cuda":
-        device = torch.device("cuda", placement.local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-    groups = init_process_groups(settings.distributed, settings.n_latents, placement, device)
-    try:
-        Trainer(settings, folder, groups).run()
-    finally:
-        torch.distributed.destroy_process_group()
-
-
-def spawned_rank(index: int, settings: TrainSettings, folder: Path, threads: int | None) -> None:
-    """Rank ``index`` started by ``distributed.spawn``: the job's threads shared out, errors
-    reported in one line and as ``saesweep train``'s exit codes."""
-    world = Layout.of(settings.distributed).world
-    torch.set_num_threads(max(1, (threads or torch.get_num_threads()) // world))
-    try:
-        train_rank(settings, folder, Placement(index, world, index))
-    except UserError as error:
-        print(f"saesweep train: rank {index}: error: {error}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_USER_ERROR)
-    except Interrupted as interruption:
-        print(f"saesweep train: rank {index}: {interruption}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_INTERRUPTED)
