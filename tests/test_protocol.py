@@ -143,8 +143,8 @@ def test_nmse_is_blind_to_each_tokens_scale_per_token_but_not_under_the_global_m
     nmse = {}
     for kind in (PER_TOKEN, GLOBAL):
         sae.input_normalisation = kind
-        nmse[kind] = {name: reconstruction_metrics(sae, activations * f, 128, [])["nmse"] for name, f in factors.items()}
-        nmse[kind]["as is"] = reconstruction_metrics(sae, activations, 128, [])["nmse"]
+        nmse[kind] = {name: reconstruction_metrics(sae, activations * f, 128, [], refine_tokens=0)["nmse"] for name, f in factors.items()}
+        nmse[kind]["as is"] = reconstruction_metrics(sae, activations, 128, [], refine_tokens=0)["nmse"]
     assert 0.05 < nmse[PER_TOKEN]["as is"] < 1.5
     for name in factors:
         assert nmse[PER_TOKEN][name] == pytest.approx(nmse[PER_TOKEN]["as is"], rel=1e-5)
@@ -286,7 +286,7 @@ def test_evaluation_and_the_heldout_curve_read_the_average(raw_and_average, extr
     nmse = {}
     for name, folder in (("raw", raw_folder), ("ema", ema_folder)):
         sae, _ = load_sae(folder, CPU)
-        nmse[name] = reconstruction_metrics(sae, heldout.head(settings.heldout.tokens, CPU), 512, [])["nmse"]
+        nmse[name] = reconstruction_metrics(sae, heldout.head(settings.heldout.tokens, CPU), 512, [], refine_tokens=0)["nmse"]
     assert abs(nmse["ema"] - nmse["raw"]) > 1e-3
     log = pd.read_parquet(ema_folder / "train_log.parquet")
     assert log["heldout_nmse"].dropna().iloc[-1] == pytest.approx(nmse["ema"], rel=1e-5)

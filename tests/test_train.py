@@ -20,6 +20,7 @@ from saesweep.data.activations import ActivationStore, extract
 from saesweep.cli import main as cli_main
 from saesweep.plan.config import validate_config
 from saesweep.data.corpus import prepare_corpus
+from saesweep.data.loader import whole_batches_end
 from saesweep.core.errors import UserError
 from saesweep.sae.export import load_sae
 from saesweep.core.files import read_json, write_json
@@ -347,7 +348,9 @@ def test_the_cap_ends_a_cell_that_has_not_converged(extracted, tmp_path) -> None
     settings = converge_settings(extracted, min_tokens=10**9)  # the criterion can never hold
     train_cell(settings, tmp_path / "cell", threads=1)
     log = read_log(tmp_path / "cell")
-    assert log.tokens.iloc[-1] == settings.tokens
+    end = whole_batches_end(0, settings.tokens, settings.batch_size)  # the cap's whole batches
+    assert log.tokens.iloc[-1] == end
     assert log[log.heldout_nmse.notna()].tokens.tolist() == measured_points(settings)
+    assert log[log.heldout_nmse.notna()].tokens.iloc[-1] == end
     training = load_sae(tmp_path / "cell", CPU)[1]["training"]
-    assert (training["converged"], training["tokens_to_converge"], training["tokens"]) == (False, None, settings.tokens)
+    assert (training["converged"], training["tokens_to_converge"], training["tokens"]) == (False, None, end)

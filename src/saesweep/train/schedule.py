@@ -15,7 +15,7 @@ B·⌈S^(j/(P−1))⌉, j = 0 … P − 1, S = T_end / B steps, P = ``heldout.po
 the first step to the last, rounded up to whole steps), so that a sweep gives L(n, tokens)
 for the compute frontier. Points before the learning-rate decay are not what a run with that
 budget would reach (its decay would come earlier), so they lie above it. With
-``train.budget`` converge, T is a cap and the curve has W points per doubling of it
+``train.budget`` converge, T is a cap and the curve has W points per doubling of T_end
 (``train.convergence``).
 """
 
@@ -44,11 +44,12 @@ def heldout_points(settings: TrainSettings) -> list[int]:
     """The token counts of the held-out curve (increasing, distinct). A fixed budget:
     B·⌈S^(j/(P−1))⌉, j = 0 … P − 1, log-evenly spaced whole steps (fewer than P when S < P),
     S = T_end / B whole steps; P = 1: T_end alone. ``train.budget`` converge: W points per
-    doubling of the cap (``convergence.heldout_grid``)."""
+    doubling of the cap's whole batches T_end (``convergence.heldout_grid``)."""
     batch, points = settings.batch_size, settings.heldout.points
+    end = whole_batches_end(0, settings.tokens, batch)
     if settings.convergence:
-        return convergence.heldout_grid(settings.tokens, points, settings.convergence)
-    steps = whole_batches_end(0, settings.tokens, batch) // batch
+        return convergence.heldout_grid(end, points, settings.convergence)
+    steps = end // batch
     if points <= 1:
         return [steps * batch] if points else []
     return sorted({batch * min(steps, math.ceil(steps ** (j / (points - 1)) - 1e-9)) for j in range(points)})
