@@ -56,7 +56,6 @@ rule compare_architectures:
         "--bootstrap {params.bootstrap} --windows {input.windows:q} > {log} 2>&1"
 
 
-
 rule explorer:
     input:
         cells=rules.aggregate.output.table,
