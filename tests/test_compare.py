@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from saesweep.analysis.compare import compare, write_comparison
+from saesweep.analysis.compare import compare, paper_analyses, write_comparison
 from saesweep.analysis.window_bootstrap import read_windows, site_replicates
 from saesweep.core.errors import UserError
 from saesweep.core.split import TEST, VALIDATION, WINDOWS_KEY
@@ -178,3 +178,16 @@ def test_an_external_sae_without_seed_is_a_setting_of_its_own(tmp_path) -> None:
     lens = points.set_index("setting").loc["lens-topk"]
     assert lens["on_envelope"] and lens["test_nmse"] == pytest.approx(0.3)
     assert "saelens-topk" not in set(table["arch"])  # one point: no frontier to compare
+
+
+def test_refinement_and_dense_latents_are_summarised_per_architecture() -> None:
+    cells = pd.DataFrame({
+        "site": ["s"] * 5, "arch": ["relu", "relu", "relu", "topk", "topk"],
+        "refine_nmse_gain": [0.4, 0.2, 0.3, 0.01, 0.03], "shrinkage_ratio": [2.0, 1.8, 1.9, 0.98, 1.0],
+        "dense_fraction": [0.0, 0.1, np.nan, 0.0, 0.0],
+    })
+    table = paper_analyses(cells).set_index("arch")
+    assert table.loc["relu", "cells"] == 3 and table.loc["relu", "refine_nmse_gain"] == "0.3 [0.2, 0.4]"
+    assert table.loc["topk", "shrinkage_ratio"] == "0.99 [0.98, 1]"
+    assert table.loc["relu", "dense_fraction"] == "0.05 [0, 0.1]"  # a missing value is left out
+

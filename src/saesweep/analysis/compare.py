@@ -172,6 +172,25 @@ def tuning_budget(cells: pd.DataFrame) -> pd.DataFrame:
     }).reset_index()
 
 
+PAPER_ANALYSES = ("refine_nmse_gain", "shrinkage_ratio", "dense_fraction")
+"""The per-cell columns of Gao et al.'s §5.1 refinement (``evaluation.refine``) and of dense
+latents (``evaluation.density``), summarised per architecture."""
+
+
+def paper_analyses(cells: pd.DataFrame) -> pd.DataFrame:
+    """Per (site, arch): the number of cells and the median [min, max] over its cells of each
+    column of ``PAPER_ANALYSES`` it has (a spread over settings and sizes, not an interval)."""
+    present = [column for column in PAPER_ANALYSES if column in cells]
+    rows = []
+    for (site, arch), group in cells.groupby(["site", "arch"], sort=True):
+        row: dict[str, object] = {"site": site, "arch": arch, "cells": len(group)}
+        for column in present:
+            values = group[column].dropna()
+            row[column] = (f"{values.median():.3g} [{values.min():.3g}, {values.max():.3g}]" if len(values) else "")
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["site", "arch", "cells", *present])
+
+
 def comparison_summary(table: pd.DataFrame) -> pd.DataFrame:
     """One row per (site, n, L0): each architecture's ``value [lo, hi]``, the winner (or "tie")
     and the tied architectures."""
@@ -239,6 +258,12 @@ def write_comparison(
         f"<h2>Tuning budget of each architecture</h2><p>Training FLOPs = {FLOPS}: each architecture's "
         "step as it runs (TopK's sparse decode, Gated's two encoder paths, Matryoshka's prefixes).</p>",
         html(budget),
+        "<h2>Refinement and dense latents</h2><p>Per architecture, the median [min, max] over its cells of: "
+        "refine_nmse_gain, the share of the NMSE removed when each token's code values are refitted by "
+        "non-negative least squares on the same support (Gao et al. 2024, §5.1); shrinkage_ratio, the refitted "
+        "values' sum over the encoder's (above 1: the encoder shrinks its values, as an L1 penalty does); and "
+        "dense_fraction, the latents firing on more than 10 % of the held-out tokens.</p>",
+        html(paper_analyses(cells)),
     ]
     page = (
         "<html><head><meta charset='utf-8'><title>Architectures at matched L0</title></head><body>"
