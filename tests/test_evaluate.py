@@ -294,6 +294,19 @@ def test_streamed_analysis_equals_the_dense_computation(tiny_model: Path, arch: 
     assert none["ablation_sparsity_count"] == 0 and none["probe_tasks"] == streamed["probe_tasks"]
 
 
+
+def saved_topk_cell(store: ActivationStore, folder: Path) -> TopKSAE:
+    """A TopK SAE (d = 32, n = 64, k = 4) initialised from the first 512 activations of
+    ``store``, saved as a cell in ``folder``."""
+    params = resolve_params("topk", {"k": 4}, "test")
+    sae = TopKSAE(32, 64, params)
+    sample = store.head(512, CPU)
+    sae.set_normalisation(sample.mean(dim=0), float((sample - sample.mean(dim=0)).pow(2).sum(dim=1).mean().sqrt() / 32**0.5))
+    sae.initialise(sae.normalise(sample), torch.Generator().manual_seed(0))
+    folder.mkdir()
+    save_sae(sae, folder, {"arch": "topk", "d": 32, "n_latents": 64, "params": params, "site": "resid2", "seed": 0})
+    return sae
+
 def test_evaluation_never_encodes_more_than_a_chunk(tmp_path: Path, tiny_model: Path, tiny_corpus: Path, monkeypatch) -> None:
     """A whole evaluation of a cell whose SAE refuses to compute pre-activations of more than
     ``evaluate.batch_size`` rows at once (the analysis has T = 32 · 31 = 992 rows): every
@@ -306,15 +319,9 @@ def test_evaluation_never_encodes_more_than_a_chunk(tmp_path: Path, tiny_model: 
     extract(extraction_settings(config, "eval", device="cpu"))
     cell = "topk-n64-k4-s0"
     settings = eval_settings(config, "resid2", cell)
-    params = resolve_params("topk", {"k": 4}, "test")
-    sae = TopKSAE(32, 64, params)
     store = ActivationStore(settings.eval_activations)
-    sample = store.head(512, CPU)
-    sae.set_normalisation(sample.mean(dim=0), float((sample - sample.mean(dim=0)).pow(2).sum(dim=1).mean().sqrt() / 32**0.5))
-    sae.initialise(sae.normalise(sample), torch.Generator().manual_seed(0))
     folder = tmp_path / "cell"
-    folder.mkdir()
-    save_sae(sae, folder, {"arch": "topk", "d": 32, "n_latents": 64, "params": params, "site": "resid2", "seed": 0})
+    saved_topk_cell(store, folder)
     original = SparseAutoencoder.pre_activations
     largest = []
 

@@ -16,9 +16,7 @@ from saesweep.evaluation.evaluate import evaluate_cell
 from saesweep.evaluation.metrics import ReconstructionAccumulator
 from saesweep.plan.config import validate_config
 from saesweep.plan.settings import corpus_dir, eval_settings, extraction_settings
-from saesweep.sae.export import save_sae
-from saesweep.sae.registry import resolve_params
-from saesweep.sae.topk import TopKSAE
+from test_evaluate import saved_topk_cell
 
 
 def test_parts_are_disjoint_windows_and_their_sums_are_the_metrics_of_their_tokens(
@@ -30,14 +28,8 @@ def test_parts_are_disjoint_windows_and_their_sums_are_the_metrics_of_their_toke
     extract(extraction_settings(config, "eval", device="cpu"))
     settings = eval_settings(config, "resid2", "topk-n64-k4-s0")
     store = ActivationStore(settings.eval_activations)
-    params = resolve_params("topk", {"k": 4}, "test")
-    sae = TopKSAE(32, 64, params)
-    sample = store.head(512, CPU)
-    sae.set_normalisation(sample.mean(dim=0), float((sample - sample.mean(dim=0)).pow(2).sum(dim=1).mean().sqrt() / 32**0.5))
-    sae.initialise(sae.normalise(sample), torch.Generator().manual_seed(0))
     folder = tmp_path / "cell"
-    folder.mkdir()
-    save_sae(sae, folder, {"arch": "topk", "d": 32, "n_latents": 64, "params": params, "site": "resid2", "seed": 0})
+    sae = saved_topk_cell(store, folder)
     metrics = evaluate_cell(settings, folder, tmp_path / "metrics.json")
 
     block = metrics[WINDOWS_KEY]

@@ -96,7 +96,7 @@ def test_non_positive_values_are_noted(cells: pd.DataFrame, fits: dict, tmp_path
 
 
 def test_dead_fraction_and_frontier(cells: pd.DataFrame, tmp_path: Path) -> None:
-    check_written(plots.plot_dead_fraction(cells, tmp_path / "dead", TITLE), "dead latents (fraction of n)", "k32")
+    check_written(plots.plot_fraction_vs_n(cells, "dead_fraction", tmp_path / "dead", TITLE), "dead latents (fraction of n)", "k32")
     check_written(
         plots.plot_frontier(cells, tmp_path / "frontier", TITLE),
         "normalised MSE (log scale)",
@@ -314,4 +314,4 @@ def test_latent_density_and_dense_fraction(cells: pd.DataFrame, tmp_path: Path) 
     for site in ("resid.6", "resid.9"):
         worst = table[(table["curve"] == "k8") & (table["site"] == site)]["dense_fraction"].max()
         assert f"k8: dense (&gt; 10% of tokens) at most {worst:.1%} of latents" in text
-    check_written(plots.plot_dense_fraction(table, tmp_path / "dense", TITLE), "k32")
+    check_written(plots.plot_fraction_vs_n(table, "dense_fraction", tmp_path / "dense", TITLE), "k32")

@@ -46,7 +46,7 @@ def draw_all(
         written += law_plots.plot_metric_vs_n(cells, fits, metric, folder / f"{metric}_vs_n", title)
         written += law_plots.plot_metric_vs_k(cells, fits, metric, folder / f"{metric}_vs_k", title)
         written += law_plots.plot_joint_contours(cells, fits, metric, folder / f"{metric}_joint", title)
-    written += plots.plot_dead_fraction(cells, folder / "dead_fraction", title)
+    written += plots.plot_fraction_vs_n(cells, "dead_fraction", folder / "dead_fraction", title)
     written += plots.plot_sparsity_frontier(cells, frontiers, folder / "sparsity_frontier", title)
     written += plots.plot_k_transfer(cells, folder / "k_transfer", title)
     reason = lm_not_applicable(cells)
@@ -62,6 +62,6 @@ def draw_all(
     written += curve_plots.plot_training_curves(logs, folder / "training_curves_l0", title, "heldout_l0", penalty_only=True)
     written += plots.plot_dead_latents(logs, folder / "dead_latents", title)
     written += convergence_plots.plot_convergence(cells, fits, folder / "convergence", title)
-    written += plots.plot_dense_fraction(cells, folder / "dense_fraction", title)
+    written += plots.plot_fraction_vs_n(cells, "dense_fraction", folder / "dense_fraction", title)
     written += density_plots.plot_latent_density(cells, folder / "latent_density", title)
     return written

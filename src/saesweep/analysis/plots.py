@@ -57,23 +57,14 @@ def _lines_per_curve(ax: Axes, rows: pd.DataFrame, metric: str) -> None:
     ax.legend(fontsize=8)
 
 
-def plot_dead_fraction(cells: pd.DataFrame, stem: str | Path, title: str) -> list[Path]:
-    """Dead-latent fraction against n (log scale), one line per k, seed means ± std."""
+def plot_fraction_vs_n(cells: pd.DataFrame, column: str, stem: str | Path, title: str) -> list[Path]:
+    """A fraction of the latents (``column``: ``dead_fraction``, or ``dense_fraction``, the
+    latents firing on more than 10 % of the held-out tokens, ``evaluation.density``) against n
+    (log scale), one line per curve, seed means ± std."""
     groups = pc.groups(cells)
     fig, axes = pc.figure(groups, title)
     for ax, (site, arch) in zip(axes, groups):
-        _lines_per_curve(ax, pc.rows(cells, site, arch), "dead_fraction")
-        ax.set_ylim(-0.02, 1.02)
-    return pc.save(fig, stem)
-
-
-def plot_dense_fraction(cells: pd.DataFrame, stem: str | Path, title: str) -> list[Path]:
-    """Dense-latent fraction (``evaluation.density``: latents firing on more than 10 % of the
-    held-out tokens) against n (log scale), one line per curve, seed means ± std."""
-    groups = pc.groups(cells)
-    fig, axes = pc.figure(groups, title)
-    for ax, (site, arch) in zip(axes, groups):
-        _lines_per_curve(ax, pc.rows(cells, site, arch), "dense_fraction")
+        _lines_per_curve(ax, pc.rows(cells, site, arch), column)
         ax.set_ylim(-0.02, 1.02)
     return pc.save(fig, stem)
 
