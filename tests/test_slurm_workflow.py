@@ -49,12 +49,14 @@ SMALL, BIG = "topk-n64-k4-s0", "topk-n256-k4-s0"  # the sweep's two cells; BIG i
 RUN = "results/tiny"
 # 2 cells; fits and figures of nmse only (delta_lm_loss of so tiny SAEs can be < 0 for
 # every cell, and a log axis of only non-positive values breaks plot_figures)
-SWEEP = {"sweep.n_latents": [64, 256], "sweep.k": [4], "scaling.metrics": ["nmse"]}
-# rules whose jobs Snakemake runs itself: `all` (no command) and the two `localrule: True`
-LOCAL_RULES = {"all", "cell_settings", "extraction_settings", "report_tables", "compare_architectures"}
+# no feature browser: the pages are tested in tests/test_features.py
+SWEEP = {"sweep.n_latents": [64, 256], "sweep.k": [4], "scaling.metrics": ["nmse"], "features.cells": []}
+# rules whose jobs Snakemake runs itself: `all` (no command) and those with `localrule: True`
+LOCAL_RULES = {"all", "cell_settings", "extraction_settings", "report_tables", "compare_architectures", "explorer"}
 GPU_RULES = {"train_cell", "evaluate_cell"}
 # columns of cells.parquet that may differ between two runs of the same config
-VOLATILE_COLUMNS = {"eval_wall_time_s", "train_wall_time_s", "train_seconds", "train_tokens_per_s", "git_commit", "package_version"}
+VOLATILE_COLUMNS = {"eval_wall_time_s", "train_wall_time_s", "train_seconds", "train_tokens_per_s", "git_commit", "package_version",
+                    "train_cpu_cores", "eval_cpu_cores"}  # a SLURM job's cores are those it was given
 
 
 def rule_of(job: dict[str, str]) -> str:
