@@ -186,7 +186,10 @@ def feature_settings(config: dict[str, Any], site: str, cell_name: str) -> Featu
 
 def feature_cells(config: dict[str, Any]) -> list[str]:
     """The cells whose feature browser the sweep builds (config key features.cells: ``all`` or
-    a list of names); any other cell's is built on demand."""
+    a list of names); any other cell's is built on demand. None for synthetic activations,
+    which have no tokens to show."""
+    if config["synthetic"]:
+        return []
     chosen = config["features"]["cells"]
     return [cell.name for cell in sweep_cells(config)] if chosen == "all" else list(chosen)
 

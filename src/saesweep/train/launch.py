@@ -45,6 +45,11 @@ def train_rank(settings: TrainSettings, folder: Path, placement: Placement) -> N
     groups = init_process_groups(settings.distributed, settings.n_latents, placement, device)
     try:
         Trainer(settings, folder, groups).run()
+    except Interrupted:
+        # every rank stopped after the same step (``ProcessGroups.any_true``): none leaves the
+        # group while another still has a collective in flight
+        torch.distributed.barrier()
+        raise
     finally:
         torch.distributed.destroy_process_group()
 
