@@ -80,3 +80,14 @@ def test_the_laws_reach_the_fit_table_and_the_figure(tmp_path) -> None:
     assert "1 cell" not in rows["reason"].iloc[0] and "2 cell(s) ended by the cap" in rows["reason"].iloc[0]
     png, svg = plot_convergence(cells, fits, tmp_path / "convergence", "t")
     assert png.stat().st_size > 10_000 and "tokens to convergence" in svg.read_text()
+
+
+def test_a_flat_power_fit_is_not_resolved_and_a_steep_one_is() -> None:
+    """The status rule of every law: an exponent whose 95 % interval includes 0 is "not resolved"."""
+    x = np.array([1e3, 1e4, 1e5, 1e6])
+    flat = power_fit(x, np.array([100.0, 101.0, 99.0, 100.5]), 200, np.random.default_rng(0))
+    assert flat["status"] == "not resolved" and "includes 0" in flat["reason"]
+    lo, hi = flat["ci95"]["beta"]
+    assert lo <= 0 <= hi
+    steep = power_fit(x, 3.0 * x**0.5 * np.array([1.0, 1.02, 0.99, 1.01]), 200, np.random.default_rng(0))
+    assert steep["status"] == "ok" and steep["ci95"]["beta"][0] > 0

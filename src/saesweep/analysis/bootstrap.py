@@ -19,6 +19,8 @@ the optimum (a refit that stays where it starts). Coverage measured on planted l
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 
 from saesweep.analysis.fitting import Fit, Linearised, minimise
@@ -53,3 +55,9 @@ def parameter_intervals(fit: Fit, samples: np.ndarray, linearised: Linearised) -
         boot_lo, boot_hi = np.percentile(to_public(fit.law, samples), TAILS_PERCENT, axis=0)
         lo, hi = np.minimum(lo, boot_lo), np.maximum(hi, boot_hi)
     return lo, hi
+
+
+def fit_rng(seed: int, *key: object) -> np.random.Generator:
+    """A generator that depends only on ``seed`` and the fit's identity ``key``, not on the
+    order in which fits run."""
+    return np.random.default_rng([seed, zlib.crc32("|".join(map(str, key)).encode())])

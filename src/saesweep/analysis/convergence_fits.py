@@ -33,15 +33,14 @@ parametric bootstrap's and the linearised one), one observation per distinct x.
 
 from __future__ import annotations
 
-import zlib
 
 import numpy as np
 import pandas as pd
 
-from saesweep.analysis.bootstrap import parameter_intervals, parametric_samples
+from saesweep.analysis.bootstrap import fit_rng, parameter_intervals, parametric_samples
 from saesweep.analysis.compute import GROUP, MIN_SIZES, compute_points, frontier
 from saesweep.analysis.fitting import fit_law, linearise
-from saesweep.analysis.laws import LAWS, to_public
+from saesweep.analysis.laws import LAWS, to_public, unresolved
 from saesweep.analysis.premise import num
 from saesweep.core.stats import LEVEL
 
@@ -53,8 +52,9 @@ N_OPT_LAW = "n_opt = a * C^beta"
 
 def power_fit(x: np.ndarray, y: np.ndarray, bootstrap: int, rng: np.random.Generator) -> dict:
     """y = a·x^β fitted to one observation per distinct x (see the module docstring):
-    {"status": "ok", "params": {"a", "beta"}, "ci95": {"a": [lo, hi], "beta": [lo, hi]},
-    "n_points", "bootstrap"} or {"status": "skipped", "reason"}."""
+    {"status": "ok" (or "not resolved" with a ``reason`` when β's interval includes 0),
+    "params": {"a", "beta"}, "ci95": {"a": [lo, hi], "beta": [lo, hi]}, "n_points", "bootstrap"}
+    or {"status": "skipped", "reason"}."""
     law = LAWS["power_n"]
     nk = np.column_stack([np.asarray(x, dtype=np.int64), np.ones(len(x), dtype=np.int64)])
     if len(np.unique(nk[:, 0])) < MIN_DISTINCT:
@@ -64,18 +64,15 @@ def power_fit(x: np.ndarray, y: np.ndarray, bootstrap: int, rng: np.random.Gener
         return {"status": "skipped", "reason": fit}
     samples = parametric_samples(fit, bootstrap, rng)
     (a, b), (lo, hi) = to_public(law, fit.theta), parameter_intervals(fit, samples, linearise(fit))
-    return {
+    entry = {
         "status": "ok",
         "params": {"a": num(a), "beta": num(-b)},
         "ci95": {"a": [num(lo[0]), num(hi[0])], "beta": [num(-hi[1]), num(-lo[1])]},
         "n_points": len(x),
         "bootstrap": {"kind": "parametric", "requested": bootstrap, "succeeded": len(samples)},
     }
-
-
-def _rng(seed: int, *key: object) -> np.random.Generator:
-    """A generator that depends only on ``seed`` and the fit's identity."""
-    return np.random.default_rng([seed, zlib.crc32("|".join(map(str, key)).encode())])
+    reason = unresolved(entry["ci95"]["beta"], "β", "the growth with x")
+    return entry | ({"status": "not resolved", "reason": reason} if reason else {})
 
 
 def tokens_to_converge_fits(cells: pd.DataFrame, bootstrap: int, seed: int) -> dict:
@@ -95,7 +92,7 @@ def tokens_to_converge_fits(cells: pd.DataFrame, bootstrap: int, seed: int) -> d
             "capped": sorted(int(n) for n in group.loc[~group["converged"].astype(bool), "n_latents"]),
             "n_capped": int((~group["converged"].astype(bool)).sum()),
         }
-        entry |= power_fit(means.index.to_numpy(), means.to_numpy(), bootstrap, _rng(seed, "tokens", site, arch, curve))
+        entry |= power_fit(means.index.to_numpy(), means.to_numpy(), bootstrap, fit_rng(seed, "tokens", site, arch, curve))
         out["groups"].append(entry)
     return out
 
@@ -121,7 +118,7 @@ def n_opt_fits(logs: pd.DataFrame, bootstrap: int, seed: int) -> dict:
                                                      f"n_opt(C) needs at least {MIN_DISTINCT}"}
         else:
             entry |= power_fit(entries.round().to_numpy(), entries.index.to_numpy(), bootstrap,
-                               _rng(seed, "n_opt", site, arch, curve))
+                               fit_rng(seed, "n_opt", site, arch, curve))
         out["groups"].append(entry)
     return out
 
@@ -145,7 +142,7 @@ def report_rows(fits: dict) -> list[dict]:
             row = {"site": group["site"], "arch": group["arch"], "metric": key, "law": section["law"],
                    "at": at.format(curve=group["curve"]), "status": group["status"], "formula": section["law"],
                    "reason": group.get("reason", "")}
-            if group["status"] == "ok":
+            if group["status"] in ("ok", "not resolved"):
                 row["parameters (95% CI)"] = "; ".join(_shown(name, group) for name in ("a", "beta"))
                 row["cells"] = group["n_points"]
             if group.get("n_capped"):

@@ -14,14 +14,16 @@ from saesweep.analysis import plot_common as pc
 
 def _draw_power(ax: Axes, group: dict, x: np.ndarray, variable: str) -> None:
     """The fitted a·x^β over the range of x, labelled with β and its interval."""
-    if group["status"] != "ok" or group["params"]["a"] is None or group["params"]["beta"] is None:
+    if group["status"] not in ("ok", "not resolved") or group["params"]["a"] is None or group["params"]["beta"] is None:
         pc.note(ax, f"not fitted: {group.get('reason', '')}")
         return
     a, beta = group["params"]["a"], group["params"]["beta"]
     lo, hi = group["ci95"]["beta"]
     shown = f" [{lo:.2f}, {hi:.2f}]" if lo is not None and hi is not None else ""
     grid = np.geomspace(x.min(), x.max(), 50)
-    ax.plot(grid, a * grid**beta, "-", color="black", lw=1.2, label=f"{a:.3g}·{variable}^{beta:.2f}{shown}")
+    unresolved = group["status"] == "not resolved"  # dashed, as every law whose exponent's interval includes 0
+    ax.plot(grid, a * grid**beta, "--" if unresolved else "-", color="black", lw=1.2,
+            label=f"{a:.3g}·{variable}^{beta:.2f}{shown}" + (": not resolved" if unresolved else ""))
 
 
 def _tokens_panel(ax: Axes, group: dict, cells: pd.DataFrame) -> None:

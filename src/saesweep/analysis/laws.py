@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from saesweep.core.stats import LEVEL
+
 
 @dataclass(frozen=True)
 class Law:
@@ -104,3 +106,13 @@ def predict(law_entry: dict, n: np.ndarray | float | None = None, k: np.ndarray 
         theta = np.array([np.log(v) if p in law.log_params else v for p, v in zip(law.param_names, public)])
     xu, xv = design(law, n_arr.ravel(), k_arr.ravel())
     return np.exp(log_predict(theta, xu, xv)[0]).reshape(n_arr.shape)
+
+
+def unresolved(interval: list[float | None], exponent: str, what: str) -> str | None:
+    """Why a fitted exponent leaves ``what`` not resolved: its 95 % (``LEVEL``) interval
+    includes 0 or is unbounded; None when the interval excludes 0."""
+    lo, hi = interval
+    if lo is not None and hi is not None and not lo <= 0 <= hi:
+        return None
+    shown = f"[{lo:.3g}, {hi:.3g}]" if lo is not None and hi is not None else "unbounded"
+    return f"the exponent {exponent}'s {LEVEL:.0%} interval {shown} includes 0: {what} is not resolved"

@@ -18,12 +18,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from saesweep.analysis.bootstrap import parameter_intervals, parametric_samples
+from saesweep.analysis.bootstrap import fit_rng, parameter_intervals, parametric_samples
 from saesweep.analysis.fitting import fit_law, linearise
-from saesweep.analysis.laws import LAWS, to_public
+from saesweep.analysis.laws import LAWS, to_public, unresolved
 from saesweep.analysis.premise import num
-from saesweep.analysis.scaling import _rng
-from saesweep.core.stats import LEVEL
 
 LAW = LAWS["power_nmse"]
 X, Y = "nmse", "delta_lm_loss"
@@ -50,12 +48,10 @@ def fit_loss_law(x: np.ndarray, y: np.ndarray, bootstrap: int, rng: np.random.Ge
         "rss_log": float((fit.residuals**2).sum()),
         "converged": fit.converged,
     }
-    b_lo, b_hi = ci95["b"]
-    entry["resolved"] = b_lo is not None and b_hi is not None and not b_lo <= 0 <= b_hi
-    if not entry["resolved"]:
-        shown = f"[{b_lo:.3g}, {b_hi:.3g}]" if b_lo is not None and b_hi is not None else "unbounded"
-        entry.update(status="not resolved", reason=f"the exponent b's {LEVEL:.0%} interval {shown} includes 0: "
-                     "ΔL's dependence on NMSE is not resolved")
+    reason = unresolved(ci95["b"], "b", "ΔL's dependence on NMSE")
+    entry["resolved"] = reason is None
+    if reason:
+        entry.update(status="not resolved", reason=reason)
     return entry
 
 
@@ -70,6 +66,6 @@ def fit_loss_laws(cells: pd.DataFrame, bootstrap: int, seed: int) -> dict:
         means = group.groupby(["n_latents", "curve"])[[X, Y]].mean()
         usable = means[(means[X] > 0) & (means[Y] > 0)].sort_values(X)
         entry = fit_loss_law(usable[X].to_numpy(float), usable[Y].to_numpy(float), bootstrap,
-                             _rng(seed, site, arch, "loss_law"), len(means) - len(usable))
+                             fit_rng(seed, site, arch, "loss_law"), len(means) - len(usable))
         groups.append({"site": str(site), "arch": str(arch), "law": entry})
     return {"x": X, "y": Y, "groups": groups}

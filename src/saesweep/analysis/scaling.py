@@ -39,16 +39,15 @@ interval.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 
 from saesweep.analysis.aggregate import with_curves
-from saesweep.analysis.bootstrap import parameter_intervals, parametric_samples
+from saesweep.analysis.bootstrap import fit_rng, parameter_intervals, parametric_samples
 from saesweep.analysis.fitting import HUBER_DELTA, fit_law, linearise
-from saesweep.analysis.laws import LAWS, Law, design, log_predict, to_public
+from saesweep.analysis.laws import LAWS, Law, design, log_predict, to_public, unresolved
 from saesweep.analysis.model_choice import LOO_RATIO, compare, loo_mse
 from saesweep.analysis.premise import BAND_POINTS, MIN_FALL, num, premise
 from saesweep.core.stats import LEVEL, TAILS_PERCENT
@@ -102,13 +101,7 @@ def _validate(law: Law, nk: np.ndarray, vals: list[np.ndarray]) -> dict:
 
 def _resolution(law: Law, ci95: dict) -> str | None:
     """Why a 1-D law's fall is not resolved (its exponent's interval includes 0), or None."""
-    if law.x == "n,k":
-        return None
-    lo, hi = ci95["b"]
-    if lo is not None and hi is not None and not lo <= 0 <= hi:
-        return None
-    shown = f"[{lo:.3g}, {hi:.3g}]" if lo is not None and hi is not None else "unbounded"
-    return f"the exponent b's {LEVEL:.0%} interval {shown} includes 0: the fall with {law.x} is not resolved"
+    return None if law.x == "n,k" else unresolved(ci95["b"], "b", f"the fall with {law.x}")
 
 
 def _fit_entry(
@@ -182,11 +175,6 @@ def _fit_entry(
     return entry
 
 
-def _rng(seed: int, *key: object) -> np.random.Generator:
-    """A generator that depends only on ``seed`` and the fit's identity, not on fitting order."""
-    return np.random.default_rng([seed, zlib.crc32("|".join(map(str, key)).encode())])
-
-
 def k_family(rows: pd.DataFrame) -> pd.DataFrame:
     """The cells the laws in k are fitted to: cells with k whose settings agree apart from k
     (curves ``k8``, ``k32``, … or ``k8-ax0``, ``k32-ax0``, …, the knob k being named first).
@@ -211,7 +199,7 @@ def _fit_metric(group: pd.DataFrame, metric: str, bootstrap: int, seed: int, sit
     g = group.assign(_ok=group[metric].gt(0) & group[metric].notna())
 
     def fit(name: str, subset: pd.DataFrame, fixed: dict[str, int]) -> dict:
-        return _fit_entry(LAWS[name], subset, metric, fixed, _rng(seed, site, arch, metric, name, fixed), bootstrap)
+        return _fit_entry(LAWS[name], subset, metric, fixed, fit_rng(seed, site, arch, metric, name, fixed), bootstrap)
 
     def pair(variable: str, subset: pd.DataFrame, fixed: dict[str, int]) -> dict:
         power, floor = fit(f"power_{variable}", subset, fixed), fit(f"floor_{variable}", subset, fixed)
@@ -300,7 +288,7 @@ def fit_pair(variable: str, x: np.ndarray, y: np.ndarray, bootstrap: int, seed: 
     """The pure law and the law with floor in ``variable`` (e.g. ``C``) fitted to points
     (x_i, y_i), one observation each (x integer-valued, distinct), with their comparison;
     the bootstrap's generator depends on ``seed`` and ``key`` only."""
-    rng = _rng(seed, variable, *key)
+    rng = fit_rng(seed, variable, *key)
     table = pd.DataFrame({"n_latents": np.asarray(x, dtype=np.int64), "k": 1, "seed": 0, "y": y})
     table["_ok"] = table["y"].gt(0) & table["y"].notna()
     power, floor = (_fit_entry(LAWS[f"{form}_{variable}"], table, "y", {}, rng, bootstrap) for form in ("power", "floor"))
